@@ -1,0 +1,774 @@
+"""Tests for udptun.py: run as root with `python3 -m pytest test_udptun.py`.
+
+Three kinds, cheapest first:
+- packet parsing and the client table: pure functions, hand-built packets;
+- the plan: `--dry-run` must print exactly the commands below, and
+  teardown must undo setup in reverse;
+- end to end, in network namespaces this file builds (names carry the PID)
+  and always removes:
+
+      cli1 172.16.0.2 ---lan1--+
+                               nat 192.0.2.20 (home router, NAT) ---+
+      cli2 172.16.1.2 ---lan2--+                                    |
+                                                               core (internet)
+      srv 198.51.100.10 (the VPS, udptun server) -------------------+
+                                                                    |
+      web 203.0.113.80 (web server: /ip says who asked, /blob) -----+
+      iso (no links at all: for error messages)
+
+Without root the end-to-end tests skip; under CI=true a skip is a failure.
+"""
+import contextlib
+import hashlib
+import io
+import ipaddress
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+import udptun
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+UDPTUN = os.path.join(HERE, "udptun.py")
+CI = os.environ.get("CI") == "true"
+
+
+# ================================================================ packet parsing
+def ipv4(src="10.0.0.1", dst="203.0.113.80", payload=b"x" * 20, ihl=5, proto=17, total=None):
+    """A hand-built IPv4 packet; options (ihl > 5) are zero bytes."""
+    options = b"\0" * (ihl * 4 - 20) if ihl > 5 else b""
+    length = total if total is not None else max(ihl, 5) * 4 + len(payload)
+    header = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, length, 0, 0, 64, proto, 0,
+                         socket.inet_aton(src), socket.inet_aton(dst))
+    return header + options + payload
+
+
+def test_good_packets_pass():
+    assert udptun.ipv4_problem(ipv4()) is None
+    assert udptun.ipv4_problem(ipv4(ihl=6)) is None          # with options
+    assert udptun.ipv4_problem(ipv4(payload=b"")) is None    # header only
+
+
+@pytest.mark.parametrize("packet, reason", [
+    (b"", "short"),
+    (ipv4()[:19], "short"),                                   # truncated header
+    (b"\x60" + bytes(39), "not-ipv4"),                        # IPv6
+    (ipv4(ihl=4), "bad-ihl"),                                 # IHL < 5
+    (ipv4(ihl=15, payload=b"")[:40], "truncated"),            # IHL says 60 bytes, 40 here
+    (ipv4(total=200), "bad-length"),                          # claims more than arrived
+    (ipv4() + b"junk", "bad-length"),                         # trailing bytes
+])
+def test_bad_packets_are_named(packet, reason):
+    assert udptun.ipv4_problem(packet) == reason
+
+
+def test_random_bytes_never_raise():
+    rng = random.Random(1)
+    for size in range(0, 1600):
+        data = bytes(rng.getrandbits(8) for _ in range(size))
+        assert udptun.ipv4_problem(data) in (None, "short", "not-ipv4", "bad-ihl", "truncated", "bad-length")
+
+
+def test_keepalive_is_a_valid_echo_request():
+    src, dst = socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2")
+    packet = udptun.echo_request(src, dst, ident=0x1234, seq=7)
+    assert udptun.ipv4_problem(packet) is None
+    assert udptun.internet_checksum(packet[:20]) == 0        # header checksum holds
+    assert udptun.internet_checksum(packet[20:]) == 0        # ICMP checksum holds
+    assert packet[9] == 1 and packet[20] == 8                # ICMP, echo request
+    # The kernel's reply swaps addresses and sets type 0: we recognise it.
+    reply = bytearray(packet)
+    reply[12:16], reply[16:20], reply[20] = dst, src, 0
+    assert udptun.is_echo_reply(bytes(reply), dst, 0x1234)
+    assert not udptun.is_echo_reply(bytes(reply), dst, 0x1235)
+
+
+def test_addresses_are_checked():
+    assert str(udptun.parse_address("10.0.0.1/24", "--address").network) == "10.0.0.0/24"
+    for bad in ("10.0.0.1", "10.0.0.0/24", "10.0.0.255/24", "fe80::1/64", "nonsense", "10.0.0.1/31"):
+        with pytest.raises(udptun.UserError):
+            udptun.parse_address(bad, "--address")
+
+
+# ================================================================ the client table
+A = socket.inet_aton("10.0.0.1")
+
+
+def test_first_claim_wins_and_port_change_moves():
+    t = udptun.ClientTable(timeout=180, rebind_after=60)
+    owner = t.claim(A, ("192.0.2.20", 40000), now=0)
+    assert owner is not None
+    assert t.claim(A, ("192.0.2.20", 40000), now=1) is owner         # fast path
+    assert t.claim(A, ("192.0.2.20", 40001), now=2) is owner         # NAT rebinding
+    assert owner.addr == ("192.0.2.20", 40001)
+
+
+def test_stranger_is_refused_until_owner_is_silent():
+    t = udptun.ClientTable(timeout=180, rebind_after=60)
+    t.claim(A, ("192.0.2.20", 40000), now=0)
+    assert t.claim(A, ("203.0.113.66", 1234), now=30) is None        # owner heard 30 s ago
+    assert t.by_ip[A].addr == ("192.0.2.20", 40000)
+    t.claim(A, ("192.0.2.20", 40000), now=50)                         # owner speaks again
+    assert t.claim(A, ("203.0.113.66", 1234), now=100) is None       # silent 50 s only
+    assert t.claim(A, ("203.0.113.66", 1234), now=111).addr == ("203.0.113.66", 1234)
+
+
+def test_idle_bindings_expire_and_table_has_a_limit():
+    t = udptun.ClientTable(timeout=180, rebind_after=60, max_clients=2)
+    t.claim(A, ("192.0.2.20", 1), now=0)
+    t.claim(socket.inet_aton("10.0.0.3"), ("192.0.2.20", 2), now=100)
+    assert t.claim(socket.inet_aton("10.0.0.4"), ("192.0.2.20", 3), now=100) is None   # full
+    t.expire(now=200)
+    assert list(t.by_ip) == [socket.inet_aton("10.0.0.3")]
+
+
+# ================================================================ the server's checks
+class FakeSocket:
+    """recvfrom() hands out queued datagrams; sendto() records."""
+
+    def __init__(self, datagrams=()):
+        self.queue, self.sent = list(datagrams), []
+
+    def recvfrom(self, size, flags=0):
+        if not self.queue:
+            raise BlockingIOError
+        return self.queue.pop(0)
+
+    def sendto(self, data, addr):
+        self.sent.append((data, addr))
+
+    def fileno(self):
+        return -1
+
+
+class PipeTun:
+    """A TUN stand-in: what the forwarder writes comes out of a pipe."""
+
+    def __init__(self):
+        self.out, self.fd = os.pipe()
+        os.set_blocking(self.out, False)
+
+    def written(self):
+        with contextlib.suppress(BlockingIOError):
+            return os.read(self.out, 1 << 20)
+        return b""
+
+
+def make_server(datagrams, **kw):
+    tun = PipeTun()
+    server = udptun.Server(tun, FakeSocket(datagrams), ipaddress.IPv4Interface("10.0.0.2/24"),
+                           udptun.ClientTable(), **kw)
+    return server, tun
+
+
+CLIENT = ("192.0.2.20", 40000)
+
+
+def test_server_drops_hostile_datagrams_and_keeps_the_client():
+    good = ipv4(src="10.0.0.1")
+    hostile = [
+        (b"", CLIENT),
+        (b"\x45\x00", CLIENT),                                  # truncated header
+        (b"\x60" + bytes(60), ("203.0.113.66", 9)),             # IPv6
+        (ipv4(src="8.8.8.8"), ("203.0.113.66", 9)),             # source outside the subnet
+        (ipv4(src="10.0.0.2"), ("203.0.113.66", 9)),            # the server's own address
+        (ipv4(src="10.0.0.0"), ("203.0.113.66", 9)),            # network address
+        (ipv4(src="10.0.0.255"), ("203.0.113.66", 9)),          # broadcast address
+        (ipv4(src="10.0.0.1"), ("203.0.113.66", 9)),            # stranger claims the client's IP
+        (ipv4(src="10.0.0.1", dst="10.0.0.3"), CLIENT),         # client to client, off by default
+    ]
+    server, tun = make_server([(good, CLIENT)] + hostile + [(good, CLIENT)])
+    server.udp_to_tun()
+    assert tun.written() == good + good
+    assert server.table.by_ip[A].addr == CLIENT
+    assert server.drops == {"empty": 1, "short": 1, "not-ipv4": 1, "bad-source": 4,
+                            "refused": 1, "client-to-client": 1}
+
+
+def test_server_sends_replies_to_the_owner_only():
+    server, tun = make_server([(ipv4(src="10.0.0.1"), CLIENT)])
+    server.udp_to_tun()
+    reply, stray = ipv4(src="203.0.113.80", dst="10.0.0.1"), ipv4(src="203.0.113.80", dst="10.0.0.9")
+    server.read_tun = lambda: [reply, stray, b"\x60" + bytes(39)]
+    server.tun_to_udp()
+    assert server.sock.sent == [(reply, CLIENT)]
+    assert server.drops == {"no-client": 1, "tun-not-ipv4": 1}
+
+
+def test_client_to_client_when_allowed():
+    packet = ipv4(src="10.0.0.1", dst="10.0.0.3")
+    server, tun = make_server([(packet, CLIENT)], client_to_client=True)
+    server.udp_to_tun()
+    assert tun.written() == packet
+
+
+# ================================================================ the plan (--dry-run)
+SERVER_SETUP = """\
+ip address add 10.0.0.2/24 dev tun0
+ip link set dev tun0 mtu 1400 txqueuelen 1000 up
+sysctl -w net.ipv4.ip_forward=1
+iptables -t nat -A POSTROUTING -s 10.0.0.0/24 -o eth9 -m comment --comment udptun:tun0 -j MASQUERADE
+iptables -t filter -I FORWARD -i tun0 -o eth9 -m comment --comment udptun:tun0 -j ACCEPT
+iptables -t filter -I FORWARD -i eth9 -o tun0 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment udptun:tun0 -j ACCEPT
+iptables -t mangle -A FORWARD -o tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss 1360
+iptables -t mangle -A FORWARD -i tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss 1360
+""".splitlines()
+
+CLIENT_SETUP = """\
+ip address add 10.0.0.1/24 dev tun0
+ip link set dev tun0 mtu 1400 txqueuelen 1000 up
+ip route add 198.51.100.10/32 via 172.16.0.1 dev eth9
+ip route add 0.0.0.0/1 dev tun0
+ip route add 128.0.0.0/1 dev tun0
+""".splitlines()
+
+# What the canned machine answers to the queries udptun makes.
+QUERIES = {
+    ("ip", "-4", "route", "show", "default"): "default via 198.51.100.1 dev eth9\n",
+    ("ip", "-4", "route", "get", "198.51.100.10"): "198.51.100.10 via 172.16.0.1 dev eth9 src 172.16.0.2 uid 0\n",
+    ("ip", "-4", "-o", "route", "show", "table", "main"): "default via 172.16.0.1 dev eth9\n"
+                                                          "172.16.0.0/24 dev eth9 proto kernel scope link\n",
+    ("ip", "-4", "-o", "address", "show"): "1: lo    inet 127.0.0.1/8 scope host lo\n"
+                                            "2: eth9    inet 172.16.0.2/24 brd 172.16.0.255 scope global eth9\n",
+}
+
+
+@pytest.fixture
+def canned(monkeypatch, tmp_path):
+    """A dry run against a canned machine: forwarding off, nothing left over."""
+    monkeypatch.setattr(udptun.System, "query", lambda self, *argv: QUERIES[argv])
+    monkeypatch.setattr(udptun, "ip_forward_is_on", lambda: False)
+    monkeypatch.setattr(udptun, "STATE_ROOT", str(tmp_path))
+    monkeypatch.setattr(udptun, "state_dir", lambda: str(tmp_path))
+
+
+def plan(capsys, argv):
+    """Run udptun with argv, return (setup, teardown) command lists from its log."""
+    assert udptun.main(argv) == 0
+    err = capsys.readouterr().err
+    before, after = err.split("# (dry run")
+    commands = lambda text: [l[4:] for l in text.splitlines() if l.startswith("[#] ") and " open " not in l
+                             and not l.startswith("[#] close ")]
+    return commands(before), commands(after)
+
+
+def undo_of(command):
+    """How a setup command is undone, or None when the kernel undoes it with the device."""
+    words = command.split()
+    if words[0] == "iptables":
+        words[3] = "-D"
+    elif words[:3] == ["ip", "route", "add"] and "tun0" not in words:
+        words[2] = "del"
+    elif words[0] == "sysctl":
+        words[2] = words[2].replace("=1", "=0")
+    else:
+        return None
+    return " ".join(words)
+
+
+def test_server_plan_is_exact_and_teardown_mirrors_it(canned, capsys):
+    setup, teardown = plan(capsys, ["server", "--dry-run", "--out-interface", "eth9"])
+    assert setup == SERVER_SETUP
+    assert teardown == [undo_of(c) for c in reversed(SERVER_SETUP) if undo_of(c)]
+
+
+def test_server_plan_finds_the_internet_interface(canned, capsys):
+    setup, _ = plan(capsys, ["server", "--dry-run"])
+    assert setup == SERVER_SETUP
+
+
+def test_client_plan_is_exact_and_teardown_mirrors_it(canned, capsys):
+    setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run"])
+    assert setup == CLIENT_SETUP
+    assert teardown == ["ip route del 198.51.100.10/32 via 172.16.0.1 dev eth9"]
+
+
+def test_client_plan_with_routes_needs_no_host_route(canned, capsys):
+    setup, _ = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--route", "10.99.0.0/16"])
+    assert setup == CLIENT_SETUP[:2] + ["ip route add 10.99.0.0/16 dev tun0"]
+
+
+def test_address_clash_is_refused(canned, capsys):
+    QUERIES[("ip", "-4", "-o", "route", "show", "table", "main")] += "10.0.0.0/16 dev wlan0 scope link\n"
+    try:
+        assert udptun.main(["client", "198.51.100.10", "--dry-run"]) == 1
+    finally:
+        QUERIES[("ip", "-4", "-o", "route", "show", "table", "main")] = \
+            QUERIES[("ip", "-4", "-o", "route", "show", "table", "main")].replace("10.0.0.0/16 dev wlan0 scope link\n", "")
+    err = capsys.readouterr().err
+    assert "udptun: error: the tunnel subnet 10.0.0.0/24 overlaps '10.0.0.0/16 dev wlan0" in err
+
+
+def test_half_done_setup_is_undone(canned, capsys, monkeypatch):
+    """An error halfway through setup still runs every undo made so far."""
+    real_change = udptun.System.change
+
+    def failing_change(self, *argv, check=True):
+        if argv[:4] == ("iptables", "-t", "filter", "-I"):
+            raise udptun.UserError("iptables broke")
+        return real_change(self, *argv, check=check)
+
+    monkeypatch.setattr(udptun.System, "change", failing_change)
+    assert udptun.main(["server", "--dry-run", "--out-interface", "eth9"]) == 1
+    err = capsys.readouterr().err
+    done = [l[4:] for l in err.splitlines() if l.startswith("[#] ")]
+    assert done[-3:] == [SERVER_SETUP[3].replace("-A", "-D"), "sysctl -w net.ipv4.ip_forward=0",
+                         "close tun0: the kernel deletes it with its address and routes"]
+    assert err.rstrip().endswith("udptun: error: iptables broke")
+
+
+def test_journal_replays_a_killed_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(udptun, "STATE_ROOT", str(tmp_path))
+    monkeypatch.setattr(udptun, "state_dir", lambda: str(tmp_path))
+    journal = udptun.Journal("tun0")
+    journal.save([["sysctl", "-w", "net.ipv4.ip_forward=0"], ["ip", "route", "del", "192.0.2.1/32"]])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    text = open(journal.path).read().replace(str(os.getpid()), str(dead.pid))
+    open(journal.path, "w").write(text)
+    system = udptun.System(dry_run=True)
+    udptun.recover(system, udptun.Journal("tun0", dry_run=True), "tun0")
+    assert system.plan == [["ip", "route", "del", "192.0.2.1/32"], ["sysctl", "-w", "net.ipv4.ip_forward=0"]]
+
+
+def test_missing_tun_device_is_explained(monkeypatch):
+    monkeypatch.setattr(udptun, "TUN_PATH", "/nonexistent/tun")
+    with pytest.raises(udptun.UserError, match="modprobe tun"):
+        udptun.Tun("tun0")
+
+
+def test_sd_notify_sends_ready(tmp_path, monkeypatch):
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        udptun.sd_notify("READY=1")
+        assert listener.recv(100) == b"READY=1"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    command = re.search(r"^\s*(python3 -m pytest[^\n]*)$", readme, re.M).group(1).strip()
+    assert command in open(os.path.join(HERE, ".ci", "run")).read()
+
+
+# ================================================================ end to end
+def need(condition, why):
+    """Skip locally, fail in CI: a skipped end-to-end test there proves nothing."""
+    if not condition:
+        (pytest.fail if CI else pytest.skip)(why)
+
+
+class Lab:
+    """The namespaces of the drawing at the top of this file."""
+
+    WEB_SERVER = r"""
+import http.server, sys
+blob = open(sys.argv[1], "rb").read()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = self.client_address[0].encode() if self.path == "/ip" else blob
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("203.0.113.80", 80), H).serve_forever()
+"""
+
+    def __init__(self):
+        self.prefix = f"ut{os.getpid()}"
+        self.names = [self.ns(n) for n in ("cli1", "cli2", "nat", "core", "srv", "web", "iso")]
+        self.tmp = tempfile.mkdtemp(prefix="udptun-test-")
+        self.procs = []
+
+    def ns(self, name):
+        return f"{self.prefix}-{name}"
+
+    def sh(self, name, *argv, check=True, timeout=60):
+        done = subprocess.run(["ip", "netns", "exec", self.ns(name), *argv], capture_output=True,
+                              text=True, timeout=timeout)
+        if check and done.returncode != 0:
+            raise AssertionError(f"{name}: {' '.join(argv)}: {done.stderr.strip()}")
+        return done.stdout
+
+    def link(self, a, a_if, b, b_if):
+        subprocess.run(["ip", "link", "add", "utA", "netns", self.ns(a), "type", "veth",
+                        "peer", "utB", "netns", self.ns(b)], check=True)
+        self.sh(a, "ip", "link", "set", "utA", "name", a_if, "up")
+        self.sh(b, "ip", "link", "set", "utB", "name", b_if, "up")
+
+    def up(self):
+        for n in self.names:
+            subprocess.run(["ip", "netns", "add", n], check=True)
+            self.sh(n.split("-")[-1], "ip", "link", "set", "lo", "up")
+            # No IPv6 duplicate address detection: a link-local address
+            # turning from "tentative" to valid mid-test would look like a change.
+            self.sh(n.split("-")[-1], "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
+        self.link("core", "e-srv", "srv", "eth0")
+        self.link("core", "e-web", "web", "eth0")
+        self.link("core", "e-nat", "nat", "wan")
+        self.link("nat", "lan1", "cli1", "eth0")
+        self.link("nat", "lan2", "cli2", "eth0")
+        for name, commands in {
+            "core": ["ip addr add 198.51.100.1/24 dev e-srv", "ip addr add 203.0.113.1/24 dev e-web",
+                     "ip addr add 192.0.2.1/24 dev e-nat", "sysctl -qw net.ipv4.ip_forward=1"],
+            "srv": ["ip addr add 198.51.100.10/24 dev eth0", "ip route add default via 198.51.100.1"],
+            "web": ["ip addr add 203.0.113.80/24 dev eth0", "ip route add default via 203.0.113.1"],
+            "nat": ["ip addr add 192.0.2.20/24 dev wan", "ip addr add 172.16.0.1/24 dev lan1",
+                    "ip addr add 172.16.1.1/24 dev lan2", "ip route add default via 192.0.2.1",
+                    "sysctl -qw net.ipv4.ip_forward=1",
+                    "iptables -t nat -A POSTROUTING -o wan -j MASQUERADE"],
+            "cli1": ["ip addr add 172.16.0.2/24 dev eth0", "ip route add default via 172.16.0.1"],
+            "cli2": ["ip addr add 172.16.1.2/24 dev eth0", "ip route add default via 172.16.1.1"],
+        }.items():
+            for command in commands:
+                self.sh(name, *command.split())
+        # The VPS has a firewall that drops forwarded traffic by default,
+        # as Docker and ufw leave it: udptun's own rules must open the way.
+        self.sh("srv", "iptables", "-P", "FORWARD", "DROP")
+        self.blob = os.path.join(self.tmp, "blob")
+        with open(self.blob, "wb") as f:
+            f.write(random.Random(7).randbytes(8 << 20))
+        self.blob_sha = hashlib.sha256(open(self.blob, "rb").read()).hexdigest()
+        self.web = subprocess.Popen(["ip", "netns", "exec", self.ns("web"), sys.executable, "-c",
+                                     self.WEB_SERVER, self.blob])
+        wait_for(lambda: "203.0.113.80:80" in self.sh("web", "ss", "-ltn"), "web server")
+
+    def down(self):
+        for p in self.procs + [getattr(self, "web", None)]:
+            if p and p.poll() is None:
+                p.kill()
+                p.wait()
+        for n in self.names:
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def udptun(self, name, *args):
+        """Start udptun in namespace `name`; its log goes to a file."""
+        log = open(os.path.join(self.tmp, f"{name}-{len(self.procs)}.log"), "w+")
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns(name), sys.executable, UDPTUN, *args],
+                                stdout=log, stderr=subprocess.STDOUT)
+        proc.log = log
+        self.procs.append(proc)
+        return proc
+
+    def fetch(self, name, path, timeout=60):
+        return self.sh(name, "curl", "-sS", "--max-time", str(timeout), f"http://203.0.113.80{path}",
+                       timeout=timeout + 5)
+
+    def download_sha(self, name, timeout=60):
+        out = subprocess.run(f"ip netns exec {self.ns(name)} curl -sS --max-time {timeout} "
+                             f"http://203.0.113.80/blob | sha256sum", shell=True, capture_output=True,
+                             text=True, timeout=timeout + 5)
+        return out.stdout.split()[0]
+
+    def ping(self, name, address, count=1, wait=1):
+        return subprocess.run(["ip", "netns", "exec", self.ns(name), "ping", "-c", str(count), "-W", str(wait),
+                               "-i", "0.2", address], capture_output=True).returncode == 0
+
+    def snapshot(self, name):
+        """Everything udptun may touch in a namespace, normalised for comparison.
+
+        iptables rules and chain policies are compared; an empty built-in
+        chain with an ACCEPT policy is not, since iptables-nft creates one
+        the first time any rule is added in a namespace and it changes nothing.
+        """
+        rules = []
+        table = None
+        for line in self.sh(name, "iptables-save").splitlines():
+            line = re.sub(r"\[\d+:\d+\]", "", line).strip()
+            if line.startswith("*"):
+                table = line
+            elif line.startswith("-A") or (line.startswith(":") and not line.endswith("ACCEPT")):
+                rules.append(f"{table} {line}")
+        nft_tables = [l for l in self.sh(name, "nft", "list", "tables").splitlines()
+                      if l not in ("table ip filter", "table ip nat", "table ip mangle")]
+        return {
+            "links": sorted(re.findall(r"^\d+: ([^:@]+)", self.sh(name, "ip", "-o", "link"), re.M)),
+            "addresses": sorted(self.sh(name, "ip", "-o", "addr").split("\n")),
+            "routes": sorted(self.sh(name, "ip", "route", "show", "table", "all").split("\n")),
+            "rules": sorted(rules),
+            "nft": nft_tables,
+            "ip_forward": self.sh(name, "sysctl", "-n", "net.ipv4.ip_forward"),
+            "state": os.path.exists(f"/run/udptun/netns-{self.ns(name)}"),
+        }
+
+
+def wait_for(condition, what, timeout=15):
+    """Poll instead of sleeping: return as soon as `condition()` is true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stop(proc, sig=signal.SIGTERM):
+    """Stop udptun and return its exit status and log."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    rc = proc.wait(timeout=10)
+    proc.log.seek(0)
+    return rc, proc.log.read()
+
+
+@pytest.fixture(scope="module")
+def lab():
+    need(os.geteuid() == 0, "end-to-end tests need root (network namespaces)")
+    for tool in ("ip", "iptables", "nft", "ping", "curl", "sysctl"):
+        need(shutil.which(tool), f"end-to-end tests need {tool}")
+    lab = Lab()
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture
+def clean(lab):
+    """Record every namespace before the test; after it, stop what it
+    started and check that nothing of udptun's remains."""
+    before = {n: lab.snapshot(n) for n in ("cli1", "cli2", "srv")}
+    yield lab
+    for p in lab.procs:
+        if p.poll() is None:
+            stop(p)
+    lab.procs.clear()
+    for n, snap in before.items():
+        after = lab.snapshot(n)
+        changed = {k: {"gone": sorted(set(v) - set(after[k])) if isinstance(v, list) else v,
+                       "new": sorted(set(after[k]) - set(v)) if isinstance(v, list) else after[k]}
+                   for k, v in snap.items() if after[k] != v}
+        assert not changed, f"{n} is not as it was before the test: {changed}"
+
+
+def start_pair(lab, client="cli1", server_args=(), client_args=()):
+    server = lab.udptun("srv", "server", *server_args)
+    wait_for(lambda: "listening on UDP" in open(server.log.name).read() or server.poll() is not None,
+             "server setup")
+    assert server.poll() is None, open(server.log.name).read()
+    cli = lab.udptun(client, "client", "198.51.100.10", *client_args)
+    wait_for(lambda: lab.ping(client, "10.0.0.2"), "a ping through the tunnel")
+    return server, cli
+
+
+def test_web_sees_the_vps_and_downloads_arrive_whole(clean):
+    lab = clean
+    server, client = start_pair(lab)
+    assert lab.ping("cli1", "203.0.113.80", count=3)
+    assert lab.fetch("cli1", "/ip") == "198.51.100.10"
+    assert lab.download_sha("cli1") == lab.blob_sha
+    for p in (client, server):
+        rc, log = stop(p)
+        assert rc == 0, log
+        assert "[#] close tun0" in log
+
+
+def test_two_clients_behind_one_nat(clean):
+    lab = clean
+    server, one = start_pair(lab)
+    two = lab.udptun("cli2", "client", "198.51.100.10", "--address", "10.0.0.3/24")
+    wait_for(lambda: lab.ping("cli2", "10.0.0.2"), "second client")
+    both = [subprocess.Popen(f"ip netns exec {lab.ns(n)} curl -sS --max-time 60 http://203.0.113.80/blob"
+                             " | sha256sum", shell=True, stdout=subprocess.PIPE, text=True)
+            for n in ("cli1", "cli2")]
+    assert [p.communicate(timeout=70)[0].split()[0] for p in both] == [lab.blob_sha] * 2
+    assert lab.fetch("cli2", "/ip") == "198.51.100.10"
+    _, log = stop(server)
+    assert "client 10.0.0.1 joined from 192.0.2.20:" in log
+    assert "client 10.0.0.3 joined from 192.0.2.20:" in log
+
+
+def test_kill_9_then_restart_recovers_and_ends_clean(clean):
+    lab = clean
+    server, client = start_pair(lab)
+    for p in (server, client):
+        stop(p, signal.SIGKILL)
+    # What a killed run leaves: rules, the forwarding sysctl, the host route.
+    assert "udptun:tun0" in lab.sh("srv", "iptables-save")
+    assert lab.sh("srv", "sysctl", "-n", "net.ipv4.ip_forward").strip() == "1"
+    assert "198.51.100.10 via 172.16.0.1" in lab.sh("cli1", "ip", "route")
+    server, client = start_pair(lab)
+    assert lab.sh("srv", "iptables-save").count("udptun:tun0") == 5      # no duplicates
+    assert lab.download_sha("cli1") == lab.blob_sha
+    _, log = stop(server)
+    assert "undoing what an earlier run on tun0 left behind" in log
+    # `clean` checks that nothing of either run remains.
+
+
+def test_down_cleans_up_after_kill_9(clean):
+    lab = clean
+    server, client = start_pair(lab)
+    for p in (server, client):
+        stop(p, signal.SIGKILL)
+    for name in ("srv", "cli1"):
+        out = subprocess.run(["ip", "netns", "exec", lab.ns(name), sys.executable, UDPTUN, "down"],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+
+
+def test_client_survives_a_server_restart(clean):
+    lab = clean
+    server, client = start_pair(lab, client_args=["--keepalive", "1"])
+    stop(server)
+    assert not lab.ping("cli1", "10.0.0.2")
+    time.sleep(3)   # the client meets port unreachable and must keep going
+    assert client.poll() is None
+    server = lab.udptun("srv", "server")
+    wait_for(lambda: lab.ping("cli1", "203.0.113.80"), "the tunnel back after the restart")
+    rc, log = stop(client)
+    assert rc == 0 and "server is not answering" in log and log.count("server is answering") >= 2, log
+
+
+def test_path_mtu_black_hole(clean):
+    """A 1280-byte link between the home router and the internet, and every
+    router drops ICMP "fragmentation needed": full-size packets must still
+    get through (udptun lets routers fragment its outer datagrams)."""
+    lab = clean
+    drop_icmp = ["-p", "icmp", "--icmp-type", "fragmentation-needed", "-j", "DROP"]
+    black_hole = [("nat", "wan"), ("core", "e-nat")]
+    for name, dev in black_hole:
+        lab.sh(name, "ip", "link", "set", dev, "mtu", "1280")
+        for chain in ("OUTPUT", "FORWARD"):
+            lab.sh(name, "iptables", "-I", chain, *drop_icmp)
+    try:
+        # The black hole is real: a 1400-byte packet with DF set vanishes.
+        assert lab.ping("cli1", "198.51.100.10")
+        big = subprocess.run(["ip", "netns", "exec", lab.ns("cli1"), "ping", "-c", "2", "-W", "1",
+                              "-M", "do", "-s", "1372", "198.51.100.10"], capture_output=True)
+        assert big.returncode != 0
+        start_pair(lab)
+        assert lab.download_sha("cli1") == lab.blob_sha
+        upload = subprocess.run(["ip", "netns", "exec", lab.ns("cli1"), "ping", "-c", "2", "-M", "do",
+                                 "-s", "1372", "203.0.113.80"], capture_output=True)
+        assert upload.returncode == 0      # a full 1400-byte packet, both ways
+    finally:
+        for name, dev in black_hole:
+            lab.sh(name, "ip", "link", "set", dev, "mtu", "1500")
+            for chain in ("OUTPUT", "FORWARD"):
+                lab.sh(name, "iptables", "-D", chain, *drop_icmp)
+
+
+# ---------------------------------------------------------------- socat peers
+@pytest.fixture
+def socat(clean):
+    need(shutil.which("socat"), "the interoperability tests need socat")
+    return clean
+
+
+def test_udptun_client_with_a_socat_server(socat):
+    lab = socat
+    peer = subprocess.Popen(["ip", "netns", "exec", lab.ns("srv"), "socat", "UDP-LISTEN:5555",
+                             "TUN:10.0.0.2/24,tun-name=tun0,iff-no-pi,iff-up"], stderr=subprocess.PIPE)
+    lab.procs.append(peer)
+    peer.log = io.StringIO()
+    client = lab.udptun("cli1", "client", "198.51.100.10", "--keepalive", "1")
+    wait_for(lambda: lab.ping("cli1", "10.0.0.2"), "a ping to the socat server")
+    time.sleep(2.5)   # keepalives flowed; an empty datagram would have ended socat
+    assert peer.poll() is None
+    assert lab.ping("cli1", "10.0.0.2", count=3)
+    rc, log = stop(client)
+    assert rc == 0 and "server is answering" in log
+    peer.kill()
+    peer.wait()
+
+
+def test_socat_client_with_a_udptun_server(socat):
+    lab = socat
+    server = lab.udptun("srv", "server")
+    wait_for(lambda: "listening on UDP" in open(server.log.name).read(), "server setup")
+    peer = subprocess.Popen(["ip", "netns", "exec", lab.ns("cli1"), "socat", "UDP:198.51.100.10:5555",
+                             "TUN:10.0.0.1/24,tun-name=tun0,iff-no-pi,iff-up"], stderr=subprocess.PIPE)
+    lab.procs.append(peer)
+    peer.log = io.StringIO()
+    wait_for(lambda: lab.ping("cli1", "10.0.0.2"), "a ping from the socat client")
+    lab.sh("cli1", "ip", "route", "add", "203.0.113.80/32", "dev", "tun0")
+    assert lab.fetch("cli1", "/ip") == "198.51.100.10"
+    peer.kill()
+    peer.wait()
+
+
+# ---------------------------------------------------------------- errors a user can fix
+def run_udptun(lab, name, *args, env=None):
+    return subprocess.run(["ip", "netns", "exec", lab.ns(name), sys.executable, UDPTUN, *args],
+                          capture_output=True, text=True, timeout=30, env=env)
+
+
+def one_line_error(out, text):
+    assert out.returncode == 1, out
+    assert out.stderr.strip().splitlines()[-1].startswith("udptun: error: ")
+    assert text in out.stderr and "Traceback" not in out.stderr
+
+
+def test_error_not_root(lab):
+    python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+    need(shutil.which("setpriv") and python, "needs setpriv (util-linux) and a python3 any user may run")
+    # A copy that user nobody can read (the checkout may sit under /root).
+    folder = tempfile.mkdtemp(prefix="udptun-nobody-")
+    os.chmod(folder, 0o755)
+    script = shutil.copy(UDPTUN, folder)
+    as_nobody = ["ip", "netns", "exec", lab.ns("iso"), "setpriv", "--reuid=65534", "--regid=65534",
+                 "--clear-groups", python, script, "server"]
+    try:
+        one_line_error(subprocess.run(as_nobody, capture_output=True, text=True), "must run as root")
+        # but a dry run needs no root, and prints the whole plan
+        out = subprocess.run(as_nobody + ["--dry-run", "--out-interface", "eth0"], capture_output=True, text=True)
+        assert out.returncode == 0 and "[#] iptables -t nat -A POSTROUTING" in out.stderr, out.stderr
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_error_port_in_use(clean):
+    lab = clean
+    holder = subprocess.Popen(["ip", "netns", "exec", lab.ns("srv"), sys.executable, "-c",
+                               "import socket,time; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+                               "s.bind(('',5555)); print('bound',flush=True); time.sleep(30)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "bound"
+        one_line_error(run_udptun(lab, "srv", "server"), "UDP port 5555 is in use")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_error_unresolvable_server(lab):
+    one_line_error(run_udptun(lab, "iso", "client", "no-such-host.invalid"), "cannot resolve server")
+
+
+def test_error_address_clash(lab):
+    """The laptop's own LAN is 10.0.0.0/24: the default tunnel subnet clashes."""
+    lab.sh("iso", "ip", "link", "add", "lan0", "type", "veth", "peer", "lan0p")
+    lab.sh("iso", "ip", "addr", "add", "10.0.0.50/24", "dev", "lan0")
+    lab.sh("iso", "ip", "link", "set", "lan0", "up")
+    lab.sh("iso", "ip", "addr", "add", "10.0.1.50/24", "dev", "lo")
+    try:
+        one_line_error(run_udptun(lab, "iso", "client", "192.0.2.1"), "overlaps '10.0.0.0/24 dev lan0")
+        one_line_error(run_udptun(lab, "iso", "client", "192.0.2.1", "--address", "10.0.1.1/24"),
+                       "overlaps '1: lo inet 10.0.1.50/24")
+        one_line_error(run_udptun(lab, "iso", "client", "192.0.2.1", "--address", "10.0.2.1/24"),
+                       "cannot reach server 192.0.2.1")
+        assert "tun0" not in lab.sh("iso", "ip", "link")
+    finally:
+        lab.sh("iso", "ip", "link", "del", "lan0")
+        lab.sh("iso", "ip", "addr", "del", "10.0.1.50/24", "dev", "lo")
+
+
+def test_error_no_iptables(lab, tmp_path):
+    for tool in ("ip", "sysctl"):
+        os.symlink(shutil.which(tool), tmp_path / tool)
+    env = dict(os.environ, PATH=str(tmp_path))
+    out = subprocess.run(["ip", "netns", "exec", lab.ns("iso"), sys.executable, UDPTUN, "server",
+                          "--out-interface", "lo"], capture_output=True, text=True, env=env)
+    one_line_error(out, "iptables not found")

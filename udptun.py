@@ -1,0 +1,1014 @@
+#!/usr/bin/env python3
+"""udptun: an IP-over-UDP tunnel (a small VPN without encryption) in one file.
+
+A client reads every IPv4 packet the laptop sends from a TUN device and
+sends it, unchanged, as the payload of one UDP datagram to a server. The
+server writes it to its own TUN device, and the server's kernel forwards it
+to the internet with NAT, so websites see the server's address. Replies
+take the same path backwards.
+
+    laptop (client)                                      VPS (server)
+    app --> kernel --> tun0 10.0.0.1                     tun0 10.0.0.2 --> kernel --NAT--> internet
+                        |  read()                          ^  write()
+                        v                                  |
+                      udptun client --UDP 5555 (raw IP)--> udptun server
+                        ^                                  |
+                        |  write()                         v  read()
+    app <-- kernel <-- tun0        <--UDP (raw IP)--      tun0 <-- kernel <----- replies
+
+Usage (as root):
+    python3 udptun.py server                    # on the VPS
+    python3 udptun.py client VPS_ADDRESS        # on the laptop
+    python3 udptun.py down                      # undo what a killed run left behind
+    python3 udptun.py server --dry-run          # print every command, change nothing
+
+The wire format is one raw IPv4 packet per datagram, with no header of our
+own, so a `socat UDP:... TUN:...,iff-no-pi` peer works on either side.
+
+WARNING: no encryption, no authentication. Anyone on the path between client
+and server can read, change and inject traffic, and anyone who can reach the
+server's UDP port can send packets through it (within the checks below).
+Use WireGuard or OpenVPN when that matters.
+
+How the file reads, top to bottom: constants; plumbing (errors, running
+commands, the stack of changes and their undo); packet parsing (pure
+functions); the TUN device; system setup; the forwarding loop; the server
+and the client; the command line.
+"""
+
+# ---------------------------------------------------------------- imports
+import argparse
+import contextlib
+import fcntl
+import ipaddress
+import json
+import os
+import selectors
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+# ---------------------------------------------------------------- constants
+TUN_PATH = "/dev/net/tun"
+# <linux/if_tun.h>: #define TUNSETIFF _IOW('T', 202, int)
+#   = direction write (1 << 30) | sizeof(int) (4 << 16) | 'T' (0x54 << 8) | 202
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001     # <linux/if_tun.h>: layer-3 device, packets start at the IP header
+IFF_NO_PI = 0x1000   # <linux/if_tun.h>: no 4-byte packet-info prefix on read()/write()
+IFNAMSIZ = 16        # <linux/if.h>: interface names are at most 15 bytes plus NUL
+
+# <linux/in.h>: IP_MTU_DISCOVER and IP_PMTUDISC_DONT ("never send DF frames").
+# Python's socket module does not export them.
+IP_MTU_DISCOVER = 10
+IP_PMTUDISC_DONT = 0
+
+# Every tunnelled packet gains an outer IPv4 header (20 bytes, RFC 791) and
+# a UDP header (8 bytes, RFC 768): 28 bytes. On a 1500-byte Ethernet path the
+# tunnel could carry 1472-byte packets, but many real paths are smaller
+# (PPPoE takes 8 bytes, DS-Lite 40, another tunnel more). 1400 leaves 72
+# bytes of headroom, like WireGuard's 1420 leaves 80. Paths smaller still
+# are handled by letting routers fragment the outer datagram (see
+# open_udp_socket) and by clamping TCP MSS on the server.
+OUTER_OVERHEAD = 28
+DEFAULT_MTU = 1400
+DEFAULT_PORT = 5555
+MAX_PACKET = 65535   # largest IPv4 packet (16-bit total length, RFC 791)
+BATCH = 64           # packets read per wake-up before looking at the other fd
+
+# A client is considered silent when nothing arrived from it for this long.
+# The keepalive default (25 s) is WireGuard's: short enough for home NAT
+# routers that forget idle UDP mappings after 30 s (RFC 4787 asks for at
+# least 2 minutes, but many do less).
+DEFAULT_KEEPALIVE = 25
+# RFC 4787 REQ-5: a NAT's UDP mapping must live at least 2 minutes; we keep
+# an idle binding at least as long as a compliant NAT would.
+DEFAULT_CLIENT_TIMEOUT = 180
+# A different outer IP may take over a tunnel address only after its owner
+# has been silent this long. Longer protects better against a stranger
+# taking the address; shorter lets a client whose home address changed
+# (new DHCP lease, mobile network) come back sooner. 60 s is more than two
+# keepalive intervals, so one lost keepalive never opens the door.
+DEFAULT_REBIND_AFTER = 60
+
+STATE_ROOT = "/run/udptun"
+
+
+# ---------------------------------------------------------------- plumbing
+class UserError(Exception):
+    """Something the user can fix: printed as one line, with the fix, and exit 1."""
+
+
+class Stop(Exception):
+    """Raised by the SIGTERM/SIGHUP handler so that every undo runs."""
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+# Which package to install when a command is missing (Debian/Ubuntu names).
+PACKAGES = {"ip": "iproute2", "iptables": "iptables", "nft": "nftables", "sysctl": "procps"}
+
+
+class System:
+    """Runs commands: the only place this file calls subprocess.
+
+    Every command is echoed as `[#] command`, so the log is a transcript of
+    what was done. With dry_run=True, commands that change the system are
+    printed and recorded in `plan` but not run; queries (which only read)
+    still run, so the plan is the one a real run would follow.
+    """
+
+    def __init__(self, dry_run=False):
+        self.dry_run = dry_run
+        self.plan = []   # every change, in the order made (and undone)
+
+    def _run(self, argv, check):
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True)
+        except FileNotFoundError:
+            raise UserError(f"{argv[0]} not found: install it "
+                            f"(apt-get install {PACKAGES.get(argv[0], argv[0])})") from None
+        if check and done.returncode != 0:
+            why = (done.stderr or done.stdout).strip().splitlines()
+            raise UserError(f"`{shlex.join(argv)}` failed: {why[-1] if why else done.returncode}")
+        return done
+
+    def query(self, *argv):
+        """Run a read-only command and return its output."""
+        log("[#] " + shlex.join(argv))
+        return self._run(argv, check=True).stdout
+
+    def change(self, *argv, check=True):
+        """Run a command that changes the system (only echo it in a dry run)."""
+        log("[#] " + shlex.join(argv))
+        self.plan.append(list(argv))
+        if not self.dry_run:
+            done = self._run(argv, check)
+            if done.returncode != 0:
+                log(f"    (failed, ignored: {(done.stderr or '').strip()})")
+
+
+def state_dir():
+    """Where this run keeps its journal and status.
+
+    /run is shared by all network namespaces of a machine, so two udptuns
+    with the same device name in different namespaces (the tests, a lab)
+    would overwrite each other's files. A run inside `ip netns exec NAME`
+    uses /run/udptun/netns-NAME instead, found the way `ip netns identify`
+    does: by the inode of the namespace.
+    """
+    try:
+        me = os.stat("/proc/self/ns/net")
+        for name in sorted(os.listdir("/run/netns")):
+            st = os.stat(os.path.join("/run/netns", name))
+            if (st.st_dev, st.st_ino) == (me.st_dev, me.st_ino):
+                return os.path.join(STATE_ROOT, "netns-" + name)
+    except OSError:
+        pass
+    return STATE_ROOT
+
+
+class Journal:
+    """A file that lists the undo commands of changes not yet undone.
+
+    It is written *before* each change is made (write-ahead), so that after a
+    `kill -9` the next start, or `udptun down`, can replay the undos. A stale
+    entry whose change never happened just fails harmlessly on replay.
+    """
+
+    def __init__(self, dev, dry_run=False):
+        self.path = os.path.join(state_dir(), dev + ".journal")
+        self.dry_run = dry_run
+
+    def load(self):
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def save(self, undos):
+        if self.dry_run:
+            return
+        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"pid": os.getpid(), "undo": undos}, f)
+        os.replace(tmp, self.path)   # atomic: a reader sees the old or the new list
+
+    def remove(self):
+        if self.dry_run:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        # Leave no empty folders behind either (rmdir fails if not empty).
+        for folder in (os.path.dirname(self.path), STATE_ROOT):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+class Changes:
+    """Every change this run makes, each paired with its undo, on one stack.
+
+    The stack unwinds newest first when the `with` block ends, however it
+    ends: a clean stop, a signal, or an error halfway through setup. An undo
+    that fails is logged and the rest still run. Changes the kernel undoes by
+    itself (addresses and routes on our TUN device, which vanish with it)
+    carry no undo command: `undo=None`, with a note saying who undoes it.
+    """
+
+    def __init__(self, system, journal):
+        self.system = system
+        self.journal = journal
+        self.stack = []   # (kind, payload): "cmd" argv | "call" (function, description)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.undo_all()
+
+    def _commands(self):
+        return [argv for kind, argv in self.stack if kind == "cmd"]
+
+    def make(self, do, undo=None):
+        """Make one change: run `do`, and remember `undo` to reverse it."""
+        if undo is not None:
+            self.stack.append(("cmd", undo))
+            self.journal.save(self._commands())
+        try:
+            self.system.change(*do)
+        except BaseException:
+            if undo is not None:   # the change did not happen: nothing to undo
+                self.stack.pop()
+                self.journal.save(self._commands())
+            raise
+
+    def defer(self, function, description):
+        """Undo by calling a function (closing the TUN device, say)."""
+        self.stack.append(("call", (function, description)))
+
+    def undo_all(self):
+        # A second Ctrl-C must not stop the undo halfway.
+        saved = {}
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(ValueError):   # not the main thread (tests)
+                saved[sig] = signal.signal(sig, signal.SIG_IGN)
+        while self.stack:
+            kind, payload = self.stack.pop()
+            try:
+                if kind == "cmd":
+                    self.system.change(*payload)
+                else:
+                    function, description = payload
+                    log(f"[#] {description}")
+                    function()
+            except Exception as e:   # noqa: BLE001 - every undo must be tried
+                log(f"udptun: warning: undo failed: {e}")
+            self.journal.save(self._commands())
+        self.journal.remove()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------- packet parsing
+# Pure functions on bytes, no I/O: the tests feed them hand-built packets.
+# The IPv4 header (RFC 791), offsets in bytes:
+#    0: version (4 bits) | IHL, header length in 32-bit words (4 bits)
+#    2: total length (16 bits)          9: protocol (1 = ICMP)
+#   12: source address                 16: destination address
+
+def ipv4_problem(packet):
+    """Why `packet` is not a well-formed IPv4 packet, or None if it is."""
+    n = len(packet)
+    if n < 20:
+        return "short"
+    if packet[0] >> 4 != 4:
+        return "not-ipv4"
+    header = (packet[0] & 0x0F) * 4
+    if header < 20:
+        return "bad-ihl"      # IHL < 5 is forbidden by RFC 791
+    if header > n:
+        return "truncated"
+    if (packet[2] << 8 | packet[3]) != n:
+        return "bad-length"   # total length must match the datagram exactly
+    return None
+
+
+def source(packet):
+    return packet[12:16]
+
+
+def destination(packet):
+    return packet[16:20]
+
+
+def internet_checksum(data):
+    """RFC 1071: one's complement of the one's-complement sum of 16-bit words."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def echo_request(src, dst, ident, seq, payload=b"udptun keepalive"):
+    """An ICMP echo request (RFC 792) from src to dst, both 4-byte addresses.
+
+    It is our keepalive: a valid IP packet, so a socat peer writes it to its
+    TUN device (an empty datagram would end socat's stream), and any peer's
+    kernel answers it, so it also tells the client the server is alive.
+    """
+    icmp = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + payload
+    icmp = icmp[:2] + struct.pack("!H", internet_checksum(icmp)) + icmp[4:]
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0, 64, 1, 0, src, dst)
+    header = header[:10] + struct.pack("!H", internet_checksum(header)) + header[12:]
+    return header + icmp
+
+
+def is_echo_reply(packet, src, ident):
+    """True for the reply to one of our keepalives (well-formed packets only)."""
+    header = (packet[0] & 0x0F) * 4
+    return (packet[9] == 1 and packet[12:16] == src and len(packet) >= header + 8
+            and packet[header] == 0 and packet[header + 4:header + 6] == struct.pack("!H", ident))
+
+
+def parse_address(text, what):
+    """'10.0.0.1/24' -> IPv4Interface, or a UserError that says what is wrong."""
+    try:
+        iface = ipaddress.IPv4Interface(text)
+    except ValueError:
+        raise UserError(f"{what} {text!r} is not an IPv4 address with a prefix, like 10.0.0.1/24") from None
+    net = iface.network
+    if net.prefixlen > 30 or iface.ip in (net.network_address, net.broadcast_address):
+        raise UserError(f"{what} {text}: use a host address in a /30 or larger subnet, like 10.0.0.1/24")
+    return iface
+
+
+# ---------------------------------------------------------------- the TUN device
+class Tun:
+    """A TUN device: read() gives one IP packet the kernel routed into it,
+    write() hands one IP packet to the kernel as if it had arrived on it.
+
+    See the kernel's Documentation/networking/tuntap.rst. The device is not
+    persistent: when our file descriptor closes (however the process ends,
+    kill -9 included) the kernel deletes it, and its addresses and routes
+    with it. That is one undo we never have to write.
+    """
+
+    def __init__(self, name):
+        if len(name.encode()) >= IFNAMSIZ:
+            raise UserError(f"device name {name!r} is too long: at most {IFNAMSIZ - 1} characters")
+        try:
+            self.fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise UserError(f"no {TUN_PATH}: load the tun module (modprobe tun), or in a "
+                            "container pass the device (docker run --device /dev/net/tun "
+                            "--cap-add NET_ADMIN)") from None
+        except PermissionError:
+            raise UserError(f"cannot open {TUN_PATH}: run as root (sudo)") from None
+        # struct ifreq (<linux/if.h>): 16-byte name, then a union whose first
+        # member here is `short ifr_flags`; 40 bytes in all.
+        ifreq = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
+        try:
+            ifreq = fcntl.ioctl(self.fd, TUNSETIFF, ifreq)
+        except OSError as e:
+            os.close(self.fd)
+            if e.errno == 16:   # EBUSY: another process holds a device of that name
+                raise UserError(f"device {name} is in use by another program: pick another --dev") from None
+            if e.errno == 1:    # EPERM: needs CAP_NET_ADMIN
+                raise UserError("creating a TUN device needs root: run with sudo") from None
+            raise UserError(f"cannot create TUN device {name}: {e.strerror}") from None
+        self.name = ifreq[:16].rstrip(b"\0").decode()
+
+    def close(self):
+        os.close(self.fd)
+
+
+class FakeTun:
+    """What --dry-run uses instead: no device, no root needed."""
+
+    fd = -1
+
+    def __init__(self, name):
+        self.name = name
+
+    def close(self):
+        pass
+
+
+def open_udp_socket():
+    """A UDP socket whose datagrams routers may fragment.
+
+    Linux sets Don't Fragment on UDP by default (path-MTU discovery). If a
+    link on the way is smaller than our datagrams and a firewall drops the
+    ICMP "fragmentation needed" that should tell us (a PMTU black hole,
+    RFC 2923), every full-size packet would vanish silently. With DF clear, a
+    router fragments the outer datagram instead and the far end reassembles
+    it: slower, but it works (RFC 4459 section 3.1, the choice VXLAN and GRE
+    make with `nopmtudisc`). On a normal path nothing is fragmented, because
+    the tunnel MTU leaves room for the outer headers.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
+    return sock
+
+
+# ---------------------------------------------------------------- system setup and undo
+def tag(dev):
+    """The comment on every firewall rule we add: how a later run finds them."""
+    return f"udptun:{dev}"
+
+
+def default_interface(system):
+    """The interface of the default route: where the server's NAT goes out."""
+    for line in system.query("ip", "-4", "route", "show", "default").splitlines():
+        words = line.split()
+        if "dev" in words:
+            return words[words.index("dev") + 1]
+    raise UserError("no IPv4 default route: say which interface reaches the internet with --out-interface")
+
+
+def route_to(system, address):
+    """(gateway or None, device) of the route the kernel uses for `address` now."""
+    words = system.query("ip", "-4", "route", "get", address).split()
+    if words and words[0] == "local":
+        return None, None
+    via = words[words.index("via") + 1] if "via" in words else None
+    dev = words[words.index("dev") + 1] if "dev" in words else None
+    return via, dev
+
+
+def check_subnet_free(system, network, dev):
+    """Refuse a tunnel subnet that overlaps a route or an address the machine
+    already has: both would claim the same addresses and one would stop working.
+    (0.0.0.0/1 and 128.0.0.0/1, another VPN's catch-all, do not count.)"""
+    routes = [(line.split()[0], line)
+              for line in system.query("ip", "-4", "-o", "route", "show", "table", "main").splitlines()]
+    addresses = [(line.split()[3], line) for line in system.query("ip", "-4", "-o", "address", "show").splitlines()
+                 if len(line.split()) > 3 and line.split()[1] != dev]
+    for prefix, line in routes + addresses:
+        if prefix == "default" or f"dev {dev} " in line + " ":
+            continue
+        try:
+            existing = ipaddress.IPv4Network(prefix, strict=False)
+        except ValueError:
+            continue
+        if existing.prefixlen > 1 and existing.overlaps(network):
+            raise UserError(f"the tunnel subnet {network} overlaps '{' '.join(line.split()[:6])}' "
+                            "on this machine: pick another --address, like 10.99.0.1/24")
+
+
+def ip_forward_is_on():
+    with open("/proc/sys/net/ipv4/ip_forward") as f:
+        return f.read().strip() == "1"
+
+
+def firewall_rules(dev, out_if, network, mtu, nat):
+    """The server's iptables rules as (table, chain, rule), without -A/-I.
+
+    - MASQUERADE: packets from clients leave with the server's address.
+    - FORWARD accept, out freely and back only for established flows.
+      Inserted at the top (-I), so they work under a DROP policy (Docker, ufw).
+    - TCPMSS: a SYN crossing the tunnel gets an MSS that fits its MTU, so
+      TCP never sends segments the tunnel would have to fragment.
+    """
+    c = ["-m", "comment", "--comment", tag(dev)]
+    mss = str(mtu - 40)   # 20 bytes IPv4 header + 20 bytes TCP header
+    clamp = ["-p", "tcp", "--tcp-flags", "SYN,RST", "SYN", *c, "-j", "TCPMSS", "--set-mss", mss]
+    rules = []
+    if nat:
+        rules.append(("nat", "POSTROUTING", ["-s", str(network), "-o", out_if, *c, "-j", "MASQUERADE"]))
+    rules += [
+        ("filter", "FORWARD", ["-i", dev, "-o", out_if, *c, "-j", "ACCEPT"]),
+        ("filter", "FORWARD", ["-i", out_if, "-o", dev, "-m", "conntrack",
+                               "--ctstate", "RELATED,ESTABLISHED", *c, "-j", "ACCEPT"]),
+        ("mangle", "FORWARD", ["-o", dev, *clamp]),
+        ("mangle", "FORWARD", ["-i", dev, *clamp]),
+    ]
+    return rules
+
+
+def add_firewall(changes, dev, out_if, network, mtu, nat):
+    for table, chain, rule in firewall_rules(dev, out_if, network, mtu, nat):
+        where = "-I" if chain == "FORWARD" and table == "filter" else "-A"
+        changes.make(["iptables", "-t", table, where, chain, *rule],
+                     undo=["iptables", "-t", table, "-D", chain, *rule])
+
+
+def remove_tagged_rules(system, dev):
+    """Delete every iptables rule that carries our tag: leftovers of a run
+    that could not clean up. `iptables -S` prints rules as the -A commands
+    that would add them; the same words after -D delete them."""
+    if not shutil.which("iptables"):
+        return
+    for table in ("filter", "nat", "mangle"):
+        for line in system.query("iptables", "-t", table, "-S").splitlines():
+            words = shlex.split(line)
+            if words[:1] == ["-A"] and tag(dev) in words:
+                system.change("iptables", "-t", table, "-D", *words[1:], check=False)
+
+
+def recover(system, journal, dev):
+    """Undo whatever an earlier run on `dev` left behind (killed with -9, or
+    the machine lost power mid-run): replay its journal newest first, then
+    remove any rule that still carries our tag. Undo comes before do."""
+    old = journal.load()
+    if old:
+        pid = old.get("pid")
+        if pid and pid != os.getpid() and is_udptun(pid):
+            raise UserError(f"udptun is already running on {dev} (pid {pid}): stop it first")
+        log(f"udptun: undoing what an earlier run on {dev} left behind")
+        for argv in reversed(old.get("undo", [])):
+            system.change(*argv, check=False)
+    if not system.dry_run:
+        remove_tagged_rules(system, dev)
+    journal.remove()
+
+
+def is_udptun(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"udptun" in f.read()
+    except OSError:
+        return False
+
+
+def sd_notify(state):
+    """Tell systemd (Type=notify) how we are: see sd_notify(3). The protocol is
+    one datagram to the AF_UNIX socket named in $NOTIFY_SOCKET; a leading
+    '@' means the Linux abstract namespace."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        with contextlib.suppress(OSError):
+            s.sendto(state.encode(), path)
+
+
+# ---------------------------------------------------------------- the forwarding loop
+class Forwarder:
+    """Moves packets between the TUN device and the UDP socket.
+
+    Subclasses provide the two directions, `tun_to_udp()` and
+    `udp_to_tun()`, each called when its file descriptor is readable, and
+    `tick(now)`, called about once a second for timers. `run()` is for
+    callers. Each direction drains up to BATCH packets per wake-up: one
+    select() per packet would cost more than the packet itself.
+    """
+
+    def __init__(self, tun, sock, verbose=False):
+        self.tun, self.sock, self.verbose = tun, sock, verbose
+        self.now = self.started = time.monotonic()
+        self.drops = {}   # reason -> count
+
+    def drop(self, reason, detail=""):
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+        if self.verbose:
+            log(f"drop {reason} {detail}")
+
+    def run(self):
+        selector = selectors.DefaultSelector()
+        # The handler rides in the key's data slot: the loop just calls it.
+        selector.register(self.tun.fd, selectors.EVENT_READ, self.tun_to_udp)
+        selector.register(self.sock, selectors.EVENT_READ, self.udp_to_tun)
+        last_tick = 0
+        while True:
+            events = selector.select(timeout=1.0)
+            self.now = time.monotonic()
+            for key, _ in events:
+                key.data()
+            if self.now - last_tick >= 1.0:
+                self.tick(self.now)
+                last_tick = self.now
+
+    def read_tun(self):
+        """Up to BATCH packets from the TUN device."""
+        packets = []
+        for _ in range(BATCH):
+            try:
+                packets.append(os.read(self.tun.fd, MAX_PACKET))
+            except BlockingIOError:
+                break
+        return packets
+
+    def recv_udp(self):
+        """Up to BATCH (datagram, address) pairs from the socket."""
+        datagrams = []
+        for _ in range(BATCH):
+            try:
+                datagrams.append(self.sock.recvfrom(MAX_PACKET, socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                break
+            except ConnectionRefusedError:
+                # A connected UDP socket reports an earlier ICMP port
+                # unreachable on its next call: the peer is down for now.
+                self.peer_unreachable()
+        return datagrams
+
+    def write_tun(self, packet):
+        try:
+            os.write(self.tun.fd, packet)
+        except OSError as e:   # the kernel refused it: count, never crash
+            self.drop("tun-write", e.strerror)
+
+    def peer_unreachable(self):
+        self.drop("icmp-unreachable")
+
+    def counters(self):
+        return {"drops": dict(sorted(self.drops.items()))}
+
+
+class Peer:
+    """One client of the server: the UDP address that owns a tunnel IP."""
+
+    __slots__ = ("ip", "addr", "joined", "last_seen", "rx_packets", "rx_bytes",
+                 "tx_packets", "tx_bytes", "refused")
+
+    def __init__(self, ip, addr, now):
+        self.ip, self.addr, self.joined, self.last_seen = ip, addr, now, now
+        self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
+        self.refused = set()   # outer addresses whose claim we already logged
+
+
+class ClientTable:
+    """Which UDP address owns each tunnel IP. Lookups are one dict access.
+
+    The rules, in order, for a packet from UDP address `addr` whose inner
+    source is tunnel IP `ip`:
+    - owner is `addr`: the packet is theirs (the fast path).
+    - nobody owns `ip` (or the owner expired): first claim wins, if the
+      table has room.
+    - same outer IP, new port: a NAT rebinding; the binding moves at once.
+    - another outer IP: refused and counted, until the owner has been silent
+      for `rebind_after` seconds; then it moves (a client whose home address
+      changed comes back).
+    Bindings idle for `timeout` seconds expire.
+    """
+
+    def __init__(self, timeout=DEFAULT_CLIENT_TIMEOUT, rebind_after=DEFAULT_REBIND_AFTER,
+                 max_clients=1000):
+        self.by_ip = {}
+        self.timeout, self.rebind_after, self.max_clients = timeout, rebind_after, max_clients
+
+    def claim(self, ip, addr, now):
+        """The Peer that may send as `ip` from `addr`, or None (refused)."""
+        peer = self.by_ip.get(ip)
+        if peer is not None and peer.addr == addr:
+            peer.last_seen = now
+            return peer
+        if peer is None:
+            if len(self.by_ip) >= self.max_clients:
+                return None
+            peer = self.by_ip[ip] = Peer(ip, addr, now)
+            log(f"client {show(ip)} joined from {show(addr)}")
+            return peer
+        if addr[0] == peer.addr[0] or now - peer.last_seen >= self.rebind_after:
+            log(f"client {show(ip)} moved from {show(peer.addr)} to {show(addr)}")
+            peer.addr, peer.last_seen = addr, now
+            peer.refused.clear()
+            return peer
+        if addr not in peer.refused:
+            peer.refused.add(addr)
+            log(f"client {show(ip)}: refused claim from {show(addr)} (owned by {show(peer.addr)})")
+        return None
+
+    def expire(self, now):
+        for ip in [ip for ip, p in self.by_ip.items() if now - p.last_seen >= self.timeout]:
+            log(f"client {show(ip)} expired (silent since {now - self.by_ip[ip].last_seen:.0f} s)")
+            del self.by_ip[ip]
+
+
+def show(value):
+    """4-byte address or (host, port) -> text, for logs."""
+    if isinstance(value, tuple):
+        return f"{value[0]}:{value[1]}"
+    return socket.inet_ntoa(value)
+
+
+# ---------------------------------------------------------------- server and client
+class Server(Forwarder):
+    """Many clients, one UDP socket, one TUN device."""
+
+    def __init__(self, tun, sock, address, table, client_to_client=False, verbose=False):
+        super().__init__(tun, sock, verbose)
+        net = address.network
+        self.table = table
+        self.client_to_client = client_to_client
+        self.net = int(net.network_address)
+        self.mask = int(net.netmask)
+        # A client may not claim the server's address, nor the subnet's
+        # network or broadcast address.
+        self.reserved = {a.packed for a in (address.ip, net.network_address, net.broadcast_address)}
+        self.server_ip = address.ip.packed
+
+    def in_subnet(self, ip):
+        return int.from_bytes(ip, "big") & self.mask == self.net
+
+    def udp_to_tun(self):
+        """Datagrams from clients: check them, learn who owns which tunnel IP, write to TUN."""
+        for data, addr in self.recv_udp():
+            if not data:
+                self.drop("empty")   # a socat peer's end of stream: nothing to forward
+                continue
+            problem = ipv4_problem(data)
+            if problem:
+                self.drop(problem, show(addr))
+                continue
+            src = data[12:16]
+            if src in self.reserved or not self.in_subnet(src):
+                self.drop("bad-source", f"{show(src)} from {show(addr)}")
+                continue
+            peer = self.table.claim(src, addr, self.now)
+            if peer is None:
+                self.drop("refused", f"{show(src)} from {show(addr)}")
+                continue
+            dst = data[16:20]
+            if not self.client_to_client and dst != self.server_ip and self.in_subnet(dst):
+                self.drop("client-to-client", f"{show(src)} -> {show(dst)}")
+                continue
+            peer.rx_packets += 1
+            peer.rx_bytes += len(data)
+            self.write_tun(data)
+
+    def tun_to_udp(self):
+        """Packets the kernel routed into the tunnel: send each to the client that owns its destination."""
+        for packet in self.read_tun():
+            if len(packet) < 20 or packet[0] >> 4 != 4:
+                self.drop("tun-not-ipv4")
+                continue
+            peer = self.table.by_ip.get(packet[16:20])
+            if peer is None:
+                self.drop("no-client", show(packet[16:20]))
+                continue
+            try:
+                self.sock.sendto(packet, peer.addr)
+            except OSError as e:
+                self.drop("send-error", e.strerror)
+                continue
+            peer.tx_packets += 1
+            peer.tx_bytes += len(packet)
+
+    def tick(self, now):
+        self.table.expire(now)
+
+
+class Client(Forwarder):
+    """One server, one connected UDP socket, keepalives, and liveness logs."""
+
+    def __init__(self, tun, sock, address, server_ip, keepalive, verbose=False):
+        super().__init__(tun, sock, verbose)
+        self.my_ip = address.ip.packed
+        self.server_ip = server_ip.packed
+        self.keepalive = keepalive
+        self.ident = os.getpid() & 0xFFFF
+        self.seq = 0
+        self.last_tx = self.last_rx = self.last_keepalive = float("-inf")
+        self.alive = None   # unknown until the first reply or timeout
+        self.tx_packets = self.rx_packets = 0
+
+    def send(self, packet):
+        try:
+            self.sock.send(packet)
+        except ConnectionRefusedError:
+            self.peer_unreachable()
+        except OSError as e:   # no route for now, say: keep going, retry later
+            self.drop("send-error", e.strerror)
+
+    def tun_to_udp(self):
+        packets = self.read_tun()
+        for packet in packets:
+            if len(packet) < 20 or packet[0] >> 4 != 4:
+                self.drop("tun-not-ipv4")   # IPv4 only: the server could not route it
+                continue
+            self.send(packet)
+        self.tx_packets += len(packets)
+        if packets:
+            self.last_tx = self.now
+
+    def udp_to_tun(self):
+        for data, _ in self.recv_udp():
+            problem = ipv4_problem(data)
+            if problem:
+                self.drop(problem)
+                continue
+            self.last_rx = self.now
+            self.rx_packets += 1
+            if self.alive is not True:
+                self.alive = True
+                log("server is answering")
+            if is_echo_reply(data, self.server_ip, self.ident):
+                continue   # the answer to our keepalive: ours, not the kernel's
+            self.write_tun(data)
+
+    def peer_unreachable(self):
+        self.drop("icmp-unreachable")
+        if self.alive is not False:
+            self.alive = False
+            log("server is not answering (port unreachable): still trying")
+
+    def send_keepalive(self):
+        self.seq = (self.seq + 1) & 0xFFFF
+        self.send(echo_request(self.my_ip, self.server_ip, self.ident, self.seq))
+        self.last_keepalive = self.now
+
+    def tick(self, now):
+        k = self.keepalive
+        if not k:
+            return
+        quiet = now - self.last_tx >= k or now - self.last_rx >= k
+        if quiet and now - self.last_keepalive >= k:
+            self.send_keepalive()
+        # Three keepalives unanswered: say so once; udp_to_tun says when it is back.
+        if self.alive is not False and now - self.last_rx >= 3 * k and now - self.started >= 3 * k:
+            self.alive = False
+            log(f"server is not answering (nothing for {3 * k} s): still trying")
+
+
+def setup_tun(changes, system, dev, address, mtu):
+    """Create the TUN device and bring it up. Its address and routes belong
+    to the device, so the kernel removes them when it closes: no undo."""
+    tun = FakeTun(dev) if system.dry_run else Tun(dev)
+    log(f"[#] open {TUN_PATH} as {tun.name} (TUNSETIFF, IFF_TUN | IFF_NO_PI)")
+    changes.defer(tun.close, f"close {tun.name}: the kernel deletes it with its address and routes")
+    changes.make(["ip", "address", "add", str(address), "dev", tun.name])
+    # A queue of 1000 packets (the Ethernet default) instead of the TUN
+    # default of 500 absorbs bursts while we are busy with the other fd.
+    changes.make(["ip", "link", "set", "dev", tun.name, "mtu", str(mtu), "txqueuelen", "1000", "up"])
+    return tun
+
+
+def prepare(args):
+    """What both sides do first: check root, recover leftovers."""
+    system = System(dry_run=args.dry_run)
+    if not args.dry_run and os.geteuid() != 0:
+        raise UserError(f"must run as root: sudo python3 {sys.argv[0]} {args.command} ...")
+    if not 576 <= args.mtu <= 65535 - OUTER_OVERHEAD:   # 576: RFC 791's smallest datagram every host takes
+        raise UserError(f"--mtu {args.mtu}: use 576 to {65535 - OUTER_OVERHEAD} (1400 fits a 1500-byte path)")
+    journal = Journal(args.dev, dry_run=args.dry_run)
+    recover(system, journal, args.dev)
+    return system, journal
+
+
+def bind_socket(sock, port):
+    try:
+        sock.bind(("", port))
+    except OSError as e:
+        if e.errno == 98:   # EADDRINUSE
+            raise UserError(f"UDP port {port} is in use (another udptun?): stop it or pick another --port") from None
+        raise UserError(f"cannot listen on UDP port {port}: {e.strerror}") from None
+
+
+def run_server(args):
+    address = parse_address(args.address, "--address")
+    system, journal = prepare(args)
+    out_if = args.out_interface or default_interface(system)
+    check_subnet_free(system, address.network, args.dev)
+    if not args.dry_run and not shutil.which("iptables"):
+        raise UserError("iptables not found: install it (apt-get install iptables)")
+    sock = open_udp_socket()
+    with sock, Changes(system, journal) as changes:
+        bind_socket(sock, args.port)   # before any change: a busy port fails cleanly
+        tun = setup_tun(changes, system, args.dev, address, args.mtu)
+        if not ip_forward_is_on():
+            # Restore the value we found, not a default: the undo sets it back to 0.
+            changes.make(["sysctl", "-w", "net.ipv4.ip_forward=1"],
+                         undo=["sysctl", "-w", "net.ipv4.ip_forward=0"])
+        add_firewall(changes, tun.name, out_if, address.network, args.mtu, nat=not args.no_nat)
+        table = ClientTable(args.client_timeout, args.rebind_after, args.max_clients)
+        server = Server(tun, sock, address, table, args.client_to_client, args.verbose)
+        log(f"udptun server: {tun.name} {address}, listening on UDP port {args.port}, "
+            f"forwarding out of {out_if}{'' if args.no_nat else ' with NAT'}")
+        forward(server, args.dry_run)
+
+
+def forward(forwarder, dry_run):
+    """Tell systemd we are ready, forward until a signal, then report."""
+    if dry_run:
+        log("# (dry run: here udptun would forward packets until stopped; then it undoes, newest first:)")
+        return
+    sd_notify("READY=1")
+    try:
+        forwarder.run()
+    finally:
+        sd_notify("STOPPING=1")
+        log(f"udptun: stopping; counters {json.dumps(forwarder.counters())}")
+
+
+def run_client(args):
+    address = parse_address(args.address, "--address")
+    server_tunnel_ip = ipaddress.IPv4Address(args.server_tunnel_ip)
+    routes = [ipaddress.IPv4Network(r, strict=False) for r in args.route] or \
+        [ipaddress.IPv4Network("0.0.0.0/1"), ipaddress.IPv4Network("128.0.0.0/1")]
+    try:
+        server_ip = socket.getaddrinfo(args.server, args.port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
+    except (socket.gaierror, UnicodeError):
+        raise UserError(f"cannot resolve server {args.server!r}: check the name, or give its IPv4 address") from None
+    system, journal = prepare(args)
+    check_subnet_free(system, address.network, args.dev)
+    sock = open_udp_socket()
+    with sock, Changes(system, journal) as changes:
+        try:
+            sock.connect((server_ip, args.port))   # the kernel now filters out other senders
+        except OSError as e:
+            raise UserError(f"cannot reach server {server_ip}: {e.strerror}: check this machine's network") from None
+        tun = setup_tun(changes, system, args.dev, address, args.mtu)
+        # Keep reaching the server the way we reach it now: without this host
+        # route, the tunnel's own datagrams would be routed into the tunnel.
+        if any(ipaddress.IPv4Address(server_ip) in r for r in routes):
+            via, dev = route_to(system, server_ip)
+            if dev is not None:
+                path = ["via", via, "dev", dev] if via else ["dev", dev]
+                changes.make(["ip", "route", "add", f"{server_ip}/32", *path],
+                             undo=["ip", "route", "del", f"{server_ip}/32", *path])
+        # Two halves of the address space instead of replacing the default
+        # route: more specific, so they win, and the original default route
+        # is still there, untouched, when the tunnel goes away.
+        for net in routes:
+            changes.make(["ip", "route", "add", str(net), "dev", tun.name])
+        client = Client(tun, sock, address, server_tunnel_ip, args.keepalive, args.verbose)
+        log(f"udptun client: {tun.name} {address}, server {server_ip}:{args.port}")
+        if not args.dry_run and args.keepalive:
+            client.send_keepalive()   # so the server learns our address right away
+        forward(client, args.dry_run)
+
+
+def run_down(args):
+    system = System()
+    if os.geteuid() != 0:
+        raise UserError(f"must run as root: sudo python3 {sys.argv[0]} down")
+    recover(system, Journal(args.dev), args.dev)
+
+
+# ---------------------------------------------------------------- command line
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="udptun.py", description=__doc__.split("\n\n")[0],
+                                epilog="No encryption, no authentication: see the README.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(q, address):
+        q.add_argument("--port", type=int, default=DEFAULT_PORT, help="UDP port of the server (5555)")
+        q.add_argument("--address", default=address, help=f"tunnel address and prefix ({address})")
+        q.add_argument("--dev", default="tun0", help="TUN device name (tun0)")
+        q.add_argument("--mtu", type=int, default=DEFAULT_MTU, help=f"tunnel MTU ({DEFAULT_MTU})")
+        q.add_argument("--dry-run", action="store_true", help="print every command, change nothing")
+        q.add_argument("-v", "--verbose", action="store_true", help="log every dropped packet")
+
+    s = sub.add_parser("server", help="run the server (on the VPS)")
+    common(s, "10.0.0.2/24")
+    s.add_argument("--out-interface", help="interface to the internet (default: that of the default route)")
+    s.add_argument("--no-nat", action="store_true", help="add no MASQUERADE rule (you route the subnet)")
+    s.add_argument("--client-to-client", action="store_true", help="let clients reach each other")
+    s.add_argument("--client-timeout", type=float, default=DEFAULT_CLIENT_TIMEOUT,
+                   help=f"forget a client silent this many seconds ({DEFAULT_CLIENT_TIMEOUT})")
+    s.add_argument("--rebind-after", type=float, default=DEFAULT_REBIND_AFTER,
+                   help=f"let another outer IP take a tunnel address after its owner is silent "
+                        f"this long ({DEFAULT_REBIND_AFTER})")
+    s.add_argument("--max-clients", type=int, default=1000, help="most clients at once (1000)")
+    s.set_defaults(func=run_server)
+
+    c = sub.add_parser("client", help="run a client (on the laptop)")
+    c.add_argument("server", help="the server's IPv4 address or host name")
+    common(c, "10.0.0.1/24")
+    c.add_argument("--keepalive", type=float, default=DEFAULT_KEEPALIVE,
+                   help=f"send a keepalive after this many quiet seconds; 0 = never ({DEFAULT_KEEPALIVE})")
+    c.add_argument("--route", action="append", default=[], metavar="CIDR",
+                   help="a network to send through the tunnel (repeatable; default: everything)")
+    c.add_argument("--server-tunnel-ip", default="10.0.0.2", help="the server's tunnel address (10.0.0.2)")
+    c.set_defaults(func=run_client)
+
+    d = sub.add_parser("down", help="undo what a killed run left behind")
+    d.add_argument("--dev", default="tun0", help="TUN device name (tun0)")
+    d.set_defaults(func=run_down)
+    return p.parse_args(argv)
+
+
+def on_signal(signum, frame):
+    raise Stop(signal.Signals(signum).name)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"udptun: error: {e}", file=sys.stderr)
+        return 1
+    except (Stop, KeyboardInterrupt):
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
