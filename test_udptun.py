@@ -205,6 +205,15 @@ def test_server_sends_replies_to_the_owner_only():
     assert server.drops == {"no-client": 1, "tun-not-ipv4": 1}
 
 
+def test_allow_list_drops_other_senders_before_parsing():
+    packet = ipv4(src="10.0.0.1")
+    server, tun = make_server([(packet, ("203.0.113.66", 9)), (b"garbage", ("203.0.113.66", 9)),
+                               (packet, CLIENT)], allow=[ipaddress.IPv4Network("192.0.2.0/24")])
+    server.udp_to_tun()
+    assert tun.written() == packet
+    assert server.drops == {"not-allowed": 2}
+
+
 def test_client_to_client_when_allowed():
     packet = ipv4(src="10.0.0.1", dst="10.0.0.3")
     server, tun = make_server([(packet, CLIENT)], client_to_client=True)
@@ -277,14 +286,37 @@ def undo_of(command):
 
 
 def test_server_plan_is_exact_and_teardown_mirrors_it(canned, capsys):
-    setup, teardown = plan(capsys, ["server", "--dry-run", "--out-interface", "eth9"])
+    setup, teardown = plan(capsys, ["server", "--dry-run", "--out-interface", "eth9", "--firewall", "iptables"])
     assert setup == SERVER_SETUP
     assert teardown == [undo_of(c) for c in reversed(SERVER_SETUP) if undo_of(c)]
 
 
 def test_server_plan_finds_the_internet_interface(canned, capsys):
-    setup, _ = plan(capsys, ["server", "--dry-run"])
+    setup, _ = plan(capsys, ["server", "--dry-run", "--firewall", "iptables"])
     assert setup == SERVER_SETUP
+
+
+NFT_SETUP = """\
+nft add table ip udptun_tun0
+nft add chain ip udptun_tun0 forward '{ type filter hook forward priority 0 ; }'
+nft add rule ip udptun_tun0 forward iifname tun0 oifname eth9 accept
+nft add rule ip udptun_tun0 forward iifname eth9 oifname tun0 ct state established,related accept
+nft add rule ip udptun_tun0 forward oifname tun0 tcp flags '&' '(syn|rst)' == syn tcp option maxseg size '>' 1360 tcp option maxseg size set 1360
+nft add rule ip udptun_tun0 forward iifname tun0 tcp flags '&' '(syn|rst)' == syn tcp option maxseg size '>' 1360 tcp option maxseg size set 1360
+nft add chain ip udptun_tun0 postrouting '{ type nat hook postrouting priority 100 ; }'
+nft add rule ip udptun_tun0 postrouting ip saddr 10.0.0.0/24 oifname eth9 masquerade
+""".splitlines()
+
+
+def test_nft_plan_is_one_table_deleted_at_once(canned, capsys):
+    setup, teardown = plan(capsys, ["server", "--dry-run", "--firewall", "nft"])
+    assert setup == SERVER_SETUP[:3] + NFT_SETUP
+    assert teardown == ["nft delete table ip udptun_tun0", "sysctl -w net.ipv4.ip_forward=0"]
+
+
+def test_client_to_client_opens_forward_too(canned, capsys):
+    setup, _ = plan(capsys, ["server", "--dry-run", "--firewall", "iptables", "--client-to-client"])
+    assert "iptables -t filter -I FORWARD -i tun0 -o tun0 -m comment --comment udptun:tun0 -j ACCEPT" in setup
 
 
 def test_client_plan_is_exact_and_teardown_mirrors_it(canned, capsys):
@@ -319,7 +351,7 @@ def test_half_done_setup_is_undone(canned, capsys, monkeypatch):
         return real_change(self, *argv, check=check)
 
     monkeypatch.setattr(udptun.System, "change", failing_change)
-    assert udptun.main(["server", "--dry-run", "--out-interface", "eth9"]) == 1
+    assert udptun.main(["server", "--dry-run", "--out-interface", "eth9", "--firewall", "iptables"]) == 1
     err = capsys.readouterr().err
     done = [l[4:] for l in err.splitlines() if l.startswith("[#] ")]
     assert done[-3:] == [SERVER_SETUP[3].replace("-A", "-D"), "sysctl -w net.ipv4.ip_forward=0",
@@ -444,19 +476,33 @@ http.server.ThreadingHTTPServer(("203.0.113.80", 80), H).serve_forever()
         wait_for(lambda: "203.0.113.80:80" in self.sh("web", "ss", "-ltn"), "web server")
 
     def down(self):
-        for p in self.procs + [getattr(self, "web", None)]:
-            if p and p.poll() is None:
+        """Remove everything, even after a failed test: stop what runs (politely
+        first, so udptun undoes its changes), delete the namespaces, and the
+        state folders of killed runs in them."""
+        running = [p for p in self.procs + [getattr(self, "web", None)] if p and p.poll() is None]
+        for p in running:
+            p.terminate()
+        for p in running:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
         for n in self.names:
             subprocess.run(["ip", "netns", "del", n], capture_output=True)
+            shutil.rmtree(f"/run/udptun/netns-{n}", ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir("/run/udptun")
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    server_env = None   # the environment of udptun servers (the firewall fixture sets PATH)
 
     def udptun(self, name, *args):
         """Start udptun in namespace `name`; its log goes to a file."""
         log = open(os.path.join(self.tmp, f"{name}-{len(self.procs)}.log"), "w+")
+        env = self.server_env if args[0] == "server" else None
         proc = subprocess.Popen(["ip", "netns", "exec", self.ns(name), sys.executable, UDPTUN, *args],
-                                stdout=log, stderr=subprocess.STDOUT)
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
         proc.log = log
         self.procs.append(proc)
         return proc
@@ -553,6 +599,40 @@ def clean(lab):
         assert not changed, f"{n} is not as it was before the test: {changed}"
 
 
+def tool_dir(folder, *tools):
+    """A folder holding only these commands: a PATH for a machine without the rest."""
+    for tool in tools:
+        os.symlink(shutil.which(tool), os.path.join(folder, tool))
+    return str(folder)
+
+
+@pytest.fixture(params=["iptables", "nft"])
+def firewall(request, lab, tmp_path):
+    """Run the test with either firewall back end. For nft the VPS is a
+    minimal image without iptables: the server finds only nft on its PATH
+    and picks it by itself. Its FORWARD policy is ACCEPT there, since an nft
+    accept in udptun's table cannot override a DROP in another table."""
+    if request.param == "iptables":
+        yield {}
+        return
+    lab.sh("srv", "iptables", "-P", "FORWARD", "ACCEPT")
+    lab.server_env = dict(os.environ, PATH=tool_dir(tmp_path, "ip", "sysctl", "nft"))
+    try:
+        yield lab.server_env
+    finally:
+        lab.server_env = None
+        lab.sh("srv", "iptables", "-P", "FORWARD", "DROP")
+
+
+def rules_of_ours(lab):
+    """How many firewall rules udptun has in place on the VPS, either back end."""
+    iptables = lab.sh("srv", "iptables-save").count("udptun:tun0")
+    nft = lab.sh("srv", "nft", "list", "ruleset")
+    nft = nft[nft.find("table ip udptun_tun0"):] if "table ip udptun_tun0" in nft else ""
+    rules = [l for l in nft.splitlines() if re.search(r"accept|masquerade|maxseg size set", l) and "policy" not in l]
+    return iptables + len(rules)
+
+
 def start_pair(lab, client="cli1", server_args=(), client_args=()):
     server = lab.udptun("srv", "server", *server_args)
     wait_for(lambda: "listening on UDP" in open(server.log.name).read() or server.poll() is not None,
@@ -563,9 +643,10 @@ def start_pair(lab, client="cli1", server_args=(), client_args=()):
     return server, cli
 
 
-def test_web_sees_the_vps_and_downloads_arrive_whole(clean):
+def test_web_sees_the_vps_and_downloads_arrive_whole(firewall, clean):
     lab = clean
     server, client = start_pair(lab)
+    assert rules_of_ours(lab) == 5
     assert lab.ping("cli1", "203.0.113.80", count=3)
     assert lab.fetch("cli1", "/ip") == "198.51.100.10"
     assert lab.download_sha("cli1") == lab.blob_sha
@@ -590,31 +671,31 @@ def test_two_clients_behind_one_nat(clean):
     assert "client 10.0.0.3 joined from 192.0.2.20:" in log
 
 
-def test_kill_9_then_restart_recovers_and_ends_clean(clean):
+def test_kill_9_then_restart_recovers_and_ends_clean(firewall, clean):
     lab = clean
     server, client = start_pair(lab)
     for p in (server, client):
         stop(p, signal.SIGKILL)
     # What a killed run leaves: rules, the forwarding sysctl, the host route.
-    assert "udptun:tun0" in lab.sh("srv", "iptables-save")
+    assert rules_of_ours(lab) == 5
     assert lab.sh("srv", "sysctl", "-n", "net.ipv4.ip_forward").strip() == "1"
     assert "198.51.100.10 via 172.16.0.1" in lab.sh("cli1", "ip", "route")
     server, client = start_pair(lab)
-    assert lab.sh("srv", "iptables-save").count("udptun:tun0") == 5      # no duplicates
+    assert rules_of_ours(lab) == 5      # no duplicates
     assert lab.download_sha("cli1") == lab.blob_sha
     _, log = stop(server)
     assert "undoing what an earlier run on tun0 left behind" in log
     # `clean` checks that nothing of either run remains.
 
 
-def test_down_cleans_up_after_kill_9(clean):
+def test_down_cleans_up_after_kill_9(firewall, clean):
     lab = clean
     server, client = start_pair(lab)
     for p in (server, client):
         stop(p, signal.SIGKILL)
     for name in ("srv", "cli1"):
         out = subprocess.run(["ip", "netns", "exec", lab.ns(name), sys.executable, UDPTUN, "down"],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, env=lab.server_env)
         assert out.returncode == 0, out.stderr
 
 
@@ -765,10 +846,224 @@ def test_error_address_clash(lab):
         lab.sh("iso", "ip", "addr", "del", "10.0.1.50/24", "dev", "lo")
 
 
-def test_error_no_iptables(lab, tmp_path):
-    for tool in ("ip", "sysctl"):
-        os.symlink(shutil.which(tool), tmp_path / tool)
-    env = dict(os.environ, PATH=str(tmp_path))
+def test_error_no_firewall_tool(lab, tmp_path):
+    env = dict(os.environ, PATH=tool_dir(tmp_path, "ip", "sysctl"))
     out = subprocess.run(["ip", "netns", "exec", lab.ns("iso"), sys.executable, UDPTUN, "server",
                           "--out-interface", "lo"], capture_output=True, text=True, env=env)
-    one_line_error(out, "iptables not found")
+    one_line_error(out, "neither iptables nor nft found")
+
+
+# ================================================================ the server on the open internet
+# Helpers that run in the "internet" (the web namespace) as other hosts would.
+FLOOD = r"""
+import random, socket, struct, sys, time
+sys.path.insert(0, sys.argv[1])
+import udptun
+count, rng = int(sys.argv[2]), random.Random(5)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def ipv4(src, dst):
+    udp = struct.pack("!HHHH", 4000, 9999, 8 + 6, 0) + b"hostile"[:6]
+    h = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                    socket.inet_aton(src), socket.inet_aton(dst))
+    return h[:10] + struct.pack("!H", udptun.internet_checksum(h)) + h[12:] + udp
+kinds = [
+    lambda: rng.randbytes(rng.randint(0, 1600)),                        # random bytes, any size
+    lambda: ipv4("10.0.0.9", "203.0.113.80")[:rng.randint(1, 19)],      # truncated headers
+    lambda: b"\x60" + rng.randbytes(rng.randint(39, 100)),               # IPv6
+    lambda: ipv4(rng.choice(["8.8.8.8", "172.16.0.2", "10.0.1.1", "10.0.0.2", "10.0.0.255"]),
+                 "203.0.113.80"),                                       # sources outside the subnet
+    lambda: ipv4("10.0.0.1", "203.0.113.80"),                           # the real client's address
+]
+for i in range(count):
+    s.sendto(kinds[i % len(kinds)](), ("198.51.100.10", 5555))
+    if i % 100 == 99:
+        time.sleep(0.005)   # about 15,000 a second: hostile, but the download must still run
+"""
+
+# Counts the datagrams that reach UDP port 9999 on the web host, by source.
+LISTENER = r"""
+import json, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("203.0.113.80", 9999))
+s.settimeout(0.2)
+seen, end = {}, time.monotonic() + float(sys.argv[1])
+print("ready", flush=True)
+while time.monotonic() < end:
+    try:
+        _, (host, _) = s.recvfrom(2000)
+        seen[host] = seen.get(host, 0) + 1
+    except socket.timeout:
+        pass
+print(json.dumps(seen), flush=True)
+"""
+
+# 1,000 clients, each its own UDP port and tunnel IP, each pinging the server.
+MANY = r"""
+import json, resource, selectors, socket, sys, time
+sys.path.insert(0, sys.argv[1])
+import udptun
+n = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (n + 100, n + 100))
+server_ip = socket.inet_aton("10.1.0.1")
+sel, clients = selectors.DefaultSelector(), []
+for i in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect(("198.51.100.10", 5555))
+    s.setblocking(False)
+    inner = socket.inet_aton(f"10.1.{1 + i // 250}.{1 + i % 250}")
+    clients.append((s, inner))
+    sel.register(s, selectors.EVENT_READ, i)
+answered, wrong = set(), 0
+for attempt in range(10):    # resend to those not answered yet: a burst may overflow buffers
+    for i, (s, inner) in enumerate(clients):
+        if i not in answered:
+            s.send(udptun.echo_request(inner, server_ip, i, attempt))
+            if i % 50 == 49:
+                time.sleep(0.002)
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end and len(answered) < n:
+        for key, _ in sel.select(0.2):
+            s, inner = clients[key.data]
+            reply = s.recv(2000)
+            if udptun.is_echo_reply(reply, server_ip, key.data) and reply[16:20] == inner:
+                answered.add(key.data)
+            else:
+                wrong += 1
+    if len(answered) == n:
+        break
+print(json.dumps({"answered": len(answered), "wrong": wrong}))
+"""
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+
+def status(lab, name="srv"):
+    import json
+    return json.loads(lab.sh(name, sys.executable, UDPTUN, "status", "--json"))
+
+
+def test_hostile_flood_during_a_download(clean):
+    lab = clean
+    server, client = start_pair(lab, client_args=["--keepalive", "1"])
+    listener = subprocess.Popen(["ip", "netns", "exec", lab.ns("web"), sys.executable, "-c", LISTENER, "12"],
+                                stdout=subprocess.PIPE, text=True)
+    assert listener.stdout.readline().strip() == "ready"
+    # One datagram that should arrive: from the real client, through the tunnel.
+    lab.sh("cli1", sys.executable, "-c", "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+           ".sendto(b'real', ('203.0.113.80', 9999))")
+    download = subprocess.Popen(f"ip netns exec {lab.ns('cli1')} curl -sS --max-time 60 --limit-rate 3M "
+                                "http://203.0.113.80/blob | sha256sum", shell=True, stdout=subprocess.PIPE,
+                                text=True)
+    flood = lab.sh("web", sys.executable, "-c", FLOOD, HERE, "25000", timeout=120)
+    assert flood == ""
+    assert download.communicate(timeout=90)[0].split()[0] == lab.blob_sha
+    import json
+    seen = json.loads(listener.communicate(timeout=30)[0])
+    assert seen == {"198.51.100.10": 1}       # nothing hostile reached the internet
+    assert server.poll() is None
+    s = status(lab)
+    assert [(c["ip"], c["udp"].split(":")[0]) for c in s["clients"]] == [("10.0.0.1", "192.0.2.20")]
+    drops = s["drops"]
+    print("\ndrops during the flood:", drops)
+    # 5,000 of each kind were sent; the kernel may drop a few when the socket
+    # buffer is full, before udptun sees them.
+    assert drops["refused"] >= 4500           # claims on 10.0.0.1 from the stranger
+    assert drops["bad-source"] >= 4500
+    assert drops["not-ipv4"] >= 4500
+    assert sum(drops.values()) >= 22500
+    assert lab.ping("cli1", "203.0.113.80")
+
+
+def test_a_thousand_clients_each_get_their_own_replies(clean):
+    lab = clean
+    server = lab.udptun("srv", "server", "--address", "10.1.0.1/16", "--max-clients", "2000")
+    wait_for(lambda: "listening on UDP" in open(server.log.name).read(), "server setup")
+    before = rss_kib(server.pid)
+    import json
+    result = json.loads(lab.sh("web", sys.executable, "-c", MANY, HERE, "1000", timeout=120))
+    assert result == {"answered": 1000, "wrong": 0}
+    wait_for(lambda: len(status(lab)["clients"]) == 1000, "status to list 1,000 clients")
+    after = rss_kib(server.pid)
+    print(f"\nserver RSS: {before} KiB idle, {after} KiB with 1,000 clients "
+          f"({(after - before) * 1024 / 1000:.0f} bytes per client)")
+
+
+def test_keepalive_holds_a_forgetful_home_nat_open(clean):
+    """The home router forgets idle UDP after 2 s. With keepalives the VPS
+    can still reach the idle client; without them it cannot (the control)."""
+    lab = clean
+    keys = ["net.netfilter.nf_conntrack_udp_timeout", "net.netfilter.nf_conntrack_udp_timeout_stream"]
+    saved = {k: lab.sh("nat", "sysctl", "-n", k).strip() for k in keys}
+    for k in keys:
+        lab.sh("nat", "sysctl", "-qw", f"{k}=2")
+    try:
+        server, client = start_pair(lab, client_args=["--keepalive", "1"])
+        time.sleep(5)
+        assert lab.ping("srv", "10.0.0.1", count=2)
+        stop(client)
+        client = lab.udptun("cli1", "client", "198.51.100.10", "--keepalive", "0")
+        wait_for(lambda: lab.ping("cli1", "10.0.0.2"), "the client without keepalives")
+        time.sleep(5)
+        assert not lab.ping("srv", "10.0.0.1", count=2)
+    finally:
+        for k, v in saved.items():
+            lab.sh("nat", "sysctl", "-qw", f"{k}={v}")
+
+
+def test_client_recovers_when_its_public_address_changes(clean):
+    lab = clean
+    server, client = start_pair(lab, server_args=["--rebind-after", "5"], client_args=["--keepalive", "1"])
+    assert lab.ping("cli1", "203.0.113.80")
+
+    def renumber(address):
+        lab.sh("nat", "ip", "addr", "flush", "dev", "wan")
+        lab.sh("nat", "ip", "addr", "add", f"{address}/24", "dev", "wan")
+        lab.sh("nat", "ip", "route", "add", "default", "via", "192.0.2.1")
+
+    try:
+        renumber("192.0.2.21")
+        changed = time.monotonic()
+        wait_for(lambda: lab.ping("cli1", "203.0.113.80"), "the tunnel after the address change", timeout=30)
+        took = time.monotonic() - changed
+        print(f"\nrecovered {took:.1f} s after the NAT's public address changed (--rebind-after 5)")
+        assert took >= 3    # the old owner's binding was protected for a while
+        log = open(server.log.name).read()
+        assert re.search(r"client 10.0.0.1: refused claim from 192.0.2.21:\d+", log), log
+        assert re.search(r"client 10.0.0.1 moved from 192.0.2.20:\d+ to 192.0.2.21:\d+", log), log
+    finally:
+        renumber("192.0.2.20")
+
+
+def test_server_restart_in_the_middle_of_a_download(clean):
+    lab = clean
+    server, client = start_pair(lab, client_args=["--keepalive", "1"])
+    download = subprocess.Popen(f"ip netns exec {lab.ns('cli1')} curl -sS --max-time 60 --limit-rate 2M "
+                                "http://203.0.113.80/blob | sha256sum", shell=True, stdout=subprocess.PIPE,
+                                text=True)
+    time.sleep(1.5)
+    rc, _ = stop(server)
+    assert rc == 0
+    lab.udptun("srv", "server")
+    assert download.communicate(timeout=90)[0].split()[0] == lab.blob_sha
+
+
+def test_status_shows_peers_and_is_world_readable(clean):
+    lab = clean
+    server, client = start_pair(lab)
+    lab.download_sha("cli1")
+    time.sleep(1.2)   # status is published once a second
+    s = status(lab)
+    (c,) = s["clients"]
+    assert c["ip"] == "10.0.0.1" and c["udp"].startswith("192.0.2.20:")
+    assert c["tx_bytes"] > 8 << 20 and c["rx_packets"] > 0
+    text = lab.sh("srv", sys.executable, UDPTUN, "status")
+    assert "udptun server on tun0" in text and "10.0.0.1" in text and "drops:" in text
+    path = f"/run/udptun/netns-{lab.ns('srv')}/tun0.status"
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    (peer,) = status(lab, "cli1")["clients"]
+    assert peer["udp"] == "198.51.100.10:5555" and peer["rx_bytes"] > 8 << 20 and peer["answering"]
+    stop(server)
+    assert not os.path.exists(path)

@@ -174,6 +174,10 @@ def state_dir():
     return STATE_ROOT
 
 
+def state_path(dev, suffix):
+    return os.path.join(state_dir(), dev + suffix)
+
+
 class Journal:
     """A file that lists the undo commands of changes not yet undone.
 
@@ -183,7 +187,7 @@ class Journal:
     """
 
     def __init__(self, dev, dry_run=False):
-        self.path = os.path.join(state_dir(), dev + ".journal")
+        self.path = state_path(dev, ".journal")
         self.dry_run = dry_run
 
     def load(self):
@@ -471,7 +475,18 @@ def ip_forward_is_on():
         return f.read().strip() == "1"
 
 
-def firewall_rules(dev, out_if, network, mtu, nat):
+def choose_firewall(wanted):
+    """iptables where it exists (its rules share the chains that a DROP
+    policy lives in, so they can open the way); else nft."""
+    if wanted != "auto":
+        return wanted
+    for tool in ("iptables", "nft"):
+        if shutil.which(tool):
+            return tool
+    raise UserError("neither iptables nor nft found: install one (apt-get install iptables)")
+
+
+def iptables_rules(dev, out_if, network, mtu, nat, client_to_client):
     """The server's iptables rules as (table, chain, rule), without -A/-I.
 
     - MASQUERADE: packets from clients leave with the server's address.
@@ -490,30 +505,74 @@ def firewall_rules(dev, out_if, network, mtu, nat):
         ("filter", "FORWARD", ["-i", dev, "-o", out_if, *c, "-j", "ACCEPT"]),
         ("filter", "FORWARD", ["-i", out_if, "-o", dev, "-m", "conntrack",
                                "--ctstate", "RELATED,ESTABLISHED", *c, "-j", "ACCEPT"]),
+    ]
+    if client_to_client:
+        rules.append(("filter", "FORWARD", ["-i", dev, "-o", dev, *c, "-j", "ACCEPT"]))
+    rules += [
         ("mangle", "FORWARD", ["-o", dev, *clamp]),
         ("mangle", "FORWARD", ["-i", dev, *clamp]),
     ]
     return rules
 
 
-def add_firewall(changes, dev, out_if, network, mtu, nat):
-    for table, chain, rule in firewall_rules(dev, out_if, network, mtu, nat):
-        where = "-I" if chain == "FORWARD" and table == "filter" else "-A"
+def nft_table(dev):
+    """nft keeps our rules in a table of our own: one delete removes them all."""
+    return "udptun_" + "".join(ch if ch.isalnum() else "_" for ch in dev)
+
+
+def nft_commands(dev, out_if, network, mtu, nat, client_to_client):
+    """The same rules as iptables_rules, for nft (nft(8)), in one table.
+
+    A caveat of nftables: an accept in our table does not override a drop in
+    another table on the same hook, so a DROP policy set elsewhere (firewalld,
+    or iptables-nft's own FORWARD chain) still drops tunnel traffic.
+    """
+    t = ["ip", nft_table(dev)]
+    mss = str(mtu - 40)
+    syn = ["tcp", "flags", "&", "(syn|rst)", "==", "syn", "tcp", "option", "maxseg", "size", ">", mss,
+           "tcp", "option", "maxseg", "size", "set", mss]
+    commands = [["add", "chain", *t, "forward", "{ type filter hook forward priority 0 ; }"],
+                ["add", "rule", *t, "forward", "iifname", dev, "oifname", out_if, "accept"],
+                ["add", "rule", *t, "forward", "iifname", out_if, "oifname", dev,
+                 "ct", "state", "established,related", "accept"]]
+    if client_to_client:
+        commands.append(["add", "rule", *t, "forward", "iifname", dev, "oifname", dev, "accept"])
+    commands += [["add", "rule", *t, "forward", "oifname", dev, *syn],
+                 ["add", "rule", *t, "forward", "iifname", dev, *syn]]
+    if nat:
+        commands += [["add", "chain", *t, "postrouting", "{ type nat hook postrouting priority 100 ; }"],
+                     ["add", "rule", *t, "postrouting", "ip", "saddr", str(network), "oifname", out_if,
+                      "masquerade"]]
+    return [["nft", *c] for c in commands]
+
+
+def add_firewall(changes, firewall, dev, out_if, network, mtu, nat, client_to_client):
+    if firewall == "nft":
+        table = ["ip", nft_table(dev)]
+        changes.make(["nft", "add", "table", *table], undo=["nft", "delete", "table", *table])
+        for command in nft_commands(dev, out_if, network, mtu, nat, client_to_client):
+            changes.make(command)   # undone with the table
+        return
+    for table, chain, rule in iptables_rules(dev, out_if, network, mtu, nat, client_to_client):
+        where = "-I" if table == "filter" else "-A"
         changes.make(["iptables", "-t", table, where, chain, *rule],
                      undo=["iptables", "-t", table, "-D", chain, *rule])
 
 
 def remove_tagged_rules(system, dev):
-    """Delete every iptables rule that carries our tag: leftovers of a run
-    that could not clean up. `iptables -S` prints rules as the -A commands
-    that would add them; the same words after -D delete them."""
-    if not shutil.which("iptables"):
-        return
-    for table in ("filter", "nat", "mangle"):
-        for line in system.query("iptables", "-t", table, "-S").splitlines():
-            words = shlex.split(line)
-            if words[:1] == ["-A"] and tag(dev) in words:
-                system.change("iptables", "-t", table, "-D", *words[1:], check=False)
+    """Delete every rule of ours that a run which could not clean up left:
+    iptables rules carrying our tag, and our nft table. `iptables -S`
+    prints rules as the -A commands that would add them; the same words
+    after -D delete them."""
+    if shutil.which("iptables"):
+        for table in ("filter", "nat", "mangle"):
+            for line in system.query("iptables", "-t", table, "-S").splitlines():
+                words = shlex.split(line)
+                if words[:1] == ["-A"] and tag(dev) in words:
+                    system.change("iptables", "-t", table, "-D", *words[1:], check=False)
+    if shutil.which("nft"):
+        if f"table ip {nft_table(dev)}" in system.query("nft", "list", "tables").splitlines():
+            system.change("nft", "delete", "table", "ip", nft_table(dev), check=False)
 
 
 def recover(system, journal, dev):
@@ -530,6 +589,8 @@ def recover(system, journal, dev):
             system.change(*argv, check=False)
     if not system.dry_run:
         remove_tagged_rules(system, dev)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(state_path(dev, ".status"))   # a dead run's status would mislead
     journal.remove()
 
 
@@ -560,16 +621,18 @@ class Forwarder:
     """Moves packets between the TUN device and the UDP socket.
 
     Subclasses provide the two directions, `tun_to_udp()` and
-    `udp_to_tun()`, each called when its file descriptor is readable, and
-    `tick(now)`, called about once a second for timers. `run()` is for
-    callers. Each direction drains up to BATCH packets per wake-up: one
-    select() per packet would cost more than the packet itself.
+    `udp_to_tun()`, each called when its file descriptor is readable;
+    `tick(now)`, called about once a second for timers; and `status()`, what
+    `udptun.py status` shows. `run()` is for callers. Each direction drains
+    up to BATCH packets per wake-up: one select() per packet would cost more
+    than the packet itself.
     """
 
     def __init__(self, tun, sock, verbose=False):
         self.tun, self.sock, self.verbose = tun, sock, verbose
         self.now = self.started = time.monotonic()
         self.drops = {}   # reason -> count
+        self.status_path = None   # where to publish status() every second, if set
 
     def drop(self, reason, detail=""):
         self.drops[reason] = self.drops.get(reason, 0) + 1
@@ -589,6 +652,7 @@ class Forwarder:
                 key.data()
             if self.now - last_tick >= 1.0:
                 self.tick(self.now)
+                self.publish()
                 last_tick = self.now
 
     def read_tun(self):
@@ -624,8 +688,16 @@ class Forwarder:
     def peer_unreachable(self):
         self.drop("icmp-unreachable")
 
-    def counters(self):
-        return {"drops": dict(sorted(self.drops.items()))}
+    def publish(self):
+        """Write status() to a file anyone may read: `udptun.py status`
+        needs no privileges, and a crashed run leaves nothing listening."""
+        if self.status_path:
+            status = dict(self.status(), pid=os.getpid(), device=self.tun.name, time=time.time(),
+                          drops=dict(sorted(self.drops.items())))
+            tmp = self.status_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(status, f)
+            os.replace(tmp, self.status_path)
 
 
 class Peer:
@@ -695,11 +767,15 @@ def show(value):
     return socket.inet_ntoa(value)
 
 
+def ip_to_int(text):
+    return int.from_bytes(socket.inet_aton(text), "big")
+
+
 # ---------------------------------------------------------------- server and client
 class Server(Forwarder):
     """Many clients, one UDP socket, one TUN device."""
 
-    def __init__(self, tun, sock, address, table, client_to_client=False, verbose=False):
+    def __init__(self, tun, sock, address, table, client_to_client=False, allow=None, verbose=False):
         super().__init__(tun, sock, verbose)
         net = address.network
         self.table = table
@@ -710,13 +786,22 @@ class Server(Forwarder):
         # network or broadcast address.
         self.reserved = {a.packed for a in (address.ip, net.network_address, net.broadcast_address)}
         self.server_ip = address.ip.packed
+        # --allow: outer networks that may use us, as (network, mask) integers.
+        self.allow = [(int(n.network_address), int(n.netmask)) for n in allow] if allow else None
 
     def in_subnet(self, ip):
         return int.from_bytes(ip, "big") & self.mask == self.net
 
+    def allowed(self, host):
+        n = ip_to_int(host)
+        return any(n & mask == net for net, mask in self.allow)
+
     def udp_to_tun(self):
         """Datagrams from clients: check them, learn who owns which tunnel IP, write to TUN."""
         for data, addr in self.recv_udp():
+            if self.allow is not None and not self.allowed(addr[0]):
+                self.drop("not-allowed", show(addr))   # before looking inside at all
+                continue
             if not data:
                 self.drop("empty")   # a socat peer's end of stream: nothing to forward
                 continue
@@ -761,6 +846,13 @@ class Server(Forwarder):
     def tick(self, now):
         self.table.expire(now)
 
+    def status(self):
+        return {"role": "server", "clients": [
+            {"ip": show(p.ip), "udp": show(p.addr), "idle": round(self.now - p.last_seen, 1),
+             "rx_packets": p.rx_packets, "rx_bytes": p.rx_bytes,
+             "tx_packets": p.tx_packets, "tx_bytes": p.tx_bytes}
+            for p in self.table.by_ip.values()]}
+
 
 class Client(Forwarder):
     """One server, one connected UDP socket, keepalives, and liveness logs."""
@@ -774,7 +866,7 @@ class Client(Forwarder):
         self.seq = 0
         self.last_tx = self.last_rx = self.last_keepalive = float("-inf")
         self.alive = None   # unknown until the first reply or timeout
-        self.tx_packets = self.rx_packets = 0
+        self.tx_packets = self.rx_packets = self.tx_bytes = self.rx_bytes = 0
 
     def send(self, packet):
         try:
@@ -785,14 +877,13 @@ class Client(Forwarder):
             self.drop("send-error", e.strerror)
 
     def tun_to_udp(self):
-        packets = self.read_tun()
-        for packet in packets:
+        for packet in self.read_tun():
             if len(packet) < 20 or packet[0] >> 4 != 4:
                 self.drop("tun-not-ipv4")   # IPv4 only: the server could not route it
                 continue
             self.send(packet)
-        self.tx_packets += len(packets)
-        if packets:
+            self.tx_packets += 1
+            self.tx_bytes += len(packet)
             self.last_tx = self.now
 
     def udp_to_tun(self):
@@ -803,6 +894,7 @@ class Client(Forwarder):
                 continue
             self.last_rx = self.now
             self.rx_packets += 1
+            self.rx_bytes += len(data)
             if self.alive is not True:
                 self.alive = True
                 log("server is answering")
@@ -831,7 +923,14 @@ class Client(Forwarder):
         # Three keepalives unanswered: say so once; udp_to_tun says when it is back.
         if self.alive is not False and now - self.last_rx >= 3 * k and now - self.started >= 3 * k:
             self.alive = False
-            log(f"server is not answering (nothing for {3 * k} s): still trying")
+            log(f"server is not answering (nothing for {3 * k:g} s): still trying")
+
+    def status(self):
+        peer = self.sock.getpeername()
+        return {"role": "client", "clients": [
+            {"ip": show(self.server_ip), "udp": show(peer), "idle": round(self.now - self.last_rx, 1),
+             "rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
+             "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes, "answering": self.alive}]}
 
 
 def setup_tun(changes, system, dev, address, mtu):
@@ -870,11 +969,11 @@ def bind_socket(sock, port):
 
 def run_server(args):
     address = parse_address(args.address, "--address")
+    allow = [parse_network(n, "--allow") for n in args.allow]
     system, journal = prepare(args)
+    firewall = choose_firewall(args.firewall)
     out_if = args.out_interface or default_interface(system)
     check_subnet_free(system, address.network, args.dev)
-    if not args.dry_run and not shutil.which("iptables"):
-        raise UserError("iptables not found: install it (apt-get install iptables)")
     sock = open_udp_socket()
     with sock, Changes(system, journal) as changes:
         bind_socket(sock, args.port)   # before any change: a busy port fails cleanly
@@ -883,31 +982,35 @@ def run_server(args):
             # Restore the value we found, not a default: the undo sets it back to 0.
             changes.make(["sysctl", "-w", "net.ipv4.ip_forward=1"],
                          undo=["sysctl", "-w", "net.ipv4.ip_forward=0"])
-        add_firewall(changes, tun.name, out_if, address.network, args.mtu, nat=not args.no_nat)
+        add_firewall(changes, firewall, tun.name, out_if, address.network, args.mtu,
+                     nat=not args.no_nat, client_to_client=args.client_to_client)
         table = ClientTable(args.client_timeout, args.rebind_after, args.max_clients)
-        server = Server(tun, sock, address, table, args.client_to_client, args.verbose)
+        server = Server(tun, sock, address, table, args.client_to_client, allow, args.verbose)
         log(f"udptun server: {tun.name} {address}, listening on UDP port {args.port}, "
             f"forwarding out of {out_if}{'' if args.no_nat else ' with NAT'}")
-        forward(server, args.dry_run)
+        forward(server, changes, args)
 
 
-def forward(forwarder, dry_run):
-    """Tell systemd we are ready, forward until a signal, then report."""
-    if dry_run:
+def forward(forwarder, changes, args):
+    """Publish status, tell systemd we are ready, forward until a signal."""
+    if args.dry_run:
         log("# (dry run: here udptun would forward packets until stopped; then it undoes, newest first:)")
         return
+    forwarder.status_path = state_path(args.dev, ".status")
+    changes.defer(lambda: os.unlink(forwarder.status_path), f"rm {forwarder.status_path}")
+    forwarder.publish()
     sd_notify("READY=1")
     try:
         forwarder.run()
     finally:
         sd_notify("STOPPING=1")
-        log(f"udptun: stopping; counters {json.dumps(forwarder.counters())}")
+        log(f"udptun: stopping; drops {json.dumps(forwarder.drops, sort_keys=True)}")
 
 
 def run_client(args):
     address = parse_address(args.address, "--address")
     server_tunnel_ip = ipaddress.IPv4Address(args.server_tunnel_ip)
-    routes = [ipaddress.IPv4Network(r, strict=False) for r in args.route] or \
+    routes = [parse_network(r, "--route") for r in args.route] or \
         [ipaddress.IPv4Network("0.0.0.0/1"), ipaddress.IPv4Network("128.0.0.0/1")]
     try:
         server_ip = socket.getaddrinfo(args.server, args.port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
@@ -939,7 +1042,7 @@ def run_client(args):
         log(f"udptun client: {tun.name} {address}, server {server_ip}:{args.port}")
         if not args.dry_run and args.keepalive:
             client.send_keepalive()   # so the server learns our address right away
-        forward(client, args.dry_run)
+        forward(client, changes, args)
 
 
 def run_down(args):
@@ -949,7 +1052,36 @@ def run_down(args):
     recover(system, Journal(args.dev), args.dev)
 
 
+def run_status(args):
+    """Print what a running udptun publishes (no root needed)."""
+    path = state_path(args.dev, ".status")
+    try:
+        with open(path) as f:
+            s = json.load(f)
+    except (OSError, ValueError):
+        raise UserError(f"no udptun is running on {args.dev} here (nothing in {path})") from None
+    if args.json:
+        print(json.dumps(s, indent=1))
+        return
+    age = time.time() - s["time"]
+    print(f"udptun {s['role']} on {s['device']}, pid {s['pid']}, status from {age:.1f} s ago"
+          + ("" if is_udptun(s["pid"]) else " (not running: stale)"))
+    print(f"{'tunnel ip':<16}{'udp address':<22}{'last seen':>10}{'rx pkts':>10}{'rx bytes':>13}"
+          f"{'tx pkts':>10}{'tx bytes':>13}")
+    for c in s["clients"]:
+        print(f"{c['ip']:<16}{c['udp']:<22}{c['idle'] + age:>8.1f} s{c['rx_packets']:>10}{c['rx_bytes']:>13}"
+              f"{c['tx_packets']:>10}{c['tx_bytes']:>13}")
+    print("drops: " + (", ".join(f"{k} {v}" for k, v in s["drops"].items()) or "none"))
+
+
 # ---------------------------------------------------------------- command line
+def parse_network(text, what):
+    try:
+        return ipaddress.IPv4Network(text, strict=False)
+    except ValueError:
+        raise UserError(f"{what} {text!r} is not an IPv4 network, like 192.0.2.0/24") from None
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="udptun.py", description=__doc__.split("\n\n")[0],
                                 epilog="No encryption, no authentication: see the README.")
@@ -967,6 +1099,8 @@ def parse_args(argv):
     common(s, "10.0.0.2/24")
     s.add_argument("--out-interface", help="interface to the internet (default: that of the default route)")
     s.add_argument("--no-nat", action="store_true", help="add no MASQUERADE rule (you route the subnet)")
+    s.add_argument("--firewall", choices=("auto", "iptables", "nft"), default="auto",
+                   help="firewall tool (auto: iptables if installed, else nft)")
     s.add_argument("--client-to-client", action="store_true", help="let clients reach each other")
     s.add_argument("--client-timeout", type=float, default=DEFAULT_CLIENT_TIMEOUT,
                    help=f"forget a client silent this many seconds ({DEFAULT_CLIENT_TIMEOUT})")
@@ -974,6 +1108,8 @@ def parse_args(argv):
                    help=f"let another outer IP take a tunnel address after its owner is silent "
                         f"this long ({DEFAULT_REBIND_AFTER})")
     s.add_argument("--max-clients", type=int, default=1000, help="most clients at once (1000)")
+    s.add_argument("--allow", nargs="+", default=[], metavar="CIDR",
+                   help="outer addresses that may use the server (default: any)")
     s.set_defaults(func=run_server)
 
     c = sub.add_parser("client", help="run a client (on the laptop)")
@@ -989,6 +1125,11 @@ def parse_args(argv):
     d = sub.add_parser("down", help="undo what a killed run left behind")
     d.add_argument("--dev", default="tun0", help="TUN device name (tun0)")
     d.set_defaults(func=run_down)
+
+    t = sub.add_parser("status", help="show a running udptun's peers and drop counters")
+    t.add_argument("--dev", default="tun0", help="TUN device name (tun0)")
+    t.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    t.set_defaults(func=run_status)
     return p.parse_args(argv)
 
 
@@ -998,8 +1139,10 @@ def on_signal(signum, frame):
 
 def main(argv=None):
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    # SIGINT too: a shell starting us in the background sets Ctrl-C to
+    # "ignore", and Python would then never raise KeyboardInterrupt.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     try:
         args.func(args)
     except UserError as e:
