@@ -19,6 +19,7 @@ Three kinds, cheapest first:
 Without root the end-to-end tests skip; under CI=true a skip is a failure.
 """
 import contextlib
+import errno
 import hashlib
 import io
 import ipaddress
@@ -134,18 +135,41 @@ def test_idle_bindings_expire_and_table_has_a_limit():
 
 # ================================================================ the server's checks
 class FakeSocket:
-    """recvfrom() hands out queued datagrams; sendto() records."""
+    """A UDP socket as the kernel would behave, without a network.
 
-    def __init__(self, datagrams=()):
-        self.queue, self.sent = list(datagrams), []
+    recvmsg() hands out queued (data, addr) pairs; a queued (data, addr,
+    size) stands for datagrams coalesced by UDP GRO. Every send records the
+    datagrams that would go on the wire in `sent`, and the system calls in
+    `calls`; sendmsg() with UDP_SEGMENT cuts its buffer the way GSO does, or
+    fails with `gso_error` to play a kernel without GSO.
+    """
 
-    def recvfrom(self, size, flags=0):
+    def __init__(self, datagrams=(), gso_error=None):
+        self.queue, self.sent, self.calls, self.gso_error = list(datagrams), [], 0, gso_error
+
+    def recvmsg(self, bufsize, ancbufsize, flags=0):
         if not self.queue:
             raise BlockingIOError
-        return self.queue.pop(0)
+        data, addr, *gro = self.queue.pop(0)
+        ancillary = [(udptun.SOL_UDP, udptun.UDP_GRO, struct.pack("=i", gro[0]))] if gro else []
+        return data, ancillary, 0, addr
 
     def sendto(self, data, addr):
+        self.calls += 1
         self.sent.append((data, addr))
+
+    def send(self, data):
+        self.sendto(data, None)
+
+    def sendmsg(self, buffers, ancillary, flags=0, addr=None):
+        self.calls += 1
+        if self.gso_error:
+            raise OSError(self.gso_error, os.strerror(self.gso_error))
+        (level, kind, value), = ancillary
+        assert (level, kind) == (udptun.SOL_UDP, udptun.UDP_SEGMENT)
+        size, data = struct.unpack("=H", value)[0], b"".join(buffers)
+        assert len(data) <= udptun.GSO_MAX_BYTES and len(data) <= size * udptun.GSO_MAX_SEGMENTS
+        self.sent += [(data[i:i + size], addr) for i in range(0, len(data), size)]
 
     def fileno(self):
         return -1
@@ -164,9 +188,9 @@ class PipeTun:
         return b""
 
 
-def make_server(datagrams, **kw):
+def make_server(datagrams, gso_error=None, **kw):
     tun = PipeTun()
-    server = udptun.Server(tun, FakeSocket(datagrams), ipaddress.IPv4Interface("10.0.0.2/24"),
+    server = udptun.Server(tun, FakeSocket(datagrams, gso_error), ipaddress.IPv4Interface("10.0.0.2/24"),
                            udptun.ClientTable(), **kw)
     return server, tun
 
@@ -212,6 +236,40 @@ def test_allow_list_drops_other_senders_before_parsing():
     server.udp_to_tun()
     assert tun.written() == packet
     assert server.drops == {"not-allowed": 2}
+
+
+def tcp_burst(dst="10.0.0.1", sizes=(1400,) * 50 + (60,) + (1400,) * 30 + (52, 52)):
+    """What a TCP download reads from TUN: full segments, an odd short one, ACKs."""
+    return [ipv4(src="203.0.113.80", dst=dst, payload=bytes(size - 20)) for size in sizes]
+
+
+@pytest.mark.parametrize("gso_error", [None, errno.EINVAL, errno.EIO, errno.EMSGSIZE])
+def test_server_batches_with_gso_and_falls_back_without(gso_error):
+    """Each datagram on the wire is one packet, in order, whatever the kernel can do."""
+    server, tun = make_server([(ipv4(src="10.0.0.1"), CLIENT)], gso_error=gso_error)
+    server.udp_to_tun()
+    burst = tcp_burst()
+    server.read_tun = lambda: burst
+    server.tun_to_udp()
+    assert server.sock.sent == [(p, CLIENT) for p in burst]
+    assert server.gso == (gso_error not in (errno.EINVAL, errno.EIO))
+    server.tun_to_udp()
+    # System calls for the burst, twice over. With GSO: 46 x 1400 (64,400
+    # bytes, the most that fit), 4 x 1400 + the 60-byte packet, 30 x 1400 +
+    # an ACK, the last ACK alone. EINVAL/EIO: one failed try, then one call
+    # per packet for good. EMSGSIZE: each of the 3 runs fails, goes out one
+    # by one, and GSO is tried again next time.
+    assert server.sock.calls == {None: 8, errno.EINVAL: 1 + 2 * 83, errno.EIO: 1 + 2 * 83,
+                                 errno.EMSGSIZE: 2 * (3 + 83)}[gso_error]
+
+
+def test_gro_datagrams_are_cut_apart_and_checked_one_by_one():
+    packets = [ipv4(src="10.0.0.1", payload=bytes(1380))] * 3 + [ipv4(src="10.0.0.1", payload=bytes(100))]
+    glued = b"".join(packets)
+    server, tun = make_server([(glued, CLIENT, 1400), (ipv4(src="10.0.0.1"), CLIENT)])
+    server.udp_to_tun()
+    assert tun.written() == glued + ipv4(src="10.0.0.1")
+    assert server.table.by_ip[A].rx_packets == 5
 
 
 def test_client_to_client_when_allowed():
@@ -464,9 +522,16 @@ http.server.ThreadingHTTPServer(("203.0.113.80", 80), H).serve_forever()
         }.items():
             for command in commands:
                 self.sh(name, *command.split())
-        # The VPS has a firewall that drops forwarded traffic by default,
-        # as Docker and ufw leave it: udptun's own rules must open the way.
-        self.sh("srv", "iptables", "-P", "FORWARD", "DROP")
+        # The VPS has a stateful firewall like the one `ufw enable; ufw allow
+        # 5555/udp` leaves: input dropped but for replies, ping and the
+        # tunnel's port, and forwarded traffic dropped by default (Docker
+        # does the same): udptun's own rules must open the way.
+        for rule in (["-A", "INPUT", "-i", "lo", "-j", "ACCEPT"],
+                     ["-A", "INPUT", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"],
+                     ["-A", "INPUT", "-p", "icmp", "-j", "ACCEPT"],
+                     ["-A", "INPUT", "-p", "udp", "--dport", "5555", "-j", "ACCEPT"],
+                     ["-P", "INPUT", "DROP"], ["-P", "FORWARD", "DROP"]):
+            self.sh("srv", "iptables", *rule)
         self.blob = os.path.join(self.tmp, "blob")
         with open(self.blob, "wb") as f:
             f.write(random.Random(7).randbytes(8 << 20))
