@@ -1132,3 +1132,161 @@ def test_status_shows_peers_and_is_world_readable(clean):
     assert peer["udp"] == "198.51.100.10:5555" and peer["rx_bytes"] > 8 << 20 and peer["answering"]
     stop(server)
     assert not os.path.exists(path)
+
+
+# ================================================================ benchmark (on demand)
+# Not part of the test run: collected only with UDPTUN_BENCH=1, so a normal
+# run shows no skips. Timings never decide pass or fail; the figures are
+# printed as ratios against socat (same wire format) measured in the same run:
+#
+#     UDPTUN_BENCH=1 python3 -m pytest test_udptun.py -k bench -s
+#
+# UDPTUN_BENCH_REPS (3) and UDPTUN_BENCH_TIME (5 s per iperf3 run) tune it.
+# Needs iperf3, ethtool and socat. The links behave like real NICs (as
+# ../shared/netlab/topo.sh's "real" mode): UDP GSO batches are cut into wire
+# packets where they leave a host, and GRO coalesces them at the receiver.
+BENCH_REPS = int(os.environ.get("UDPTUN_BENCH_REPS", "3"))
+BENCH_TIME = int(os.environ.get("UDPTUN_BENCH_TIME", "5"))
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])   # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+class Bench:
+    def __init__(self, lab):
+        self.lab = lab
+
+    def start(self, impl):
+        """Start a tunnel; return (target address, tunnel pids)."""
+        lab = self.lab
+        if impl == "direct":
+            return "198.51.100.10", []
+        if impl == "socat":
+            srv = lab.udptun_like("srv", ["socat", "UDP-LISTEN:5555", "TUN:10.0.0.2/24,tun-name=tun0,iff-no-pi,iff-up"])
+            time.sleep(0.2)
+            cli = lab.udptun_like("cli1", ["socat", "UDP:198.51.100.10:5555",
+                                           "TUN:10.0.0.1/24,tun-name=tun0,iff-no-pi,iff-up"])
+            wait_for(lambda: "tun0" in lab.sh("cli1", "ip", "link"), "socat's tun0")
+            lab.sh("cli1", "ip", "link", "set", "tun0", "mtu", "1400")
+            lab.ping("cli1", "10.0.0.2")   # socat opens its server TUN on the first datagram
+            wait_for(lambda: "tun0" in lab.sh("srv", "ip", "link"), "socat server's tun0")
+            lab.sh("srv", "ip", "link", "set", "tun0", "mtu", "1400")
+        else:
+            srv, cli = start_pair(lab, server_args=impl[1:], client_args=[])
+        wait_for(lambda: lab.ping("cli1", "10.0.0.2"), "the tunnel")
+        return "10.0.0.2", [srv.pid, cli.pid]
+
+    def stop(self):
+        for p in self.lab.procs:
+            if p.poll() is None:
+                stop(p)
+        self.lab.procs.clear()
+        time.sleep(0.3)
+
+    def iperf(self, target, *args):
+        import json
+        out = self.lab.sh("cli1", "iperf3", "-c", target, "-t", str(BENCH_TIME), "-J", *args,
+                          timeout=BENCH_TIME + 30)
+        return json.loads(out)["end"]
+
+    def run(self, impl):
+        target, pids = self.start(impl)
+        r = {}
+        try:
+            before = cpu_seconds(pids)
+            end = self.iperf(target)
+            cpu = cpu_seconds(pids) - before
+            r["tcp1"] = end["sum_received"]["bits_per_second"] / 1e9
+            r["cpu_s_per_gb"] = cpu / (end["sum_received"]["bytes"] / 1e9) if pids else 0
+            r["tcp1R"] = self.iperf(target, "-R")["sum_received"]["bits_per_second"] / 1e9
+            r["tcp4"] = self.iperf(target, "-P", "4")["sum_received"]["bits_per_second"] / 1e9
+            u = self.iperf(target, "-u", "-l", "64", "-b", "200M")["sum"]
+            r["udp64_kpps"] = (u["packets"] - u["lost_packets"]) / u["seconds"] / 1e3
+            r["ping_idle_ms"] = self.ping_median(target)
+            load = subprocess.Popen(["ip", "netns", "exec", self.lab.ns("cli1"), "iperf3", "-c", target,
+                                     "-t", str(BENCH_TIME + 2)], stdout=subprocess.DEVNULL)
+            time.sleep(1)
+            r["ping_load_ms"] = self.ping_median(target, count=int(BENCH_TIME / 0.05))
+            load.wait(timeout=BENCH_TIME + 30)
+        finally:
+            self.stop()
+        return r
+
+    def ping_median(self, target, count=100):
+        out = self.lab.sh("cli1", "ping", "-c", str(count), "-i", "0.05", "-q" if False else "-n", target,
+                          check=False, timeout=count + 30)
+        times = sorted(float(t) for t in re.findall(r"time=([\d.]+) ms", out))
+        return times[len(times) // 2] if times else float("nan")
+
+
+def real_nics(lab):
+    """Make the veth links behave like real network cards (see topo.sh "real")."""
+    for name, dev, features in (("cli1", "eth0", ["tx-udp-segmentation", "off", "gro", "on"]),
+                                ("srv", "eth0", ["tx-udp-segmentation", "off", "gro", "on"]),
+                                ("core", "e-srv", ["tso", "off", "tx-udp-segmentation", "off"]),
+                                ("nat", "lan1", ["tso", "off", "tx-udp-segmentation", "off"])):
+        lab.sh(name, "ethtool", "-K", dev, *features)
+
+
+if os.environ.get("UDPTUN_BENCH"):
+    def test_bench():
+        need(os.geteuid() == 0, "the benchmark needs root")
+        for tool in ("iperf3", "ethtool", "socat"):
+            need(shutil.which(tool), f"the benchmark needs {tool}")
+        lab = Lab()
+        lab.prefix = f"ub{os.getpid()}"
+        lab.names = [lab.ns(n) for n in ("cli1", "cli2", "nat", "core", "srv", "web", "iso")]
+
+        def udptun_like(name, argv):
+            proc = subprocess.Popen(["ip", "netns", "exec", lab.ns(name), *argv],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc.log = io.StringIO()
+            lab.procs.append(proc)
+            return proc
+
+        lab.udptun_like = udptun_like
+        impls = {"direct": "direct", "socat": "socat", "udptun": ("udptun",)}
+        if os.environ.get("UDPTUN_BENCH_IMPLS"):
+            impls = {k: v for k, v in impls.items() if k in os.environ["UDPTUN_BENCH_IMPLS"].split(",")}
+        results = {name: [] for name in impls}
+        try:
+            lab.up()
+            real_nics(lab)
+            for proto in ("tcp", "udp"):   # let iperf3 through the VPS's firewall
+                lab.sh("srv", "iptables", "-I", "INPUT", "-p", proto, "--dport", "5201", "-j", "ACCEPT")
+            iperf_server = subprocess.Popen(["ip", "netns", "exec", lab.ns("srv"), "iperf3", "-s"],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            lab.web_extra = iperf_server
+            wait_for(lambda: ":5201" in lab.sh("srv", "ss", "-ltn"), "iperf3 server")
+            for rep in range(BENCH_REPS):          # round robin: drift hits all alike
+                for name, impl in impls.items():
+                    results[name].append(Bench(lab).run(impl))
+                    print(f"rep {rep + 1} {name}: {results[name][-1]}", flush=True)
+        finally:
+            if getattr(lab, "web_extra", None):
+                lab.web_extra.kill()
+                lab.web_extra.wait()
+            lab.down()
+        report(results)
+
+
+def report(results):
+    import statistics
+    keys = ["tcp1", "tcp1R", "tcp4", "udp64_kpps", "cpu_s_per_gb", "ping_idle_ms", "ping_load_ms"]
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in keys} for n, rs in results.items() if rs}
+    print(f"\nmedians of {BENCH_REPS} runs of {BENCH_TIME} s (TCP in Gbit/s):")
+    print("| impl | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for n, m in med.items():
+        print(f"| {n} | " + " | ".join(f"{m[k]:.2f}" for k in keys) + " |")
+    if "socat" in med:
+        for n in med:
+            if n not in ("socat", "direct"):
+                print(f"| {n} / socat | " + " | ".join(
+                    f"{med[n][k] / med['socat'][k]:.2f}x" if med["socat"][k] else "-" for k in keys) + " |")
