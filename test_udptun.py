@@ -721,7 +721,7 @@ def test_web_sees_the_vps_and_downloads_arrive_whole(firewall, clean):
         assert "[#] close tun0" in log
 
 
-def test_two_clients_behind_one_nat(clean):
+def test_two_clients_behind_one_nat(firewall, clean):
     lab = clean
     server, one = start_pair(lab)
     two = lab.udptun("cli2", "client", "198.51.100.10", "--address", "10.0.0.3/24")
@@ -736,15 +736,19 @@ def test_two_clients_behind_one_nat(clean):
     assert "client 10.0.0.3 joined from 192.0.2.20:" in log
 
 
-def test_kill_9_then_restart_recovers_and_ends_clean(firewall, clean):
-    lab = clean
-    server, client = start_pair(lab)
-    for p in (server, client):
+def start_and_kill_9(lab):
+    """Run a pair, kill both with SIGKILL, and check what they left behind:
+    rules, the forwarding sysctl, the client's host route."""
+    for p in start_pair(lab):
         stop(p, signal.SIGKILL)
-    # What a killed run leaves: rules, the forwarding sysctl, the host route.
     assert rules_of_ours(lab) == 5
     assert lab.sh("srv", "sysctl", "-n", "net.ipv4.ip_forward").strip() == "1"
     assert "198.51.100.10 via 172.16.0.1" in lab.sh("cli1", "ip", "route")
+
+
+def test_kill_9_then_restart_recovers_and_ends_clean(firewall, clean):
+    lab = clean
+    start_and_kill_9(lab)
     server, client = start_pair(lab)
     assert rules_of_ours(lab) == 5      # no duplicates
     assert lab.download_sha("cli1") == lab.blob_sha
@@ -755,9 +759,7 @@ def test_kill_9_then_restart_recovers_and_ends_clean(firewall, clean):
 
 def test_down_cleans_up_after_kill_9(firewall, clean):
     lab = clean
-    server, client = start_pair(lab)
-    for p in (server, client):
-        stop(p, signal.SIGKILL)
+    start_and_kill_9(lab)
     for name in ("srv", "cli1"):
         out = subprocess.run(["ip", "netns", "exec", lab.ns(name), sys.executable, UDPTUN, "down"],
                              capture_output=True, text=True, env=lab.server_env)
@@ -777,7 +779,7 @@ def test_client_survives_a_server_restart(clean):
     assert rc == 0 and "server is not answering" in log and log.count("server is answering") >= 2, log
 
 
-def test_path_mtu_black_hole(clean):
+def test_path_mtu_black_hole(firewall, clean):
     """A 1280-byte link between the home router and the internet, and every
     router drops ICMP "fragmentation needed": full-size packets must still
     get through (udptun lets routers fragment its outer datagrams)."""
@@ -969,13 +971,13 @@ sys.path.insert(0, sys.argv[1])
 import udptun
 n = int(sys.argv[2])
 resource.setrlimit(resource.RLIMIT_NOFILE, (n + 100, n + 100))
-server_ip = socket.inet_aton("10.1.0.1")
+server_ip = socket.inet_aton(sys.argv[3])
 sel, clients = selectors.DefaultSelector(), []
 for i in range(n):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.connect(("198.51.100.10", 5555))
     s.setblocking(False)
-    inner = socket.inet_aton(f"10.1.{1 + i // 250}.{1 + i % 250}")
+    inner = socket.inet_aton(f"{sys.argv[4]}.{1 + i // 250}.{1 + i % 250}")
     clients.append((s, inner))
     sel.register(s, selectors.EVENT_READ, i)
 answered, wrong = set(), 0
@@ -1010,7 +1012,7 @@ def status(lab, name="srv"):
     return json.loads(lab.sh(name, sys.executable, UDPTUN, "status", "--json"))
 
 
-def test_hostile_flood_during_a_download(clean):
+def test_hostile_flood_during_a_download(firewall, clean):
     lab = clean
     server, client = start_pair(lab, client_args=["--keepalive", "1"])
     listener = subprocess.Popen(["ip", "netns", "exec", lab.ns("web"), sys.executable, "-c", LISTENER, "12"],
@@ -1048,7 +1050,7 @@ def test_a_thousand_clients_each_get_their_own_replies(clean):
     wait_for(lambda: "listening on UDP" in open(server.log.name).read(), "server setup")
     before = rss_kib(server.pid)
     import json
-    result = json.loads(lab.sh("web", sys.executable, "-c", MANY, HERE, "1000", timeout=120))
+    result = json.loads(lab.sh("web", sys.executable, "-c", MANY, HERE, "1000", "10.1.0.1", "10.1", timeout=120))
     assert result == {"answered": 1000, "wrong": 0}
     wait_for(lambda: len(status(lab)["clients"]) == 1000, "status to list 1,000 clients")
     after = rss_kib(server.pid)
@@ -1102,7 +1104,7 @@ def test_client_recovers_when_its_public_address_changes(clean):
         renumber("192.0.2.20")
 
 
-def test_server_restart_in_the_middle_of_a_download(clean):
+def test_server_restart_in_the_middle_of_a_download(firewall, clean):
     lab = clean
     server, client = start_pair(lab, client_args=["--keepalive", "1"])
     download = subprocess.Popen(f"ip netns exec {lab.ns('cli1')} curl -sS --max-time 60 --limit-rate 2M "
@@ -1177,8 +1179,15 @@ class Bench:
             lab.ping("cli1", "10.0.0.2")   # socat opens its server TUN on the first datagram
             wait_for(lambda: "tun0" in lab.sh("srv", "ip", "link"), "socat server's tun0")
             lab.sh("srv", "ip", "link", "set", "tun0", "mtu", "1400")
+        elif impl == "udptun-1000":   # with 1,000 idle clients in the server's table
+            wide = ["--address", "10.0.0.2/16", "--max-clients", "2000"]
+            srv, cli = start_pair(lab, server_args=wide, client_args=["--address", "10.0.0.1/16"])
+            import json
+            many = json.loads(lab.sh("web", sys.executable, "-c", MANY, HERE, "1000", "10.0.0.2", "10.0",
+                                     timeout=120))
+            assert many["answered"] == 1000, many
         else:
-            srv, cli = start_pair(lab, server_args=impl[1:], client_args=[])
+            srv, cli = start_pair(lab, server_args=impl[1:], client_args=impl[1:])
         wait_for(lambda: lab.ping("cli1", "10.0.0.2"), "the tunnel")
         return "10.0.0.2", [srv.pid, cli.pid]
 
@@ -1251,7 +1260,8 @@ if os.environ.get("UDPTUN_BENCH"):
             return proc
 
         lab.udptun_like = udptun_like
-        impls = {"direct": "direct", "socat": "socat", "udptun": ("udptun",)}
+        impls = {"direct": "direct", "socat": "socat", "udptun": ("udptun",),
+                 "udptun-q64": ("udptun", "--txqueuelen", "64"), "udptun-1000": "udptun-1000"}
         if os.environ.get("UDPTUN_BENCH_IMPLS"):
             impls = {k: v for k, v in impls.items() if k in os.environ["UDPTUN_BENCH_IMPLS"].split(",")}
         results = {name: [] for name in impls}

@@ -68,13 +68,6 @@ IFNAMSIZ = 16        # <linux/if.h>: interface names are at most 15 bytes plus N
 IP_MTU_DISCOVER = 10
 IP_PMTUDISC_DONT = 0
 
-# Every tunnelled packet gains an outer IPv4 header (20 bytes, RFC 791) and
-# a UDP header (8 bytes, RFC 768): 28 bytes. On a 1500-byte Ethernet path the
-# tunnel could carry 1472-byte packets, but many real paths are smaller
-# (PPPoE takes 8 bytes, DS-Lite 40, another tunnel more). 1400 leaves 72
-# bytes of headroom, like WireGuard's 1420 leaves 80. Paths smaller still
-# are handled by letting routers fragment the outer datagram (see
-# open_udp_socket) and by clamping TCP MSS on the server.
 # Batching system calls on the UDP side (see Forwarder.send_packets and
 # recv_udp): one sendmsg() can carry many datagrams of one size (UDP GSO,
 # Linux 4.18), and one recvmsg() can return many coalesced by the kernel
@@ -87,11 +80,17 @@ GSO_MAX_BYTES = 65507   # the largest UDP payload: 65535 - 20 (IPv4) - 8 (UDP)
 # <asm-generic/socket.h>: set buffer sizes past net.core.[rw]mem_max (needs CAP_NET_ADMIN).
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
-# Kernel-default socket buffers (about 200 KiB) overflow in bursts and cost
-# a TCP stream through the tunnel 5-15%; 4 MiB absorbs them. The price is
-# queueing delay when udptun is the bottleneck, measured in the README.
+# Kernel-default socket buffers (about 200 KiB) overflow when a burst
+# arrives while we are busy with the other direction; 4 MiB absorbs it.
 SOCKET_BUFFER = 4 << 20
 
+# Every tunnelled packet gains an outer IPv4 header (20 bytes, RFC 791) and
+# a UDP header (8 bytes, RFC 768): 28 bytes. On a 1500-byte Ethernet path the
+# tunnel could carry 1472-byte packets, but many real paths are smaller
+# (PPPoE takes 8 bytes, DS-Lite 40, another tunnel more). 1400 leaves 72
+# bytes of headroom, like WireGuard's 1420 leaves 80. Paths smaller still
+# are handled by letting routers fragment the outer datagram (see
+# open_udp_socket) and by clamping TCP MSS on the server.
 OUTER_OVERHEAD = 28
 DEFAULT_MTU = 1400
 DEFAULT_PORT = 5555
@@ -99,8 +98,7 @@ MAX_PACKET = 65535   # largest IPv4 packet (16-bit total length, RFC 791)
 BATCH = 64           # packets read per wake-up before looking at the other fd
 GRO_CMSG_SPACE = socket.CMSG_SPACE(4)   # room for UDP GRO's control message (an int)
 
-# A client is considered silent when nothing arrived from it for this long.
-# The keepalive default (25 s) is WireGuard's: short enough for home NAT
+# The client's keepalive interval (25 s) is WireGuard's: short enough for home NAT
 # routers that forget idle UDP mappings after 30 s (RFC 4787 asks for at
 # least 2 minutes, but many do less).
 DEFAULT_KEEPALIVE = 25
@@ -241,9 +239,9 @@ class Changes:
 
     The stack unwinds newest first when the `with` block ends, however it
     ends: a clean stop, a signal, or an error halfway through setup. An undo
-    that fails is logged and the rest still run. Changes the kernel undoes by
-    itself (addresses and routes on our TUN device, which vanish with it)
-    carry no undo command: `undo=None`, with a note saying who undoes it.
+    that fails is logged and the rest still run. Changes that something else
+    undoes carry `undo=None`: addresses and routes on our TUN device vanish
+    with it (the kernel's work), and nft rules go with their table.
     """
 
     def __init__(self, system, journal):
@@ -324,14 +322,6 @@ def ipv4_problem(packet):
     return None
 
 
-def source(packet):
-    return packet[12:16]
-
-
-def destination(packet):
-    return packet[16:20]
-
-
 def internet_checksum(data):
     """RFC 1071: one's complement of the one's-complement sum of 16-bit words."""
     if len(data) % 2:
@@ -404,9 +394,9 @@ class Tun:
             ifreq = fcntl.ioctl(self.fd, TUNSETIFF, ifreq)
         except OSError as e:
             os.close(self.fd)
-            if e.errno == 16:   # EBUSY: another process holds a device of that name
+            if e.errno == errno.EBUSY:   # another process holds a device of that name
                 raise UserError(f"device {name} is in use by another program: pick another --dev") from None
-            if e.errno == 1:    # EPERM: needs CAP_NET_ADMIN
+            if e.errno == errno.EPERM:   # creating one needs CAP_NET_ADMIN
                 raise UserError("creating a TUN device needs root: run with sudo") from None
             raise UserError(f"cannot create TUN device {name}: {e.strerror}") from None
         self.name = ifreq[:16].rstrip(b"\0").decode()
@@ -902,6 +892,7 @@ class Server(Forwarder):
 
     def udp_to_tun(self):
         """Datagrams from clients: check them, learn who owns which tunnel IP, write to TUN."""
+        last = None   # (source, address) of the previous datagram, whose verdict holds
         for data, addr in self.recv_udp():
             if self.allow is not None and not self.allowed(addr[0]):
                 self.drop("not-allowed", show(addr))   # before looking inside at all
@@ -914,15 +905,20 @@ class Server(Forwarder):
                 self.drop(problem, show(addr))
                 continue
             src = data[12:16]
-            if src in self.reserved or not self.in_subnet(src):
-                self.drop("bad-source", f"{show(src)} from {show(addr)}")
-                continue
-            peer = self.table.claim(src, addr, self.now)
+            # Datagrams come in runs from one sender with one inner source (a
+            # GRO batch is one flow): judge the pair once per run.
+            if (src, addr) != last:
+                last = (src, addr)
+                if src in self.reserved or not self.in_subnet(src):
+                    peer, why = None, "bad-source"
+                else:
+                    peer, why = self.table.claim(src, addr, self.now), "refused"
             if peer is None:
-                self.drop("refused", f"{show(src)} from {show(addr)}")
+                self.drop(why, f"{show(src)} from {show(addr)}")
                 continue
             dst = data[16:20]
-            if not self.client_to_client and dst != self.server_ip and self.in_subnet(dst):
+            if (not self.client_to_client and dst != self.server_ip
+                    and int.from_bytes(dst, "big") & self.mask == self.net):
                 self.drop("client-to-client", f"{show(src)} -> {show(dst)}")
                 continue
             peer.rx_packets += 1
@@ -986,20 +982,23 @@ class Client(Forwarder):
             self.send_packets(packets)
 
     def udp_to_tun(self):
+        received = 0
         for data, _ in self.recv_udp():
             problem = ipv4_problem(data)
             if problem:
                 self.drop(problem)
                 continue
-            self.last_rx = self.now
-            self.rx_packets += 1
+            received += 1
             self.rx_bytes += len(data)
+            if data[9] == 1 and is_echo_reply(data, self.server_ip, self.ident):
+                continue   # the answer to our keepalive: ours, not the kernel's
+            self.write_tun(data)
+        if received:
+            self.rx_packets += received
+            self.last_rx = self.now
             if self.alive is not True:
                 self.alive = True
                 log("server is answering")
-            if is_echo_reply(data, self.server_ip, self.ident):
-                continue   # the answer to our keepalive: ours, not the kernel's
-            self.write_tun(data)
 
     def peer_unreachable(self):
         self.drop("icmp-unreachable")
@@ -1032,16 +1031,23 @@ class Client(Forwarder):
              "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes, "answering": self.alive}]}
 
 
-def setup_tun(changes, system, dev, address, mtu):
+def setup_tun(changes, system, args, address):
     """Create the TUN device and bring it up. Its address and routes belong
-    to the device, so the kernel removes them when it closes: no undo."""
-    tun = FakeTun(dev) if system.dry_run else Tun(dev)
+    to the device, so the kernel removes them when it closes: no undo.
+
+    txqueuelen is the length of the ring where the kernel leaves packets for
+    us to read(). When we are the bottleneck it is also where a queue
+    stands, and this kernel-side FIFO is invisible to qdiscs such as
+    fq_codel. Long (1000, as WireGuard): no drops, full speed, but a few
+    milliseconds of delay under load. Short (64): low delay, less speed. The
+    README has the figures.
+    """
+    tun = FakeTun(args.dev) if system.dry_run else Tun(args.dev)
     log(f"[#] open {TUN_PATH} as {tun.name} (TUNSETIFF, IFF_TUN | IFF_NO_PI)")
     changes.defer(tun.close, f"close {tun.name}: the kernel deletes it with its address and routes")
     changes.make(["ip", "address", "add", str(address), "dev", tun.name])
-    # A queue of 1000 packets (the Ethernet default) instead of the TUN
-    # default of 500 absorbs bursts while we are busy with the other fd.
-    changes.make(["ip", "link", "set", "dev", tun.name, "mtu", str(mtu), "txqueuelen", "1000", "up"])
+    changes.make(["ip", "link", "set", "dev", tun.name, "mtu", str(args.mtu),
+                  "txqueuelen", str(args.txqueuelen), "up"])
     return tun
 
 
@@ -1061,7 +1067,7 @@ def bind_socket(sock, port):
     try:
         sock.bind(("", port))
     except OSError as e:
-        if e.errno == 98:   # EADDRINUSE
+        if e.errno == errno.EADDRINUSE:
             raise UserError(f"UDP port {port} is in use (another udptun?): stop it or pick another --port") from None
         raise UserError(f"cannot listen on UDP port {port}: {e.strerror}") from None
 
@@ -1076,7 +1082,7 @@ def run_server(args):
     sock = open_udp_socket()
     with sock, Changes(system, journal) as changes:
         bind_socket(sock, args.port)   # before any change: a busy port fails cleanly
-        tun = setup_tun(changes, system, args.dev, address, args.mtu)
+        tun = setup_tun(changes, system, args, address)
         if not ip_forward_is_on():
             # Restore the value we found, not a default: the undo sets it back to 0.
             changes.make(["sysctl", "-w", "net.ipv4.ip_forward=1"],
@@ -1123,7 +1129,7 @@ def run_client(args):
             sock.connect((server_ip, args.port))   # the kernel now filters out other senders
         except OSError as e:
             raise UserError(f"cannot reach server {server_ip}: {e.strerror}: check this machine's network") from None
-        tun = setup_tun(changes, system, args.dev, address, args.mtu)
+        tun = setup_tun(changes, system, args, address)
         # Keep reaching the server the way we reach it now: without this host
         # route, the tunnel's own datagrams would be routed into the tunnel.
         if any(ipaddress.IPv4Address(server_ip) in r for r in routes):
@@ -1191,6 +1197,8 @@ def parse_args(argv):
         q.add_argument("--address", default=address, help=f"tunnel address and prefix ({address})")
         q.add_argument("--dev", default="tun0", help="TUN device name (tun0)")
         q.add_argument("--mtu", type=int, default=DEFAULT_MTU, help=f"tunnel MTU ({DEFAULT_MTU})")
+        q.add_argument("--txqueuelen", type=int, default=1000,
+                       help="TUN queue in packets: longer is faster, shorter has less delay under load (1000)")
         q.add_argument("--dry-run", action="store_true", help="print every command, change nothing")
         q.add_argument("-v", "--verbose", action="store_true", help="log every dropped packet")
 
