@@ -436,16 +436,11 @@ def open_udp_socket():
             sock.setsockopt(socket.SOL_SOCKET, forced, SOCKET_BUFFER)
         except PermissionError:   # not root (tests): as much as net.core.*mem_max allows
             sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
-    return sock
-
-
-def enable_gro(sock):
-    """Ask for coalesced datagrams (UDP GRO); False where the kernel can't."""
-    try:
+    # Ask for coalesced datagrams (UDP GRO, see Forwarder.recv_udp). An older
+    # kernel refuses, and then simply hands us one datagram per receive.
+    with contextlib.suppress(OSError):
         sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-        return True
-    except OSError:
-        return False
+    return sock
 
 
 # ---------------------------------------------------------------- system setup and undo
@@ -657,12 +652,13 @@ class Forwarder:
         self.drops = {}   # reason -> count
         self.status_path = None   # where to publish status() every second, if set
         self.gso = True           # until the kernel says otherwise
-        self.gro = enable_gro(sock) if isinstance(sock, socket.socket) else False
 
-    def drop(self, reason, detail=""):
+    def drop(self, reason, *detail):
+        """Count a dropped packet. Its detail (addresses, a message) is only
+        formatted with -v: a flood must not cost a log line's work each."""
         self.drops[reason] = self.drops.get(reason, 0) + 1
         if self.verbose:
-            log(f"drop {reason} {detail}")
+            log(f"drop {reason} " + " ".join(d if isinstance(d, str) else show(d) for d in detail))
 
     def run(self):
         selector = selectors.DefaultSelector()
@@ -895,14 +891,14 @@ class Server(Forwarder):
         last = None   # (source, address) of the previous datagram, whose verdict holds
         for data, addr in self.recv_udp():
             if self.allow is not None and not self.allowed(addr[0]):
-                self.drop("not-allowed", show(addr))   # before looking inside at all
+                self.drop("not-allowed", addr)   # before looking inside at all
                 continue
             if not data:
                 self.drop("empty")   # a socat peer's end of stream: nothing to forward
                 continue
             problem = ipv4_problem(data)
             if problem:
-                self.drop(problem, show(addr))
+                self.drop(problem, addr)
                 continue
             src = data[12:16]
             # Datagrams come in runs from one sender with one inner source (a
@@ -914,12 +910,12 @@ class Server(Forwarder):
                 else:
                     peer, why = self.table.claim(src, addr, self.now), "refused"
             if peer is None:
-                self.drop(why, f"{show(src)} from {show(addr)}")
+                self.drop(why, src, "from", addr)
                 continue
             dst = data[16:20]
             if (not self.client_to_client and dst != self.server_ip
                     and int.from_bytes(dst, "big") & self.mask == self.net):
-                self.drop("client-to-client", f"{show(src)} -> {show(dst)}")
+                self.drop("client-to-client", src, "->", dst)
                 continue
             peer.rx_packets += 1
             peer.rx_bytes += len(data)
@@ -935,7 +931,7 @@ class Server(Forwarder):
                 continue
             peer = self.table.by_ip.get(packet[16:20])
             if peer is None:
-                self.drop("no-client", show(packet[16:20]))
+                self.drop("no-client", packet[16:20])
                 continue
             batches.setdefault(peer, []).append(packet)
         for peer, packets in batches.items():
