@@ -417,6 +417,22 @@ def test_half_done_setup_is_undone(canned, capsys, monkeypatch):
     assert err.rstrip().endswith("udptun: error: iptables broke")
 
 
+def test_a_signal_during_a_command_keeps_its_undo(canned, capsys, monkeypatch):
+    """SIGTERM while `iptables -A` runs: the rule may be in place, so its
+    undo must still run."""
+    real_change = udptun.System.change
+
+    def interrupted(self, *argv, check=True):
+        real_change(self, *argv, check=check)
+        if argv[:4] == ("iptables", "-t", "nat", "-A"):
+            raise udptun.Stop("SIGTERM")
+
+    monkeypatch.setattr(udptun.System, "change", interrupted)
+    assert udptun.main(["server", "--dry-run", "--out-interface", "eth9", "--firewall", "iptables"]) == 0
+    undone = [l[4:] for l in capsys.readouterr().err.splitlines() if l.startswith("[#] ")][-3:]
+    assert undone[0] == SERVER_SETUP[3].replace("-A", "-D")
+
+
 def test_journal_replays_a_killed_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(udptun, "STATE_ROOT", str(tmp_path))
     monkeypatch.setattr(udptun, "state_dir", lambda: str(tmp_path))

@@ -265,11 +265,13 @@ class Changes:
             self.journal.save(self._commands())
         try:
             self.system.change(*do)
-        except BaseException:
-            if undo is not None:   # the change did not happen: nothing to undo
+        except UserError:
+            if undo is not None:   # the command failed: nothing to undo
                 self.stack.pop()
                 self.journal.save(self._commands())
             raise
+        # A signal in the middle of the command keeps the undo: the change
+        # may have happened, and undoing one that did not only fails harmlessly.
 
     def defer(self, function, description):
         """Undo by calling a function (closing the TUN device, say)."""
