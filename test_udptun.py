@@ -23,6 +23,7 @@ import errno
 import hashlib
 import io
 import ipaddress
+import json
 import os
 import random
 import re
@@ -737,6 +738,18 @@ def test_web_sees_the_vps_and_downloads_arrive_whole(firewall, clean):
         assert "[#] close tun0" in log
 
 
+def test_client_with_only_some_routes(clean):
+    """--route 203.0.113.0/24: only the web host's network goes through the
+    tunnel, the server is outside it, so no host route and nothing to journal."""
+    lab = clean
+    server, client = start_pair(lab, client_args=["--route", "203.0.113.0/24"])
+    assert lab.fetch("cli1", "/ip") == "198.51.100.10"
+    assert "198.51.100.10 via" not in lab.sh("cli1", "ip", "route")
+    wait_for(lambda: "10.0.0.2" in lab.sh("cli1", sys.executable, UDPTUN, "status", check=False), "status")
+    rc, log = stop(client)
+    assert rc == 0 and "Traceback" not in log, log
+
+
 def test_two_clients_behind_one_nat(firewall, clean):
     lab = clean
     server, one = start_pair(lab)
@@ -1024,7 +1037,6 @@ def rss_kib(pid):
 
 
 def status(lab, name="srv"):
-    import json
     return json.loads(lab.sh(name, sys.executable, UDPTUN, "status", "--json"))
 
 
@@ -1043,7 +1055,6 @@ def test_hostile_flood_during_a_download(firewall, clean):
     flood = lab.sh("web", sys.executable, "-c", FLOOD, HERE, "25000", timeout=120)
     assert flood == ""
     assert download.communicate(timeout=90)[0].split()[0] == lab.blob_sha
-    import json
     seen = json.loads(listener.communicate(timeout=30)[0])
     assert seen == {"198.51.100.10": 1}       # nothing hostile reached the internet
     assert server.poll() is None
@@ -1065,7 +1076,6 @@ def test_a_thousand_clients_each_get_their_own_replies(clean):
     server = lab.udptun("srv", "server", "--address", "10.1.0.1/16", "--max-clients", "2000")
     wait_for(lambda: "listening on UDP" in open(server.log.name).read(), "server setup")
     before = rss_kib(server.pid)
-    import json
     result = json.loads(lab.sh("web", sys.executable, "-c", MANY, HERE, "1000", "10.1.0.1", "10.1", timeout=120))
     assert result == {"answered": 1000, "wrong": 0}
     wait_for(lambda: len(status(lab)["clients"]) == 1000, "status to list 1,000 clients")
@@ -1198,7 +1208,6 @@ class Bench:
         elif impl == "udptun-1000":   # with 1,000 idle clients in the server's table
             wide = ["--address", "10.0.0.2/16", "--max-clients", "2000"]
             srv, cli = start_pair(lab, server_args=wide, client_args=["--address", "10.0.0.1/16"])
-            import json
             many = json.loads(lab.sh("web", sys.executable, "-c", MANY, HERE, "1000", "10.0.0.2", "10.0",
                                      timeout=120))
             assert many["answered"] == 1000, many
@@ -1215,7 +1224,6 @@ class Bench:
         time.sleep(0.3)
 
     def iperf(self, target, *args):
-        import json
         out = self.lab.sh("cli1", "iperf3", "-c", target, "-t", str(BENCH_TIME), "-J", *args,
                           timeout=BENCH_TIME + 30)
         return json.loads(out)["end"]
@@ -1244,7 +1252,7 @@ class Bench:
         return r
 
     def ping_median(self, target, count=100):
-        out = self.lab.sh("cli1", "ping", "-c", str(count), "-i", "0.05", "-q" if False else "-n", target,
+        out = self.lab.sh("cli1", "ping", "-c", str(count), "-i", "0.05", "-n", target,
                           check=False, timeout=count + 30)
         times = sorted(float(t) for t in re.findall(r"time=([\d.]+) ms", out))
         return times[len(times) // 2] if times else float("nan")
@@ -1281,6 +1289,7 @@ if os.environ.get("UDPTUN_BENCH"):
         if os.environ.get("UDPTUN_BENCH_IMPLS"):
             impls = {k: v for k, v in impls.items() if k in os.environ["UDPTUN_BENCH_IMPLS"].split(",")}
         results = {name: [] for name in impls}
+        iperf_server = None
         try:
             lab.up()
             real_nics(lab)
@@ -1288,16 +1297,15 @@ if os.environ.get("UDPTUN_BENCH"):
                 lab.sh("srv", "iptables", "-I", "INPUT", "-p", proto, "--dport", "5201", "-j", "ACCEPT")
             iperf_server = subprocess.Popen(["ip", "netns", "exec", lab.ns("srv"), "iperf3", "-s"],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            lab.web_extra = iperf_server
             wait_for(lambda: ":5201" in lab.sh("srv", "ss", "-ltn"), "iperf3 server")
             for rep in range(BENCH_REPS):          # round robin: drift hits all alike
                 for name, impl in impls.items():
                     results[name].append(Bench(lab).run(impl))
                     print(f"rep {rep + 1} {name}: {results[name][-1]}", flush=True)
         finally:
-            if getattr(lab, "web_extra", None):
-                lab.web_extra.kill()
-                lab.web_extra.wait()
+            if iperf_server:
+                iperf_server.kill()
+                iperf_server.wait()
             lab.down()
         report(results)
 

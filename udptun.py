@@ -655,10 +655,10 @@ class Forwarder:
         self.status_path = None   # where to publish status() every second, if set
         self.gso = True           # until the kernel says otherwise
 
-    def drop(self, reason, *detail):
-        """Count a dropped packet. Its detail (addresses, a message) is only
+    def drop(self, reason, *detail, count=1):
+        """Count dropped packets. Their detail (addresses, a message) is only
         formatted with -v: a flood must not cost a log line's work each."""
-        self.drops[reason] = self.drops.get(reason, 0) + 1
+        self.drops[reason] = self.drops.get(reason, 0) + count
         if self.verbose:
             log(f"drop {reason} " + " ".join(d if isinstance(d, str) else show(d) for d in detail))
 
@@ -769,7 +769,7 @@ class Forwarder:
         if isinstance(error, ConnectionRefusedError):
             self.peer_unreachable()
         else:
-            self.drops["send-error"] = self.drops.get("send-error", 0) + count
+            self.drop("send-error", error.strerror, count=count)
 
     def write_tun(self, packet):
         try:
@@ -915,8 +915,7 @@ class Server(Forwarder):
                 self.drop(why, src, "from", addr)
                 continue
             dst = data[16:20]
-            if (not self.client_to_client and dst != self.server_ip
-                    and int.from_bytes(dst, "big") & self.mask == self.net):
+            if not self.client_to_client and dst != self.server_ip and self.in_subnet(dst):
                 self.drop("client-to-client", src, "->", dst)
                 continue
             peer.rx_packets += 1
@@ -1024,7 +1023,8 @@ class Client(Forwarder):
     def status(self):
         peer = self.sock.getpeername()
         return {"role": "client", "clients": [
-            {"ip": show(self.server_ip), "udp": show(peer), "idle": round(self.now - self.last_rx, 1),
+            {"ip": show(self.server_ip), "udp": show(peer),
+             "idle": round(self.now - self.last_rx, 1) if self.rx_packets else None,   # None: never heard
              "rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
              "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes, "answering": self.alive}]}
 
@@ -1100,6 +1100,9 @@ def forward(forwarder, changes, args):
         log("# (dry run: here udptun would forward packets until stopped; then it undoes, newest first:)")
         return
     forwarder.status_path = state_path(args.dev, ".status")
+    # The journal's first entry usually made the folder, but a run with
+    # nothing to journal (a client with no host route) has none yet.
+    os.makedirs(os.path.dirname(forwarder.status_path), mode=0o755, exist_ok=True)
     changes.defer(lambda: os.unlink(forwarder.status_path), f"rm {forwarder.status_path}")
     forwarder.publish()
     sd_notify("READY=1")
@@ -1172,7 +1175,8 @@ def run_status(args):
     print(f"{'tunnel ip':<16}{'udp address':<22}{'last seen':>10}{'rx pkts':>10}{'rx bytes':>13}"
           f"{'tx pkts':>10}{'tx bytes':>13}")
     for c in s["clients"]:
-        print(f"{c['ip']:<16}{c['udp']:<22}{c['idle'] + age:>8.1f} s{c['rx_packets']:>10}{c['rx_bytes']:>13}"
+        seen = "never" if c["idle"] is None else f"{c['idle'] + age:.1f} s"
+        print(f"{c['ip']:<16}{c['udp']:<22}{seen:>10}{c['rx_packets']:>10}{c['rx_bytes']:>13}"
               f"{c['tx_packets']:>10}{c['tx_bytes']:>13}")
     print("drops: " + (", ".join(f"{k} {v}" for k, v in s["drops"].items()) or "none"))
 
