@@ -199,6 +199,13 @@ def make_server(datagrams, gso_error=None, **kw):
 CLIENT = ("192.0.2.20", 40000)
 
 
+def receive(forwarder):
+    """What one turn of Forwarder.run() does with arriving datagrams: check
+    and queue them, then write the queue to the TUN device."""
+    forwarder.udp_to_tun()
+    forwarder.write_tun(forwarder.queue.pop(len(forwarder.queue)))
+
+
 def test_server_drops_hostile_datagrams_and_keeps_the_client():
     good = ipv4(src="10.0.0.1")
     hostile = [
@@ -213,7 +220,7 @@ def test_server_drops_hostile_datagrams_and_keeps_the_client():
         (ipv4(src="10.0.0.1", dst="10.0.0.3"), CLIENT),         # client to client, off by default
     ]
     server, tun = make_server([(good, CLIENT)] + hostile + [(good, CLIENT)])
-    server.udp_to_tun()
+    receive(server)
     assert tun.written() == good + good
     assert server.table.by_ip[A].addr == CLIENT
     assert server.drops == {"empty": 1, "short": 1, "not-ipv4": 1, "bad-source": 4,
@@ -222,7 +229,7 @@ def test_server_drops_hostile_datagrams_and_keeps_the_client():
 
 def test_server_sends_replies_to_the_owner_only():
     server, tun = make_server([(ipv4(src="10.0.0.1"), CLIENT)])
-    server.udp_to_tun()
+    receive(server)
     reply, stray = ipv4(src="203.0.113.80", dst="10.0.0.1"), ipv4(src="203.0.113.80", dst="10.0.0.9")
     server.read_tun = lambda: [reply, stray, b"\x60" + bytes(39)]
     server.tun_to_udp()
@@ -234,7 +241,7 @@ def test_allow_list_drops_other_senders_before_parsing():
     packet = ipv4(src="10.0.0.1")
     server, tun = make_server([(packet, ("203.0.113.66", 9)), (b"garbage", ("203.0.113.66", 9)),
                                (packet, CLIENT)], allow=[ipaddress.IPv4Network("192.0.2.0/24")])
-    server.udp_to_tun()
+    receive(server)
     assert tun.written() == packet
     assert server.drops == {"not-allowed": 2}
 
@@ -248,7 +255,7 @@ def tcp_burst(dst="10.0.0.1", sizes=(1400,) * 50 + (60,) + (1400,) * 30 + (52, 5
 def test_server_batches_with_gso_and_falls_back_without(gso_error):
     """Each datagram on the wire is one packet, in order, whatever the kernel can do."""
     server, tun = make_server([(ipv4(src="10.0.0.1"), CLIENT)], gso_error=gso_error)
-    server.udp_to_tun()
+    receive(server)
     burst = tcp_burst()
     server.read_tun = lambda: burst
     server.tun_to_udp()
@@ -268,15 +275,62 @@ def test_gro_datagrams_are_cut_apart_and_checked_one_by_one():
     packets = [ipv4(src="10.0.0.1", payload=bytes(1380))] * 3 + [ipv4(src="10.0.0.1", payload=bytes(100))]
     glued = b"".join(packets)
     server, tun = make_server([(glued, CLIENT, 1400), (ipv4(src="10.0.0.1"), CLIENT)])
-    server.udp_to_tun()
+    receive(server)
     assert tun.written() == glued + ipv4(src="10.0.0.1")
     assert server.table.by_ip[A].rx_packets == 5
+
+
+# ================================================================ the fair queue
+def segment(sport, size=1400, dst="10.0.0.2"):
+    """A TCP packet of one flow (source port `sport`)."""
+    return ipv4(dst=dst, proto=6, payload=struct.pack("!HH", sport, 5201) + bytes(size - 24))
+
+
+def echo(seq):
+    return udptun.echo_request(A, socket.inet_aton("10.0.0.2"), 7, seq)
+
+
+def test_a_ping_overtakes_a_download_backlog():
+    queue = udptun.FairQueue(limit=1000, quantum=4)
+    for _ in range(500):
+        assert queue.push(segment(40000))
+    assert queue.pop(8) == [segment(40000)] * 8
+    queue.push(echo(1))
+    assert queue.pop(5) == [echo(1)] + [segment(40000)] * 4   # not after 492 others
+    assert len(queue) == 488
+
+
+def test_busy_flows_take_turns_of_one_quantum():
+    queue = udptun.FairQueue(limit=1000, quantum=3)
+    a, b = segment(1), segment(2)
+    for packet in [a] * 10 + [b] * 10:
+        queue.push(packet)
+    assert queue.pop(12) == [a] * 3 + [b] * 3 + [a] * 3 + [b] * 3
+    assert queue.pop(100) == [a] * 3 + [b] * 3 + [a, b] and len(queue) == 0 and not queue.flows
+
+
+def test_a_full_queue_refuses_and_counts():
+    queue = udptun.FairQueue(limit=3)
+    assert all(queue.push(segment(1)) for _ in range(3))
+    assert not queue.push(echo(1)) and len(queue) == 3
+    queue.pop(1)
+    assert queue.push(echo(1))
+    server, tun = make_server([(ipv4(src="10.0.0.1"), CLIENT)] * 5)
+    server.queue = udptun.FairQueue(limit=3)
+    server.udp_to_tun()   # room for 3: the other 2 stay in the socket for the kernel to drop
+    assert len(server.queue) == 3 and len(server.sock.queue) == 2 and not server.drops
+
+
+def test_flows_are_told_apart_by_addresses_and_ports():
+    assert udptun.flow_of(echo(1)) == udptun.flow_of(echo(2))   # ICMP: by addresses only
+    assert udptun.flow_of(segment(1)) != udptun.flow_of(segment(2))
+    assert udptun.flow_of(segment(1)) != udptun.flow_of(segment(1, dst="10.0.0.3"))
 
 
 def test_client_to_client_when_allowed():
     packet = ipv4(src="10.0.0.1", dst="10.0.0.3")
     server, tun = make_server([(packet, CLIENT)], client_to_client=True)
-    server.udp_to_tun()
+    receive(server)
     assert tun.written() == packet
 
 

@@ -53,6 +53,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections import deque
 
 # ---------------------------------------------------------------- constants
 TUN_PATH = "/dev/net/tun"
@@ -95,8 +96,17 @@ OUTER_OVERHEAD = 28
 DEFAULT_MTU = 1400
 DEFAULT_PORT = 5555
 MAX_PACKET = 65535   # largest IPv4 packet (16-bit total length, RFC 791)
-BATCH = 64           # packets read per wake-up before looking at the other fd
+BATCH = 64           # packets moved per turn in each direction (see Forwarder.run)
 GRO_CMSG_SPACE = socket.CMSG_SPACE(4)   # room for UDP GRO's control message (an int)
+
+# Packets waiting for the TUN device wait in our own queue, one per flow
+# (see FairQueue). QUEUE_LIMIT bounds them all together: 2048 full-size
+# packets are 2.8 MB, more than a TCP window through a tunnel this fast
+# needs. QUANTUM is how many packets a busy flow writes before the next
+# flow's turn: our scarce resource is work per packet, not bytes.
+QUEUE_LIMIT = 2048
+QUANTUM = 16
+TCP, UDP = 6, 17   # IP protocol numbers (IANA)
 
 # The client's keepalive interval (25 s) is WireGuard's: short enough for home NAT
 # routers that forget idle UDP mappings after 30 s (RFC 4787 asks for at
@@ -637,14 +647,82 @@ def sd_notify(state):
 
 
 # ---------------------------------------------------------------- the forwarding loop
+def flow_of(packet):
+    """What tells one flow from another: the addresses, and for TCP and UDP
+    (with no IP options, so the ports sit at bytes 20-23) the ports too.
+    Other protocols get one flow per address pair: a ping's ICMP checksum
+    changes with every packet and must not make each one a new flow."""
+    if packet[0] == 0x45 and packet[9] in (TCP, UDP):
+        return packet[12:24]
+    return packet[12:20]
+
+
+class FairQueue:
+    """Packets waiting for the TUN device: one FIFO per flow, served round
+    robin, flows that just became active first. This is the scheduling half
+    of fq_codel (RFC 8290), done in user space, because that is where the
+    queue is: writing to the TUN device costs more than receiving (with GRO
+    a single recvmsg() brings 64 packets), so when the tunnel is busy the
+    backlog forms in front of our write(). Left in the socket's buffer it
+    would be one FIFO, and a ping or a keystroke would wait behind the whole
+    of a download. Here a flow that sends now and then finds its queue
+    empty, goes to `new`, and is written at the next turn.
+
+    A flow that still has packets after its QUANTUM goes to the back of
+    `old`. A full queue drops what arrives (the kernel counts nothing, so
+    we do, as "queue-full"). There is no CoDel half: a TCP sender sets the
+    size of its own backlog, and the limit only bounds it.
+    """
+
+    def __init__(self, limit=QUEUE_LIMIT, quantum=QUANTUM):
+        self.limit, self.quantum = limit, quantum
+        self.flows = {}       # flow -> deque of its packets, only while it has some
+        self.new = deque()    # flows that were idle when their packet came
+        self.old = deque()    # flows that have had a turn and still have packets
+        self.length = 0
+
+    def __len__(self):
+        return self.length
+
+    def push(self, packet):
+        """Queue `packet`; False if there is no room."""
+        if self.length >= self.limit:
+            return False
+        key = flow_of(packet)
+        queue = self.flows.get(key)
+        if queue is None:
+            queue = self.flows[key] = deque()
+            self.new.append(key)
+        queue.append(packet)
+        self.length += 1
+        return True
+
+    def pop(self, budget):
+        """Up to `budget` packets, in the order to write them."""
+        out = []
+        flows, new, old = self.flows, self.new, self.old
+        while len(out) < budget and (new or old):
+            key = new.popleft() if new else old.popleft()
+            queue = flows[key]
+            for _ in range(min(len(queue), self.quantum, budget - len(out))):
+                out.append(queue.popleft())
+            if queue:
+                old.append(key)
+            else:
+                del flows[key]
+        self.length -= len(out)
+        return out
+
+
 class Forwarder:
     """Moves packets between the TUN device and the UDP socket.
 
     Subclasses provide the two directions, `tun_to_udp()` and
-    `udp_to_tun()`, each called when its file descriptor is readable;
-    `tick(now)`, called about once a second for timers; and `status()`, what
-    `udptun.py status` shows. `run()` is for callers. Each direction drains
-    up to BATCH packets per wake-up: one select() per packet would cost more
+    `udp_to_tun()`, each called when its file descriptor is readable
+    (`udp_to_tun()` checks what arrives and puts it in `self.queue`; `run()`
+    writes it out); `tick(now)`, called about once a second for timers; and
+    `status()`, what `udptun.py status` shows. `run()` is for callers. Each
+    step moves up to BATCH packets: one select() per packet would cost more
     than the packet itself.
     """
 
@@ -654,6 +732,7 @@ class Forwarder:
         self.drops = {}   # reason -> count
         self.status_path = None   # where to publish status() every second, if set
         self.gso = True           # until the kernel says otherwise
+        self.queue = FairQueue()  # packets for the TUN device
 
     def drop(self, reason, *detail, count=1):
         """Count dropped packets. Their detail (addresses, a message) is only
@@ -669,10 +748,17 @@ class Forwarder:
         selector.register(self.sock, selectors.EVENT_READ, self.udp_to_tun)
         last_tick = 0
         while True:
-            events = selector.select(timeout=1.0)
+            # A turn: receive (into the queue), write a batch from the queue,
+            # and at once read what those writes made the kernel answer (TCP
+            # acknowledgements, echo replies), so it need not wait a turn.
+            # While packets are queued we only look, never sleep.
+            events = selector.select(timeout=0 if self.queue else 1.0)
             self.now = time.monotonic()
             for key, _ in events:
                 key.data()
+            if self.queue:
+                self.write_tun(self.queue.pop(BATCH))
+                self.tun_to_udp()
             if self.now - last_tick >= 1.0:
                 self.tick(self.now)
                 self.publish()
@@ -689,7 +775,10 @@ class Forwarder:
         return packets
 
     def recv_udp(self):
-        """(datagram, address) pairs from the socket: up to BATCH receives.
+        """(datagram, address) pairs from the socket: about 2 * BATCH, fewer
+        if the queue has no room for them (then they wait in the socket's
+        buffer, and the kernel drops what does not fit, for free). Receiving
+        faster than we write keeps the backlog in the fair queue.
 
         With UDP GRO one receive may return many datagrams from one sender,
         glued together; a control message gives their size (all equal but
@@ -697,7 +786,8 @@ class Forwarder:
         datagram, there is no control message.
         """
         datagrams = []
-        for _ in range(BATCH):
+        room = min(2 * BATCH, self.queue.limit - len(self.queue))
+        while len(datagrams) < room:
             try:
                 data, ancillary, _, addr = self.sock.recvmsg(MAX_PACKET, GRO_CMSG_SPACE, socket.MSG_DONTWAIT)
             except BlockingIOError:
@@ -771,11 +861,17 @@ class Forwarder:
         else:
             self.drop("send-error", error.strerror, count=count)
 
-    def write_tun(self, packet):
-        try:
-            os.write(self.tun.fd, packet)
-        except OSError as e:   # the kernel refused it: count, never crash
-            self.drop("tun-write", e.strerror)
+    def enqueue(self, packet):
+        if not self.queue.push(packet):
+            self.drop("queue-full")
+
+    def write_tun(self, packets):
+        fd = self.tun.fd
+        for packet in packets:
+            try:
+                os.write(fd, packet)
+            except OSError as e:   # the kernel refused it: count, never crash
+                self.drop("tun-write", e.strerror)
 
     def peer_unreachable(self):
         self.drop("icmp-unreachable")
@@ -920,7 +1016,7 @@ class Server(Forwarder):
                 continue
             peer.rx_packets += 1
             peer.rx_bytes += len(data)
-            self.write_tun(data)
+            self.enqueue(data)
 
     def tun_to_udp(self):
         """Packets the kernel routed into the tunnel: send each to the client
@@ -989,7 +1085,7 @@ class Client(Forwarder):
             self.rx_bytes += len(data)
             if data[9] == 1 and is_echo_reply(data, self.server_ip, self.ident):
                 continue   # the answer to our keepalive: ours, not the kernel's
-            self.write_tun(data)
+            self.enqueue(data)
         if received:
             self.rx_packets += received
             self.last_rx = self.now
