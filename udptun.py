@@ -63,6 +63,15 @@ TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001     # <linux/if_tun.h>: layer-3 device, packets start at the IP header
 IFF_NO_PI = 0x1000   # <linux/if_tun.h>: no 4-byte packet-info prefix on read()/write()
 IFNAMSIZ = 16        # <linux/if.h>: interface names are at most 15 bytes plus NUL
+IFF_VNET_HDR = 0x4000   # <linux/if_tun.h>: read() and write() start with a struct virtio_net_hdr
+
+# struct virtio_net_hdr (<linux/virtio_net.h>; host byte order on a TUN
+# device): flags, gso_type, hdr_len, gso_size, csum_start, csum_offset. It
+# lets one write() carry many TCP segments at once (see merge_segments).
+VNET_HDR = struct.Struct("=BBHHHH")
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1   # the kernel completes the checksum at csum_start + csum_offset
+VIRTIO_NET_HDR_GSO_TCPV4 = 1      # the packet stands for TCP segments of gso_size payload bytes
+PLAIN = bytes(VNET_HDR.size)      # the header of an ordinary packet: no offload, checksums done
 
 # <linux/in.h>: IP_MTU_DISCOVER and IP_PMTUDISC_DONT ("never send DF frames").
 # Python's socket module does not export them.
@@ -344,6 +353,75 @@ def internet_checksum(data):
     return ~total & 0xFFFF
 
 
+# TCP header flags (RFC 9293). A run of segments may be merged only if each
+# carries just ACK; PSH may end a run.
+ACK, PSH = 0x10, 0x08
+
+
+def tcp_run(packets, i):
+    """How many packets from packets[i] on continue one TCP stream, so that
+    the kernel may take them as one large packet: the test the kernel's GRO
+    applies to segments arriving on a network card (tcp_gro_receive() in
+    net/ipv4/tcp_offload.c). They must be of one connection, follow each
+    other in sequence, all of the first one's payload size but a shorter
+    last, and agree on every header field a segment may not change: IP
+    version, header length, TOS, flags, TTL; TCP acknowledgement, header
+    length, window, options (timestamps included). Packets are checked
+    IPv4 (ipv4_problem) already."""
+    p = packets[i]
+    if p[0] != 0x45 or p[9] != TCP or p[6] & 0xBF or p[7] or p[33] != ACK:
+        return 1   # IP options, not TCP, a fragment (MF or an offset), or flags other than ACK
+    end = 20 + (p[32] >> 4) * 4   # end of the TCP header
+    size = len(p) - end           # payload size of every segment but the last
+    if size <= 0 or end < 40:
+        return 1   # a pure ACK, or a bad TCP header length
+    seq = int.from_bytes(p[24:28], "big") + size
+    total, j, n = len(p), i + 1, len(packets)
+    ip_same, tcp_same, options = p[:2] + p[6:10], p[12:24], p[38:end]
+    while j < n:
+        q = packets[j]
+        more = len(q) - end
+        if (more <= 0 or more > size or total + more > MAX_PACKET
+                or q[12:24] != tcp_same or q[:2] + q[6:10] != ip_same
+                or int.from_bytes(q[24:28], "big") != seq & 0xFFFFFFFF
+                or q[28:33] != p[28:33] or q[34:36] != p[34:36] or q[38:end] != options
+                or q[33] not in (ACK, ACK | PSH)):
+            break
+        j += 1
+        seq += more
+        total += more
+        if more < size or q[33] & PSH:
+            break   # a short segment or a push ends the run
+    return j - i
+
+
+def merge_segments(run):
+    """The buffers of one write() that hands `run` (see tcp_run) to the
+    kernel as one packet: a virtio_net_hdr saying "TCP segments of this
+    size", the first segment's headers with the total length, then every
+    payload. The kernel takes it as if GRO had merged it; if it must forward
+    it, it cuts it up again (GSO), with each segment's own headers. The TCP
+    checksum is left for the kernel to finish (NEEDS_CSUM): the header holds
+    just the sum of the pseudo-header (RFC 9293, 3.1), as a network card's
+    driver would leave it."""
+    first, last = run[0], run[-1]
+    end = 20 + (first[32] >> 4) * 4
+    total = end + sum(len(q) - end for q in run)
+    ip = bytearray(first[:20])
+    ip[2:4] = total.to_bytes(2, "big")
+    ip[10:12] = b"\0\0"
+    ip[10:12] = internet_checksum(bytes(ip)).to_bytes(2, "big")
+    tcp = bytearray(first[20:end])
+    tcp[13] |= last[33] & PSH
+    words = struct.unpack("!4H", first[12:20])
+    pseudo = sum(words) + TCP + total - 20
+    pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
+    tcp[16:18] = ((pseudo & 0xFFFF) + (pseudo >> 16)).to_bytes(2, "big")
+    vnet = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, end,
+                         len(first) - end, 20, 16)
+    return [vnet, ip, tcp] + [memoryview(q)[end:] for q in run]
+
+
 def echo_request(src, dst, ident, seq, payload=b"udptun keepalive"):
     """An ICMP echo request (RFC 792) from src to dst, both 4-byte addresses.
 
@@ -386,9 +464,14 @@ class Tun:
     persistent: when our file descriptor closes (however the process ends,
     kill -9 included) the kernel deletes it, and its addresses and routes
     with it. That is one undo we never have to write.
+
+    `vnet`: every read() and write() starts with a struct virtio_net_hdr
+    (IFF_VNET_HDR), which lets one write() carry many TCP segments. We never
+    ask the kernel for offloads on what we read (TUNSETOFFLOAD), so what we
+    read is always one ordinary packet behind a header of zeros.
     """
 
-    def __init__(self, name):
+    def __init__(self, name, vnet=True):
         if len(name.encode()) >= IFNAMSIZ:
             raise UserError(f"device name {name!r} is too long: at most {IFNAMSIZ - 1} characters")
         try:
@@ -401,17 +484,20 @@ class Tun:
             raise UserError(f"cannot open {TUN_PATH}: run as root (sudo)") from None
         # struct ifreq (<linux/if.h>): 16-byte name, then a union whose first
         # member here is `short ifr_flags`; 40 bytes in all.
-        ifreq = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
+        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet else 0)
         try:
-            ifreq = fcntl.ioctl(self.fd, TUNSETIFF, ifreq)
+            ifreq = fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
         except OSError as e:
             os.close(self.fd)
+            if e.errno == errno.EINVAL and vnet:   # a kernel without IFF_VNET_HDR (before 2.6.27)
+                return self.__init__(name, vnet=False)
             if e.errno == errno.EBUSY:   # another process holds a device of that name
                 raise UserError(f"device {name} is in use by another program: pick another --dev") from None
             if e.errno == errno.EPERM:   # creating one needs CAP_NET_ADMIN
                 raise UserError("creating a TUN device needs root: run with sudo") from None
             raise UserError(f"cannot create TUN device {name}: {e.strerror}") from None
         self.name = ifreq[:16].rstrip(b"\0").decode()
+        self.vnet = vnet
 
     def close(self):
         os.close(self.fd)
@@ -421,6 +507,7 @@ class FakeTun:
     """What --dry-run uses instead: no device, no root needed."""
 
     fd = -1
+    vnet = False
 
     def __init__(self, name):
         self.name = name
@@ -733,6 +820,8 @@ class Forwarder:
         self.status_path = None   # where to publish status() every second, if set
         self.gso = True           # until the kernel says otherwise
         self.queue = FairQueue()  # packets for the TUN device
+        self.merge = True         # merge TCP segments on writing to TUN (see write_tun)
+        self.merged = [0, 0]      # segments merged, in how many writes
 
     def drop(self, reason, *detail, count=1):
         """Count dropped packets. Their detail (addresses, a message) is only
@@ -765,13 +854,15 @@ class Forwarder:
                 last_tick = self.now
 
     def read_tun(self):
-        """Up to BATCH packets from the TUN device."""
+        """Up to BATCH packets from the TUN device (without the vnet header)."""
         packets = []
+        fd, skip = self.tun.fd, VNET_HDR.size if self.tun.vnet else 0
         for _ in range(BATCH):
             try:
-                packets.append(os.read(self.tun.fd, MAX_PACKET))
+                packet = os.read(fd, skip + MAX_PACKET)
             except BlockingIOError:
                 break
+            packets.append(packet[skip:] if skip else packet)
         return packets
 
     def recv_udp(self):
@@ -866,12 +957,33 @@ class Forwarder:
             self.drop("queue-full")
 
     def write_tun(self, packets):
+        """Write packets to the TUN device, runs of one TCP stream's segments
+        as one large packet each (see tcp_run): the kernel's TCP then does
+        its work once per run instead of once per segment, and on the server
+        that work is most of the cost of a transfer."""
         fd = self.tun.fd
-        for packet in packets:
+        head = PLAIN if self.tun.vnet else b""
+        merge = self.merge and self.tun.vnet
+        i, n = 0, len(packets)
+        while i < n:
+            packet = packets[i]
+            k = tcp_run(packets, i) if merge and packet[9] == TCP else 1
             try:
-                os.write(fd, packet)
-            except OSError as e:   # the kernel refused it: count, never crash
-                self.drop("tun-write", e.strerror)
+                if k == 1:
+                    os.write(fd, head + packet)
+                else:
+                    os.writev(fd, merge_segments(packets[i:i + k]))
+                    self.merged[0] += k
+                    self.merged[1] += 1
+            except OSError as e:
+                if k == 1 or e.errno != errno.EINVAL:
+                    self.drop("tun-write", e.strerror, count=k)   # count, never crash
+                else:   # merging is not taken here: one write per packet from now on
+                    self.merge = merge = False
+                    log(f"udptun: the TUN device refused merged TCP segments ({e.strerror}): "
+                        "one write per packet from now on")
+                    continue   # the same packets again, one by one
+            i += k
 
     def peer_unreachable(self):
         self.drop("icmp-unreachable")
@@ -881,7 +993,8 @@ class Forwarder:
         needs no privileges, and a crashed run leaves nothing listening."""
         if self.status_path:
             status = dict(self.status(), pid=os.getpid(), device=self.tun.name, time=time.time(),
-                          drops=dict(sorted(self.drops.items())))
+                          drops=dict(sorted(self.drops.items())),
+                          merged={"segments": self.merged[0], "writes": self.merged[1]})
             tmp = self.status_path + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(status, f)
@@ -1275,6 +1388,8 @@ def run_status(args):
         print(f"{c['ip']:<16}{c['udp']:<22}{seen:>10}{c['rx_packets']:>10}{c['rx_bytes']:>13}"
               f"{c['tx_packets']:>10}{c['tx_bytes']:>13}")
     print("drops: " + (", ".join(f"{k} {v}" for k, v in s["drops"].items()) or "none"))
+    m = s["merged"]
+    print(f"TCP segments merged on writing to {s['device']}: {m['segments']} in {m['writes']} writes")
 
 
 # ---------------------------------------------------------------- command line
