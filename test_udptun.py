@@ -202,10 +202,17 @@ CLIENT = ("192.0.2.20", 40000)
 
 
 def receive(forwarder):
-    """What one turn of Forwarder.run() does with arriving datagrams: check
-    and queue them, then write the queue to the TUN device."""
+    """What Forwarder.run() does with arriving datagrams: check and queue
+    them, then write the queue to the TUN device."""
     forwarder.udp_to_tun()
-    forwarder.write_tun(forwarder.queue.pop(len(forwarder.queue)))
+    forwarder.write_tun(forwarder.to_tun.pop(len(forwarder.to_tun)))
+
+
+def pass_on(forwarder):
+    """What Forwarder.run() does with packets the TUN device gives: check
+    and queue them, then send the queue."""
+    forwarder.tun_to_udp()
+    forwarder.send_udp(forwarder.to_udp.pop(len(forwarder.to_udp)))
 
 
 def test_server_drops_hostile_datagrams_and_keeps_the_client():
@@ -234,7 +241,7 @@ def test_server_sends_replies_to_the_owner_only():
     receive(server)
     reply, stray = ipv4(src="203.0.113.80", dst="10.0.0.1"), ipv4(src="203.0.113.80", dst="10.0.0.9")
     server.read_tun = lambda: [reply, stray, b"\x60" + bytes(39)]
-    server.tun_to_udp()
+    pass_on(server)
     assert server.sock.sent == [(reply, CLIENT)]
     assert server.drops == {"no-client": 1, "tun-not-ipv4": 1}
 
@@ -260,10 +267,10 @@ def test_server_batches_with_gso_and_falls_back_without(gso_error):
     receive(server)
     burst = tcp_burst()
     server.read_tun = lambda: burst
-    server.tun_to_udp()
+    pass_on(server)
     assert server.sock.sent == [(p, CLIENT) for p in burst]
     assert server.gso == (gso_error not in (errno.EINVAL, errno.EIO))
-    server.tun_to_udp()
+    pass_on(server)
     # System calls for the burst, twice over. With GSO: 46 x 1400 (64,400
     # bytes, the most that fit), 4 x 1400 + the 60-byte packet, 30 x 1400 +
     # an ACK, the last ACK alone. EINVAL/EIO: one failed try, then one call
@@ -386,9 +393,9 @@ def echo(seq):
 def test_a_ping_overtakes_a_download_backlog():
     queue = udptun.FairQueue(limit=1000, quantum=4)
     for _ in range(500):
-        assert queue.push(segment(40000))
+        assert queue.push([segment(40000)]) == 0
     assert queue.pop(8) == [segment(40000)] * 8
-    queue.push(echo(1))
+    queue.push([echo(1)])
     assert queue.pop(5) == [echo(1)] + [segment(40000)] * 4   # not after 492 others
     assert len(queue) == 488
 
@@ -396,22 +403,21 @@ def test_a_ping_overtakes_a_download_backlog():
 def test_busy_flows_take_turns_of_one_quantum():
     queue = udptun.FairQueue(limit=1000, quantum=3)
     a, b = segment(1), segment(2)
-    for packet in [a] * 10 + [b] * 10:
-        queue.push(packet)
+    queue.push([a] * 10 + [b] * 10)
     assert queue.pop(12) == [a] * 3 + [b] * 3 + [a] * 3 + [b] * 3
     assert queue.pop(100) == [a] * 3 + [b] * 3 + [a, b] and len(queue) == 0 and not queue.flows
 
 
 def test_a_full_queue_refuses_and_counts():
     queue = udptun.FairQueue(limit=3)
-    assert all(queue.push(segment(1)) for _ in range(3))
-    assert not queue.push(echo(1)) and len(queue) == 3
+    assert queue.push([segment(1)] * 2) == 0
+    assert queue.push([segment(1), echo(1), echo(2)]) == 2 and len(queue) == 3
     queue.pop(1)
-    assert queue.push(echo(1))
+    assert queue.push([echo(1)]) == 0
     server, tun = make_server([(ipv4(src="10.0.0.1"), CLIENT)] * 5)
-    server.queue = udptun.FairQueue(limit=3)
+    server.to_tun = udptun.FairQueue(limit=3)
     server.udp_to_tun()   # room for 3: the other 2 stay in the socket for the kernel to drop
-    assert len(server.queue) == 3 and len(server.sock.queue) == 2 and not server.drops
+    assert len(server.to_tun) == 3 and len(server.sock.queue) == 2 and not server.drops
 
 
 def test_flows_are_told_apart_by_addresses_and_ports():

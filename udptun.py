@@ -105,13 +105,14 @@ OUTER_OVERHEAD = 28
 DEFAULT_MTU = 1400
 DEFAULT_PORT = 5555
 MAX_PACKET = 65535   # largest IPv4 packet (16-bit total length, RFC 791)
-BATCH = 64           # packets moved per turn in each direction (see Forwarder.run)
+BATCH = 64           # packets written or sent per turn in each direction (see Forwarder.run)
+READ_AHEAD = 4 * BATCH   # packets read or received per turn, at most: more than a turn sends
 GRO_CMSG_SPACE = socket.CMSG_SPACE(4)   # room for UDP GRO's control message (an int)
 
-# Packets waiting for the TUN device wait in our own queue, one per flow
-# (see FairQueue). QUEUE_LIMIT bounds them all together: 2048 full-size
+# Packets wait in our own queues, one per direction and within it one per
+# flow (see FairQueue). QUEUE_LIMIT bounds a direction: 2048 full-size
 # packets are 2.8 MB, more than a TCP window through a tunnel this fast
-# needs. QUANTUM is how many packets a busy flow writes before the next
+# needs. QUANTUM is how many packets a busy flow moves before the next
 # flow's turn: our scarce resource is work per packet, not bytes.
 QUEUE_LIMIT = 2048
 QUANTUM = 16
@@ -745,15 +746,16 @@ def flow_of(packet):
 
 
 class FairQueue:
-    """Packets waiting for the TUN device: one FIFO per flow, served round
-    robin, flows that just became active first. This is the scheduling half
-    of fq_codel (RFC 8290), done in user space, because that is where the
-    queue is: writing to the TUN device costs more than receiving (with GRO
-    a single recvmsg() brings 64 packets), so when the tunnel is busy the
-    backlog forms in front of our write(). Left in the socket's buffer it
-    would be one FIFO, and a ping or a keystroke would wait behind the whole
-    of a download. Here a flow that sends now and then finds its queue
-    empty, goes to `new`, and is written at the next turn.
+    """Packets waiting to go on: one FIFO per flow, served round robin, flows
+    that just became active first. This is the scheduling half of fq_codel
+    (RFC 8290), done in user space. When the tunnel is busy, udptun is the
+    bottleneck, and a backlog forms in front of it. Left in the kernel (the
+    TUN device's ring, the socket's buffer) it is one FIFO, and a ping or a
+    keystroke waits behind the whole of a download: a queue of 5 ms and
+    more through this tunnel. So each turn takes in more than it passes on
+    (READ_AHEAD against BATCH): the backlog moves here, where a flow that
+    sends now and then finds its queue empty, goes to `new`, and is passed
+    on at the next turn.
 
     A flow that still has packets after its QUANTUM goes to the back of
     `old`. A full queue drops what arrives (the kernel counts nothing, so
@@ -771,18 +773,21 @@ class FairQueue:
     def __len__(self):
         return self.length
 
-    def push(self, packet):
-        """Queue `packet`; False if there is no room."""
-        if self.length >= self.limit:
-            return False
-        key = flow_of(packet)
-        queue = self.flows.get(key)
-        if queue is None:
-            queue = self.flows[key] = deque()
-            self.new.append(key)
-        queue.append(packet)
-        self.length += 1
-        return True
+    def push(self, packets):
+        """Queue packets, in order; return how many found no room."""
+        refused = len(packets) - (self.limit - self.length)
+        if refused > 0:
+            packets = packets[:-refused]
+        flows, new = self.flows, self.new
+        for packet in packets:
+            key = flow_of(packet)
+            queue = flows.get(key)
+            if queue is None:
+                queue = flows[key] = deque()
+                new.append(key)
+            queue.append(packet)
+        self.length += len(packets)
+        return max(refused, 0)
 
     def pop(self, budget):
         """Up to `budget` packets, in the order to write them."""
@@ -804,13 +809,13 @@ class FairQueue:
 class Forwarder:
     """Moves packets between the TUN device and the UDP socket.
 
-    Subclasses provide the two directions, `tun_to_udp()` and
-    `udp_to_tun()`, each called when its file descriptor is readable
-    (`udp_to_tun()` checks what arrives and puts it in `self.queue`; `run()`
-    writes it out); `tick(now)`, called about once a second for timers; and
-    `status()`, what `udptun.py status` shows. `run()` is for callers. Each
-    step moves up to BATCH packets: one select() per packet would cost more
-    than the packet itself.
+    `udp_to_tun()` and `tun_to_udp()`, called when the socket or the TUN
+    device is readable, check what arrives and queue it (in `to_tun` and
+    `to_udp`); `run()` passes the queues on. Subclasses provide
+    `udp_to_tun()`; `send_udp(packets)`, which sends what `to_udp` gives
+    out; `tick(now)`, called about once a second for timers; and
+    `status()`, what `udptun.py status` shows. Every step moves many
+    packets: one select() per packet would cost more than the packet itself.
     """
 
     def __init__(self, tun, sock, verbose=False):
@@ -819,7 +824,8 @@ class Forwarder:
         self.drops = {}   # reason -> count
         self.status_path = None   # where to publish status() every second, if set
         self.gso = True           # until the kernel says otherwise
-        self.queue = FairQueue()  # packets for the TUN device
+        self.to_tun = FairQueue()  # received from the socket, for the TUN device
+        self.to_udp = FairQueue()  # read from the TUN device, for the socket
         self.merge = True         # merge TCP segments on writing to TUN (see write_tun)
         self.merged = [0, 0]      # segments merged, in how many writes
 
@@ -837,27 +843,33 @@ class Forwarder:
         selector.register(self.sock, selectors.EVENT_READ, self.udp_to_tun)
         last_tick = 0
         while True:
-            # A turn: receive (into the queue), write a batch from the queue,
-            # and at once read what those writes made the kernel answer (TCP
-            # acknowledgements, echo replies), so it need not wait a turn.
-            # While packets are queued we only look, never sleep.
-            events = selector.select(timeout=0 if self.queue else 1.0)
+            # A turn: take in what has arrived on either side (into the
+            # queues), write a batch to the TUN device and read at once what
+            # those writes made the kernel answer (TCP acknowledgements, echo
+            # replies), then send a batch. While packets are queued we only
+            # look, never sleep.
+            to_tun, to_udp = self.to_tun, self.to_udp
+            events = selector.select(timeout=0 if to_tun or to_udp else 1.0)
             self.now = time.monotonic()
             for key, _ in events:
                 key.data()
-            if self.queue:
-                self.write_tun(self.queue.pop(BATCH))
+            if to_tun:
+                self.write_tun(to_tun.pop(BATCH))
                 self.tun_to_udp()
+            if to_udp:
+                self.send_udp(to_udp.pop(BATCH))
             if self.now - last_tick >= 1.0:
                 self.tick(self.now)
                 self.publish()
                 last_tick = self.now
 
     def read_tun(self):
-        """Up to BATCH packets from the TUN device (without the vnet header)."""
+        """Packets from the TUN device (without the vnet header): up to
+        READ_AHEAD, fewer if `to_udp` has no room for them (they wait in the
+        device's ring, and the kernel drops what does not fit)."""
         packets = []
         fd, skip = self.tun.fd, VNET_HDR.size if self.tun.vnet else 0
-        for _ in range(BATCH):
+        for _ in range(min(READ_AHEAD, self.to_udp.limit - len(self.to_udp))):
             try:
                 packet = os.read(fd, skip + MAX_PACKET)
             except BlockingIOError:
@@ -866,10 +878,9 @@ class Forwarder:
         return packets
 
     def recv_udp(self):
-        """(datagram, address) pairs from the socket: about 2 * BATCH, fewer
-        if the queue has no room for them (then they wait in the socket's
-        buffer, and the kernel drops what does not fit, for free). Receiving
-        faster than we write keeps the backlog in the fair queue.
+        """(datagram, address) pairs from the socket: about READ_AHEAD, fewer
+        if `to_tun` has no room for them (then they wait in the socket's
+        buffer, and the kernel drops what does not fit, for free).
 
         With UDP GRO one receive may return many datagrams from one sender,
         glued together; a control message gives their size (all equal but
@@ -877,7 +888,7 @@ class Forwarder:
         datagram, there is no control message.
         """
         datagrams = []
-        room = min(2 * BATCH, self.queue.limit - len(self.queue))
+        room = min(READ_AHEAD, self.to_tun.limit - len(self.to_tun))
         while len(datagrams) < room:
             try:
                 data, ancillary, _, addr = self.sock.recvmsg(MAX_PACKET, GRO_CMSG_SPACE, socket.MSG_DONTWAIT)
@@ -952,9 +963,20 @@ class Forwarder:
         else:
             self.drop("send-error", error.strerror, count=count)
 
-    def enqueue(self, packet):
-        if not self.queue.push(packet):
-            self.drop("queue-full")
+    def tun_to_udp(self):
+        """Packets the kernel routed into the tunnel: queue them for sending."""
+        packets = []
+        for packet in self.read_tun():
+            if len(packet) < 20 or packet[0] >> 4 != 4:
+                self.drop("tun-not-ipv4")   # IPv4 only: the other end could not route it
+            else:
+                packets.append(packet)
+        self.enqueue(self.to_udp, packets)
+
+    def enqueue(self, queue, packets):
+        refused = queue.push(packets)
+        if refused:
+            self.drop("queue-full", count=refused)
 
     def write_tun(self, packets):
         """Write packets to the TUN device, runs of one TCP stream's segments
@@ -1098,8 +1120,10 @@ class Server(Forwarder):
         return any(n & mask == net for net, mask in self.allow)
 
     def udp_to_tun(self):
-        """Datagrams from clients: check them, learn who owns which tunnel IP, write to TUN."""
+        """Datagrams from clients: check them, learn who owns which tunnel IP,
+        queue them for the TUN device."""
         last = None   # (source, address) of the previous datagram, whose verdict holds
+        accepted = []
         for data, addr in self.recv_udp():
             if self.allow is not None and not self.allowed(addr[0]):
                 self.drop("not-allowed", addr)   # before looking inside at all
@@ -1129,16 +1153,14 @@ class Server(Forwarder):
                 continue
             peer.rx_packets += 1
             peer.rx_bytes += len(data)
-            self.enqueue(data)
+            accepted.append(data)
+        self.enqueue(self.to_tun, accepted)
 
-    def tun_to_udp(self):
-        """Packets the kernel routed into the tunnel: send each to the client
-        that owns its destination, in one batch per client."""
-        batches = {}   # Peer -> packets, in the order read
-        for packet in self.read_tun():
-            if len(packet) < 20 or packet[0] >> 4 != 4:
-                self.drop("tun-not-ipv4")
-                continue
+    def send_udp(self, packets):
+        """Send each packet to the client that owns its destination, in one
+        batch per client."""
+        batches = {}   # Peer -> packets, in queue order
+        for packet in packets:
             peer = self.table.by_ip.get(packet[16:20])
             if peer is None:
                 self.drop("no-client", packet[16:20])
@@ -1174,21 +1196,14 @@ class Client(Forwarder):
         self.alive = None   # unknown until the first reply or timeout
         self.tx_packets = self.rx_packets = self.tx_bytes = self.rx_bytes = 0
 
-    def tun_to_udp(self):
-        packets = []
-        for packet in self.read_tun():
-            if len(packet) < 20 or packet[0] >> 4 != 4:
-                self.drop("tun-not-ipv4")   # IPv4 only: the server could not route it
-                continue
-            packets.append(packet)
-        if packets:
-            self.tx_packets += len(packets)
-            self.tx_bytes += sum(map(len, packets))
-            self.last_tx = self.now
-            self.send_packets(packets)
+    def send_udp(self, packets):
+        self.tx_packets += len(packets)
+        self.tx_bytes += sum(map(len, packets))
+        self.last_tx = self.now
+        self.send_packets(packets)
 
     def udp_to_tun(self):
-        received = 0
+        received, accepted = 0, []
         for data, _ in self.recv_udp():
             problem = ipv4_problem(data)
             if problem:
@@ -1198,7 +1213,8 @@ class Client(Forwarder):
             self.rx_bytes += len(data)
             if data[9] == 1 and is_echo_reply(data, self.server_ip, self.ident):
                 continue   # the answer to our keepalive: ours, not the kernel's
-            self.enqueue(data)
+            accepted.append(data)
+        self.enqueue(self.to_tun, accepted)
         if received:
             self.rx_packets += received
             self.last_rx = self.now
