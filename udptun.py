@@ -67,10 +67,11 @@ IFF_VNET_HDR = 0x4000   # <linux/if_tun.h>: read() and write() start with a stru
 
 # struct virtio_net_hdr (<linux/virtio_net.h>; host byte order on a TUN
 # device): flags, gso_type, hdr_len, gso_size, csum_start, csum_offset. It
-# lets one write() carry many TCP segments at once (see merge_segments).
+# lets one write() carry many packets of one flow at once (see merge).
 VNET_HDR = struct.Struct("=BBHHHH")
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1   # the kernel completes the checksum at csum_start + csum_offset
 VIRTIO_NET_HDR_GSO_TCPV4 = 1      # the packet stands for TCP segments of gso_size payload bytes
+VIRTIO_NET_HDR_GSO_UDP_L4 = 5     # ... for UDP datagrams of gso_size (TUN devices: Linux 6.2)
 PLAIN = bytes(VNET_HDR.size)      # the header of an ordinary packet: no offload, checksums done
 
 # <linux/in.h>: IP_MTU_DISCOVER and IP_PMTUDISC_DONT ("never send DF frames").
@@ -359,68 +360,90 @@ def internet_checksum(data):
 ACK, PSH = 0x10, 0x08
 
 
-def tcp_run(packets, i):
-    """How many packets from packets[i] on continue one TCP stream, so that
-    the kernel may take them as one large packet: the test the kernel's GRO
-    applies to segments arriving on a network card (tcp_gro_receive() in
-    net/ipv4/tcp_offload.c). They must be of one connection, follow each
-    other in sequence, all of the first one's payload size but a shorter
-    last, and agree on every header field a segment may not change: IP
-    version, header length, TOS, flags, TTL; TCP acknowledgement, header
-    length, window, options (timestamps included). Packets are checked
-    IPv4 (ipv4_problem) already."""
+def mergeable(packets, i):
+    """How many packets from packets[i] on the kernel may take as one large
+    packet (see merge): what its GRO would have merged had they arrived on
+    a network card (tcp_gro_receive(), udp_gro_receive() in net/ipv4/).
+
+    They must be of one flow (addresses and ports), of the first one's size
+    but a shorter last, 64 at most and 64 KiB in all, and agree on every IP
+    header field a packet of a flow may not change: version, header length,
+    TOS, flags, TTL. TCP segments must also follow each other in sequence
+    and agree on acknowledgement, header length, window and options
+    (timestamps included), and carry only ACK, with PSH allowed on the last.
+    Packets are checked IPv4 (ipv4_problem) already.
+    """
     p = packets[i]
-    if p[0] != 0x45 or p[9] != TCP or p[6] & 0xBF or p[7] or p[33] != ACK:
-        return 1   # IP options, not TCP, a fragment (MF or an offset), or flags other than ACK
-    end = 20 + (p[32] >> 4) * 4   # end of the TCP header
-    size = len(p) - end           # payload size of every segment but the last
-    if size <= 0 or end < 40:
-        return 1   # a pure ACK, or a bad TCP header length
+    proto = p[9]
+    if p[0] != 0x45 or p[6] & 0xBF or p[7] or proto not in (TCP, UDP):
+        return 1   # IP options, a fragment (MF or an offset), or neither TCP nor UDP
+    if proto == TCP:
+        end = 20 + (p[32] >> 4) * 4   # end of the TCP header
+        if p[33] != ACK or end < 40:
+            return 1
+        same_tcp = p[28:33] + p[34:36] + p[38:end]   # ack, header length, window, urgent, options
+    else:
+        end = 28   # 20 + the UDP header's 8
+        if int.from_bytes(p[24:26], "big") != len(p) - 20:
+            return 1   # the UDP length disagrees with the IP length
+    size = len(p) - end   # payload of every packet but the last
+    if size <= 0:
+        return 1   # a pure ACK, or an empty datagram
     seq = int.from_bytes(p[24:28], "big") + size
-    total, j, n = len(p), i + 1, len(packets)
-    ip_same, tcp_same, options = p[:2] + p[6:10], p[12:24], p[38:end]
+    same_ip, flow = p[:2] + p[6:10], p[12:24]
+    total, j, n = len(p), i + 1, min(len(packets), i + GSO_MAX_SEGMENTS)
     while j < n:
         q = packets[j]
         more = len(q) - end
         if (more <= 0 or more > size or total + more > MAX_PACKET
-                or q[12:24] != tcp_same or q[:2] + q[6:10] != ip_same
-                or int.from_bytes(q[24:28], "big") != seq & 0xFFFFFFFF
-                or q[28:33] != p[28:33] or q[34:36] != p[34:36] or q[38:end] != options
-                or q[33] not in (ACK, ACK | PSH)):
+                or q[12:24] != flow or q[:2] + q[6:10] != same_ip):
+            break
+        if proto == TCP:
+            if (int.from_bytes(q[24:28], "big") != seq & 0xFFFFFFFF
+                    or q[28:33] + q[34:36] + q[38:end] != same_tcp or q[33] not in (ACK, ACK | PSH)):
+                break
+            seq += more
+        elif int.from_bytes(q[24:26], "big") != more + 8:
             break
         j += 1
-        seq += more
         total += more
-        if more < size or q[33] & PSH:
-            break   # a short segment or a push ends the run
+        if more < size or proto == TCP and q[33] & PSH:
+            break   # a short one or a push ends the run
     return j - i
 
 
-def merge_segments(run):
-    """The buffers of one write() that hands `run` (see tcp_run) to the
-    kernel as one packet: a virtio_net_hdr saying "TCP segments of this
-    size", the first segment's headers with the total length, then every
-    payload. The kernel takes it as if GRO had merged it; if it must forward
-    it, it cuts it up again (GSO), with each segment's own headers. The TCP
-    checksum is left for the kernel to finish (NEEDS_CSUM): the header holds
-    just the sum of the pseudo-header (RFC 9293, 3.1), as a network card's
-    driver would leave it."""
+def merge(run):
+    """The buffers of one write() that hands `run` (see mergeable) to the
+    kernel as one packet: a virtio_net_hdr saying "TCP segments (or UDP
+    datagrams) of this size", the first one's headers with the total
+    length, then every payload. The kernel takes it as if GRO had merged
+    it, and cuts it up again (GSO) where it must, each piece with its own
+    headers. The checksum is left for the kernel to finish (NEEDS_CSUM): the
+    header holds just the sum of the pseudo-header (RFC 9293, 3.1; RFC 768),
+    as a network card's driver would leave it.
+    """
     first, last = run[0], run[-1]
-    end = 20 + (first[32] >> 4) * 4
+    proto = first[9]
+    end = 20 + (first[32] >> 4) * 4 if proto == TCP else 28
     total = end + sum(len(q) - end for q in run)
     ip = bytearray(first[:20])
     ip[2:4] = total.to_bytes(2, "big")
     ip[10:12] = b"\0\0"
     ip[10:12] = internet_checksum(bytes(ip)).to_bytes(2, "big")
-    tcp = bytearray(first[20:end])
-    tcp[13] |= last[33] & PSH
-    words = struct.unpack("!4H", first[12:20])
-    pseudo = sum(words) + TCP + total - 20
+    pseudo = sum(struct.unpack("!4H", first[12:20])) + proto + total - 20
     pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
-    tcp[16:18] = ((pseudo & 0xFFFF) + (pseudo >> 16)).to_bytes(2, "big")
-    vnet = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, end,
-                         len(first) - end, 20, 16)
-    return [vnet, ip, tcp] + [memoryview(q)[end:] for q in run]
+    pseudo = ((pseudo & 0xFFFF) + (pseudo >> 16)).to_bytes(2, "big")
+    header = bytearray(first[20:end])
+    if proto == TCP:
+        header[13] |= last[33] & PSH
+        header[16:18] = pseudo
+        gso, check_at = VIRTIO_NET_HDR_GSO_TCPV4, 16
+    else:
+        header[4:6] = (total - 20).to_bytes(2, "big")   # the UDP length field
+        header[6:8] = pseudo
+        gso, check_at = VIRTIO_NET_HDR_GSO_UDP_L4, 6
+    vnet = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso, end, len(first) - end, 20, check_at)
+    return [vnet, ip, header] + [memoryview(q)[end:] for q in run]
 
 
 def echo_request(src, dst, ident, seq, payload=b"udptun keepalive"):
@@ -467,7 +490,7 @@ class Tun:
     with it. That is one undo we never have to write.
 
     `vnet`: every read() and write() starts with a struct virtio_net_hdr
-    (IFF_VNET_HDR), which lets one write() carry many TCP segments. We never
+    (IFF_VNET_HDR), which lets one write() carry many packets of a flow. We never
     ask the kernel for offloads on what we read (TUNSETOFFLOAD), so what we
     read is always one ordinary packet behind a header of zeros.
     """
@@ -822,12 +845,12 @@ class Forwarder:
         self.tun, self.sock, self.verbose = tun, sock, verbose
         self.now = self.started = time.monotonic()
         self.drops = {}   # reason -> count
-        self.status_path = None   # where to publish status() every second, if set
-        self.gso = True           # until the kernel says otherwise
+        self.status_path = None    # where to publish status() every second, if set
+        self.gso = True            # until the kernel says otherwise
+        self.merging = {TCP, UDP}  # protocols whose packets write_tun merges, while the kernel takes them
+        self.merged = [0, 0]       # packets merged, in how many writes
         self.to_tun = FairQueue()  # received from the socket, for the TUN device
         self.to_udp = FairQueue()  # read from the TUN device, for the socket
-        self.merge = True         # merge TCP segments on writing to TUN (see write_tun)
-        self.merged = [0, 0]      # segments merged, in how many writes
 
     def drop(self, reason, *detail, count=1):
         """Count dropped packets. Their detail (addresses, a message) is only
@@ -979,30 +1002,31 @@ class Forwarder:
             self.drop("queue-full", count=refused)
 
     def write_tun(self, packets):
-        """Write packets to the TUN device, runs of one TCP stream's segments
-        as one large packet each (see tcp_run): the kernel's TCP then does
-        its work once per run instead of once per segment, and on the server
-        that work is most of the cost of a transfer."""
+        """Write packets to the TUN device; runs of one flow's packets (see
+        mergeable) as one large packet each. The kernel then does its work
+        (routing, firewall, the receiving TCP) once per run instead of once
+        per packet, and on the server that work is most of the cost."""
         fd = self.tun.fd
         head = PLAIN if self.tun.vnet else b""
-        merge = self.merge and self.tun.vnet
+        merging = self.merging if self.tun.vnet else ()
         i, n = 0, len(packets)
         while i < n:
             packet = packets[i]
-            k = tcp_run(packets, i) if merge and packet[9] == TCP else 1
+            k = mergeable(packets, i) if packet[9] in merging else 1
             try:
                 if k == 1:
                     os.write(fd, head + packet)
                 else:
-                    os.writev(fd, merge_segments(packets[i:i + k]))
+                    os.writev(fd, merge(packets[i:i + k]))
                     self.merged[0] += k
                     self.merged[1] += 1
             except OSError as e:
                 if k == 1 or e.errno != errno.EINVAL:
                     self.drop("tun-write", e.strerror, count=k)   # count, never crash
-                else:   # merging is not taken here: one write per packet from now on
-                    self.merge = merge = False
-                    log(f"udptun: the TUN device refused merged TCP segments ({e.strerror}): "
+                else:   # not taken here (UDP before Linux 6.2): one write per packet from now on
+                    merging.discard(packet[9])
+                    kind = "TCP segments" if packet[9] == TCP else "UDP datagrams"
+                    log(f"udptun: the TUN device refused merged {kind} ({e.strerror}): "
                         "one write per packet from now on")
                     continue   # the same packets again, one by one
             i += k
@@ -1016,7 +1040,7 @@ class Forwarder:
         if self.status_path:
             status = dict(self.status(), pid=os.getpid(), device=self.tun.name, time=time.time(),
                           drops=dict(sorted(self.drops.items())),
-                          merged={"segments": self.merged[0], "writes": self.merged[1]})
+                          merged={"packets": self.merged[0], "writes": self.merged[1]})
             tmp = self.status_path + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(status, f)
@@ -1259,14 +1283,15 @@ def setup_tun(changes, system, args, address):
     to the device, so the kernel removes them when it closes: no undo.
 
     txqueuelen is the length of the ring where the kernel leaves packets for
-    us to read(). When we are the bottleneck it is also where a queue
-    stands, and this kernel-side FIFO is invisible to qdiscs such as
-    fq_codel. Long (1000, as WireGuard): no drops, full speed, but a few
-    milliseconds of delay under load. Short (64): low delay, less speed. The
-    README has the figures.
+    us to read(), a FIFO out of reach of qdiscs such as fq_codel (the
+    device drops what does not fit; it never pushes back). It only has to
+    hold what arrives in one turn of Forwarder.run(): the backlog of a busy
+    tunnel waits in our FairQueue instead. 1000, as WireGuard's, rides out
+    a few milliseconds when the scheduler runs something else.
     """
     tun = FakeTun(args.dev) if system.dry_run else Tun(args.dev)
-    log(f"[#] open {TUN_PATH} as {tun.name} (TUNSETIFF, IFF_TUN | IFF_NO_PI)")
+    flags = "IFF_TUN | IFF_NO_PI" + (" | IFF_VNET_HDR" if tun.vnet or system.dry_run else "")
+    log(f"[#] open {TUN_PATH} as {tun.name} (TUNSETIFF, {flags})")
     changes.defer(tun.close, f"close {tun.name}: the kernel deletes it with its address and routes")
     changes.make(["ip", "address", "add", str(address), "dev", tun.name])
     changes.make(["ip", "link", "set", "dev", tun.name, "mtu", str(args.mtu),
@@ -1405,7 +1430,7 @@ def run_status(args):
               f"{c['tx_packets']:>10}{c['tx_bytes']:>13}")
     print("drops: " + (", ".join(f"{k} {v}" for k, v in s["drops"].items()) or "none"))
     m = s["merged"]
-    print(f"TCP segments merged on writing to {s['device']}: {m['segments']} in {m['writes']} writes")
+    print(f"packets merged on writing to {s['device']}: {m['packets']} in {m['writes']} writes")
 
 
 # ---------------------------------------------------------------- command line
@@ -1427,7 +1452,7 @@ def parse_args(argv):
         q.add_argument("--dev", default="tun0", help="TUN device name (tun0)")
         q.add_argument("--mtu", type=int, default=DEFAULT_MTU, help=f"tunnel MTU ({DEFAULT_MTU})")
         q.add_argument("--txqueuelen", type=int, default=1000,
-                       help="TUN queue in packets: longer is faster, shorter has less delay under load (1000)")
+                       help="TUN device's ring in packets (1000)")
         q.add_argument("--dry-run", action="store_true", help="print every command, change nothing")
         q.add_argument("-v", "--verbose", action="store_true", help="log every dropped packet")
 
