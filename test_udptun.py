@@ -404,6 +404,17 @@ def test_udp_datagrams_of_a_flow_are_written_as_one_and_cut_back_the_same():
     assert udptun.mergeable([echo(1), echo(2)], 0) == 1           # neither TCP nor UDP
 
 
+def test_short_packets_are_written_as_they_are():
+    """A client may send anything that is IPv4: a TCP packet too short to
+    hold a TCP header must reach the kernel (which drops it), not crash us."""
+    short = [ipv4(src="10.0.0.1", proto=6, payload=b"abcd"), ipv4(src="10.0.0.1", proto=17, payload=b"ab")]
+    server, tun = make_server([(p, CLIENT) for p in short + short])
+    tun.vnet = True
+    receive(server)
+    # (in flow order: the fair queue gives each flow its turn)
+    assert tun.written() == b"".join(udptun.PLAIN + p for p in [short[0]] * 2 + [short[1]] * 2)
+
+
 def test_merging_falls_back_to_one_write_per_packet(monkeypatch):
     tun = PipeTun()
     tun.vnet = True

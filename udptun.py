@@ -375,8 +375,8 @@ def mergeable(packets, i):
     """
     p = packets[i]
     proto = p[9]
-    if p[0] != 0x45 or p[6] & 0xBF or p[7] or proto not in (TCP, UDP):
-        return 1   # IP options, a fragment (MF or an offset), or neither TCP nor UDP
+    if p[0] != 0x45 or len(p) < 40 or p[6] & 0xBF or p[7] or proto not in (TCP, UDP):
+        return 1   # IP options, too short, a fragment (MF or an offset), or neither TCP nor UDP
     if proto == TCP:
         end = 20 + (p[32] >> 4) * 4   # end of the TCP header
         if p[33] != ACK or end < 40:
