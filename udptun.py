@@ -432,9 +432,9 @@ def merge(run):
     ip[2:4] = total.to_bytes(2, "big")
     ip[10:12] = b"\0\0"
     ip[10:12] = internet_checksum(bytes(ip)).to_bytes(2, "big")
-    pseudo = sum(struct.unpack("!4H", first[12:20])) + proto + total - 20
-    pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
-    pseudo = ((pseudo & 0xFFFF) + (pseudo >> 16)).to_bytes(2, "big")
+    # The pseudo-header: addresses, protocol, length of what follows the IP header.
+    pseudo = first[12:20] + struct.pack("!BBH", 0, proto, total - 20)
+    pseudo = (~internet_checksum(pseudo) & 0xFFFF).to_bytes(2, "big")   # its sum, not inverted
     header = bytearray(first[20:end])
     if proto == TCP:
         header[13] |= last[33] & PSH
@@ -533,7 +533,7 @@ class FakeTun:
     """What --dry-run uses instead: no device, no root needed."""
 
     fd = -1
-    vnet = False
+    vnet = True   # as the real device would be, for the plan's log line
 
     def __init__(self, name):
         self.name = name
@@ -1292,7 +1292,7 @@ def setup_tun(changes, system, args, address):
     a few milliseconds when the scheduler runs something else.
     """
     tun = FakeTun(args.dev) if system.dry_run else Tun(args.dev)
-    flags = "IFF_TUN | IFF_NO_PI" + (" | IFF_VNET_HDR" if tun.vnet or system.dry_run else "")
+    flags = "IFF_TUN | IFF_NO_PI" + (" | IFF_VNET_HDR" if tun.vnet else "")
     log(f"[#] open {TUN_PATH} as {tun.name} (TUNSETIFF, {flags})")
     changes.defer(tun.close, f"close {tun.name}: the kernel deletes it with its address and routes")
     changes.make(["ip", "address", "add", str(address), "dev", tun.name])
