@@ -8,13 +8,18 @@ Three kinds, cheapest first:
   and always removes:
 
       cli1 172.16.0.2 ---lan1--+
-                               nat 192.0.2.20 (home router, NAT) ---+
-      cli2 172.16.1.2 ---lan2--+                                    |
+          (eth1, down) ---lan3--+ nat 192.0.2.20 (home router, NAT) ---+
+      cli2 172.16.1.2 ---lan2--+                                       |
                                                                core (internet)
       srv 198.51.100.10 (the VPS, udptun server) -------------------+
                                                                     |
       web 203.0.113.80 (web server: /ip says who asked, /blob) -----+
       iso (no links at all: for error messages)
+
+cli1's second interface, eth1 (172.16.2.0/24 when up), is the laptop's
+Ethernet next to its Wi-Fi. The laptops' /etc/resolv.conf is their own file
+(/etc/netns/NS/resolv.conf, which `ip netns exec` mounts over the machine's),
+so a --dns test never touches the machine's resolver.
 
 Without root the end-to-end tests skip; under CI=true a skip is a failure.
 """
@@ -495,29 +500,45 @@ iptables -t mangle -A FORWARD -i tun0 -p tcp --tcp-flags SYN,RST SYN -m comment 
 CLIENT_SETUP = """\
 ip address add 10.0.0.1/24 dev tun0
 ip link set dev tun0 mtu 1400 txqueuelen 1000 up
-ip route add 198.51.100.10/32 via 172.16.0.1 dev eth9
-ip route add 0.0.0.0/1 dev tun0
-ip route add 128.0.0.0/1 dev tun0
+ip -4 route add 0.0.0.0/0 dev tun0 table 5555
+ip -4 rule add not fwmark 5555 table 5555
+ip -4 rule add table main suppress_prefixlength 0
+sysctl -w net.ipv4.conf.all.src_valid_mark=1
+""".splitlines()
+
+CLIENT_TEARDOWN = """\
+sysctl -w net.ipv4.conf.all.src_valid_mark=0
+ip -4 rule del table main suppress_prefixlength 0
+ip -4 rule del not fwmark 5555 table 5555
 """.splitlines()
 
 # What the canned machine answers to the queries udptun makes.
 QUERIES = {
     ("ip", "-4", "route", "show", "default"): "default via 198.51.100.1 dev eth9\n",
-    ("ip", "-4", "route", "get", "198.51.100.10"): "198.51.100.10 via 172.16.0.1 dev eth9 src 172.16.0.2 uid 0\n",
     ("ip", "-4", "-o", "route", "show", "table", "main"): "default via 172.16.0.1 dev eth9\n"
                                                           "172.16.0.0/24 dev eth9 proto kernel scope link\n",
     ("ip", "-4", "-o", "address", "show"): "1: lo    inet 127.0.0.1/8 scope host lo\n"
                                             "2: eth9    inet 172.16.0.2/24 brd 172.16.0.255 scope global eth9\n",
+    ("ip", "-4", "rule", "show"): "0:\tfrom all lookup local\n32766:\tfrom all lookup main\n"
+                                  "32767:\tfrom all lookup default\n",
+    ("ip", "-4", "route", "show", "table", "all"): "default via 172.16.0.1 dev eth9\n"
+                                                   "local 172.16.0.2 dev eth9 table local proto kernel\n",
 }
+ORIGINAL_RESOLV_CONF = b"# the home router's\nnameserver 192.168.1.1\nsearch lan\n\xff no newline at the end"
 
 
 @pytest.fixture
 def canned(monkeypatch, tmp_path):
-    """A dry run against a canned machine: forwarding off, nothing left over."""
+    """A dry run against a canned machine: forwarding and every other
+    sysctl off, nothing left over, a resolv.conf nobody manages."""
     monkeypatch.setattr(udptun.System, "query", lambda self, *argv: QUERIES[argv])
-    monkeypatch.setattr(udptun, "ip_forward_is_on", lambda: False)
+    monkeypatch.setattr(udptun, "sysctl_value", lambda key: "0")
     monkeypatch.setattr(udptun, "STATE_ROOT", str(tmp_path))
     monkeypatch.setattr(udptun, "state_dir", lambda: str(tmp_path))
+    (tmp_path / "resolv.conf").write_bytes(ORIGINAL_RESOLV_CONF)
+    monkeypatch.setattr(udptun, "RESOLV_CONF", str(tmp_path / "resolv.conf"))
+    monkeypatch.setattr(udptun, "resolver_tool", lambda: "file")
+    return tmp_path
 
 
 def plan(capsys, argv):
@@ -531,12 +552,10 @@ def plan(capsys, argv):
 
 
 def undo_of(command):
-    """How a setup command is undone, or None when the kernel undoes it with the device."""
+    """How a server's setup command is undone, or None when the kernel undoes it with the device."""
     words = command.split()
     if words[0] == "iptables":
         words[3] = "-D"
-    elif words[:3] == ["ip", "route", "add"] and "tun0" not in words:
-        words[2] = "del"
     elif words[0] == "sysctl":
         words[2] = words[2].replace("=1", "=0")
     else:
@@ -581,12 +600,85 @@ def test_client_to_client_opens_forward_too(canned, capsys):
 def test_client_plan_is_exact_and_teardown_mirrors_it(canned, capsys):
     setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run"])
     assert setup == CLIENT_SETUP
-    assert teardown == ["ip route del 198.51.100.10/32 via 172.16.0.1 dev eth9"]
+    assert teardown == CLIENT_TEARDOWN
 
 
-def test_client_plan_with_routes_needs_no_host_route(canned, capsys):
-    setup, _ = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--route", "10.99.0.0/16"])
-    assert setup == CLIENT_SETUP[:2] + ["ip route add 10.99.0.0/16 dev tun0"]
+def test_client_plan_with_routes_puts_only_those_in_its_table(canned, capsys):
+    setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--route", "10.99.0.0/16"])
+    assert setup == CLIENT_SETUP[:2] + ["ip -4 route add 10.99.0.0/16 dev tun0 table 5555"] + CLIENT_SETUP[3:]
+    assert teardown == CLIENT_TEARDOWN
+
+
+def test_client_takes_a_table_and_mark_nobody_uses(canned, capsys, monkeypatch):
+    """Another VPN (wg-quick, say) uses table 5555 and mark 5556: take 5557."""
+    monkeypatch.setitem(QUERIES, ("ip", "-4", "rule", "show"), QUERIES[("ip", "-4", "rule", "show")]
+                        + "32764:\tnot from all fwmark 0x15b4 lookup 5555\n")
+    setup, _ = plan(capsys, ["client", "198.51.100.10", "--dry-run"])
+    assert setup[2:4] == ["ip -4 route add 0.0.0.0/0 dev tun0 table 5557", "ip -4 rule add not fwmark 5557 table 5557"]
+
+
+def test_client_dns_rewrites_an_unmanaged_resolv_conf(canned, capsys):
+    path = udptun.RESOLV_CONF
+    setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--dns", "192.0.2.53",
+                                    "--dns", "198.51.100.53"])
+    assert setup == CLIENT_SETUP[:2] + [
+        f"write {path}: nameserver 192.0.2.53; nameserver 198.51.100.53"] + CLIENT_SETUP[2:]
+    assert teardown == CLIENT_TEARDOWN + [
+        f"write {path}: nameserver 192.168.1.1; search lan; \xff no newline at the end (if it still holds what we wrote)"]
+    assert canned.joinpath("resolv.conf").read_bytes() == ORIGINAL_RESOLV_CONF   # a dry run
+
+
+def test_client_dns_routes_its_servers_through_the_tunnel_with_split_routes(canned, capsys):
+    setup, _ = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--route", "10.99.0.0/16",
+                             "--dns", "192.0.2.53"])
+    assert setup[3:5] == ["ip -4 route add 10.99.0.0/16 dev tun0 table 5555",
+                          "ip -4 route add 192.0.2.53/32 dev tun0 table 5555"]
+
+
+def test_client_dns_with_systemd_resolved(canned, capsys, monkeypatch):
+    monkeypatch.setattr(udptun, "resolver_tool", lambda: "resolvectl")
+    setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--dns", "192.0.2.53"])
+    assert setup == CLIENT_SETUP[:2] + ["resolvectl dns tun0 192.0.2.53", "resolvectl domain tun0 '~.'",
+                                        "resolvectl default-route tun0 true"] + CLIENT_SETUP[2:]
+    assert teardown == CLIENT_TEARDOWN + ["resolvectl revert tun0"]
+
+
+def test_client_dns_with_resolvconf(canned, capsys, monkeypatch):
+    monkeypatch.setattr(udptun, "resolver_tool", lambda: "resolvconf")
+    setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--dns", "192.0.2.53"])
+    assert setup == CLIENT_SETUP[:2] + ["resolvconf -a tun0 -m 0 -x <<< 'nameserver 192.0.2.53'"] + CLIENT_SETUP[2:]
+    assert teardown == CLIENT_TEARDOWN + ["resolvconf -d tun0 -f"]
+
+
+def test_resolv_conf_comes_back_byte_for_byte_however_udptun_stops(tmp_path, monkeypatch, capsys):
+    """The file back end for real, on a file of the test's: an error halfway
+    through setup, and a replay of the journal after kill -9. An undo never
+    clobbers what another program wrote since (a DHCP client, say)."""
+    path = tmp_path / "resolv.conf"
+    monkeypatch.setattr(udptun, "RESOLV_CONF", str(path))
+    monkeypatch.setattr(udptun, "resolver_tool", lambda: "file")
+    monkeypatch.setattr(udptun, "state_dir", lambda: str(tmp_path))
+    path.write_bytes(ORIGINAL_RESOLV_CONF)
+    with pytest.raises(udptun.UserError, match="halfway"):
+        with udptun.Changes(udptun.System(), udptun.Journal("tun0")) as changes:
+            udptun.set_dns(changes, "tun0", ["192.0.2.53"])
+            assert path.read_bytes().endswith(b"\nnameserver 192.0.2.53\n")
+            raise udptun.UserError("halfway")
+    assert path.read_bytes() == ORIGINAL_RESOLV_CONF
+
+    changes = udptun.Changes(udptun.System(), udptun.Journal("tun0"))
+    udptun.set_dns(changes, "tun0", ["192.0.2.53"])   # then "killed": nothing undone
+    assert path.read_bytes() != ORIGINAL_RESOLV_CONF
+    udptun.recover(udptun.System(), udptun.Journal("tun0"), "tun0")
+    assert path.read_bytes() == ORIGINAL_RESOLV_CONF
+    assert not os.path.exists(udptun.Journal("tun0").path)
+
+    changes = udptun.Changes(udptun.System(), udptun.Journal("tun0"))
+    udptun.set_dns(changes, "tun0", ["192.0.2.53"])
+    path.write_bytes(b"nameserver 192.0.2.99\n")   # a DHCP client's, since
+    changes.undo_all()
+    assert path.read_bytes() == b"nameserver 192.0.2.99\n"
+    assert "was changed by another program: left as it is" in capsys.readouterr().err
 
 
 def test_address_clash_is_refused(canned, capsys):
@@ -604,7 +696,7 @@ def test_half_done_setup_is_undone(canned, capsys, monkeypatch):
     """An error halfway through setup still runs every undo made so far."""
     real_change = udptun.System.change
 
-    def failing_change(self, *argv, check=True):
+    def failing_change(self, *argv, check=True, input=None):
         if argv[:4] == ("iptables", "-t", "filter", "-I"):
             raise udptun.UserError("iptables broke")
         return real_change(self, *argv, check=check)
@@ -623,7 +715,7 @@ def test_a_signal_during_a_command_keeps_its_undo(canned, capsys, monkeypatch):
     undo must still run."""
     real_change = udptun.System.change
 
-    def interrupted(self, *argv, check=True):
+    def interrupted(self, *argv, check=True, input=None):
         real_change(self, *argv, check=check)
         if argv[:4] == ("iptables", "-t", "nat", "-A"):
             raise udptun.Stop("SIGTERM")
@@ -729,6 +821,12 @@ http.server.ThreadingHTTPServer(("203.0.113.80", 80), H).serve_forever()
         self.link("core", "e-nat", "nat", "wan")
         self.link("nat", "lan1", "cli1", "eth0")
         self.link("nat", "lan2", "cli2", "eth0")
+        self.link("nat", "lan3", "cli1", "eth1")
+        self.sh("cli1", "ip", "link", "set", "eth1", "down")
+        for name in ("cli1", "cli2"):
+            os.makedirs(f"/etc/netns/{self.ns(name)}", exist_ok=True)
+            with open(self.resolv_conf(name), "wb") as f:
+                f.write(self.RESOLV_CONF)
         # The VPS's network card computes no checksums: the kernel does, in
         # software, so a wrong one in a packet udptun hands it (see
         # merge_segments) would be sent as it is, and the web host would drop it.
@@ -737,9 +835,11 @@ http.server.ThreadingHTTPServer(("203.0.113.80", 80), H).serve_forever()
             "core": ["ip addr add 198.51.100.1/24 dev e-srv", "ip addr add 203.0.113.1/24 dev e-web",
                      "ip addr add 192.0.2.1/24 dev e-nat", "sysctl -qw net.ipv4.ip_forward=1"],
             "srv": ["ip addr add 198.51.100.10/24 dev eth0", "ip route add default via 198.51.100.1"],
-            "web": ["ip addr add 203.0.113.80/24 dev eth0", "ip route add default via 203.0.113.1"],
+            "web": ["ip addr add 203.0.113.80/24 dev eth0", "ip route add default via 203.0.113.1",
+                    "iptables -A INPUT -s 192.0.2.20"],   # counts what comes around the tunnel
             "nat": ["ip addr add 192.0.2.20/24 dev wan", "ip addr add 172.16.0.1/24 dev lan1",
-                    "ip addr add 172.16.1.1/24 dev lan2", "ip route add default via 192.0.2.1",
+                    "ip addr add 172.16.1.1/24 dev lan2", "ip addr add 172.16.2.1/24 dev lan3",
+                    "ip route add default via 192.0.2.1",
                     "sysctl -qw net.ipv4.ip_forward=1",
                     "iptables -t nat -A POSTROUTING -o wan -j MASQUERADE"],
             "cli1": ["ip addr add 172.16.0.2/24 dev eth0", "ip route add default via 172.16.0.1"],
@@ -781,16 +881,25 @@ http.server.ThreadingHTTPServer(("203.0.113.80", 80), H).serve_forever()
         for n in self.names:
             subprocess.run(["ip", "netns", "del", n], capture_output=True)
             shutil.rmtree(f"/run/udptun/netns-{n}", ignore_errors=True)
+            shutil.rmtree(f"/etc/netns/{n}", ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir("/etc/netns")
         with contextlib.suppress(OSError):
             os.rmdir("/run/udptun")
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     server_env = None   # the environment of udptun servers (the firewall fixture sets PATH)
+    # The laptops' resolver configuration, as a home router's DHCP leaves it;
+    # no newline at the end, so that a restore must be byte for byte.
+    RESOLV_CONF = b"# from the home router\nnameserver 172.16.0.1\noptions timeout:1 attempts:1"
 
-    def udptun(self, name, *args):
+    def resolv_conf(self, name):
+        return f"/etc/netns/{self.ns(name)}/resolv.conf"
+
+    def udptun(self, name, *args, env=None):
         """Start udptun in namespace `name`; its log goes to a file."""
         log = open(os.path.join(self.tmp, f"{name}-{len(self.procs)}.log"), "w+")
-        env = self.server_env if args[0] == "server" else None
+        env = env or (self.server_env if args[0] == "server" else None)
         proc = subprocess.Popen(["ip", "netns", "exec", self.ns(name), sys.executable, UDPTUN, *args],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
         proc.log = log
@@ -839,6 +948,9 @@ http.server.ThreadingHTTPServer(("203.0.113.80", 80), H).serve_forever()
             "rules": sorted(rules),
             "nft": nft_tables,
             "ip_forward": self.sh(name, "sysctl", "-n", "net.ipv4.ip_forward"),
+            "policy": self.sh(name, "ip", "-4", "rule").split("\n"),
+            "src_valid_mark": self.sh(name, "sysctl", "-n", "net.ipv4.conf.all.src_valid_mark"),
+            "resolv.conf": open(self.resolv_conf(name), "rb").read() if name.startswith("cli") else None,
             "state": os.path.exists(f"/run/udptun/netns-{self.ns(name)}"),
         }
 
@@ -958,11 +1070,11 @@ def test_web_sees_the_vps_and_downloads_arrive_whole(firewall, clean):
 
 def test_client_with_only_some_routes(clean):
     """--route 203.0.113.0/24: only the web host's network goes through the
-    tunnel, the server is outside it, so no host route and nothing to journal."""
+    tunnel; the rest of the laptop's traffic goes the direct way."""
     lab = clean
     server, client = start_pair(lab, client_args=["--route", "203.0.113.0/24"])
     assert lab.fetch("cli1", "/ip") == "198.51.100.10"
-    assert "198.51.100.10 via" not in lab.sh("cli1", "ip", "route")
+    assert lab.sh("cli1", "ip", "route", "show", "table", "5555") == "203.0.113.0/24 dev tun0 scope link \n"
     wait_for(lambda: "10.0.0.2" in lab.sh("cli1", sys.executable, UDPTUN, "status", check=False), "status")
     rc, log = stop(client)
     assert rc == 0 and "Traceback" not in log, log
@@ -985,12 +1097,12 @@ def test_two_clients_behind_one_nat(firewall, clean):
 
 def start_and_kill_9(lab):
     """Run a pair, kill both with SIGKILL, and check what they left behind:
-    rules, the forwarding sysctl, the client's host route."""
+    rules, the forwarding sysctl, the client's routing rules."""
     for p in start_pair(lab):
         stop(p, signal.SIGKILL)
     assert rules_of_ours(lab) == 5
     assert lab.sh("srv", "sysctl", "-n", "net.ipv4.ip_forward").strip() == "1"
-    assert "198.51.100.10 via 172.16.0.1" in lab.sh("cli1", "ip", "route")
+    assert "not from all fwmark 0x15b3 lookup 5555" in lab.sh("cli1", "ip", "rule")
 
 
 def test_kill_9_then_restart_recovers_and_ends_clean(firewall, clean):
@@ -1024,6 +1136,298 @@ def test_client_survives_a_server_restart(clean):
     wait_for(lambda: lab.ping("cli1", "203.0.113.80"), "the tunnel back after the restart")
     rc, log = stop(client)
     assert rc == 0 and "server is not answering" in log and log.count("server is answering") >= 2, log
+
+
+# ---------------------------------------------------------------- the client on a laptop
+def direct_packets(lab):
+    """How many packets reached the web host from the home NAT's own address,
+    that is, around the tunnel (a counting rule the lab's web host keeps)."""
+    out = lab.sh("web", "iptables", "-L", "INPUT", "-v", "-x", "-n")
+    return sum(int(l.split()[0]) for l in out.splitlines() if "192.0.2.20" in l)
+
+
+def log_of(proc):
+    return open(proc.log.name).read()
+
+
+def network_change(lab, lose, regain):
+    """Run a client with the defaults, take its network away with `lose()`,
+    and give it one back with `regain()`: the tunnel must carry traffic again
+    within 10 s, and meanwhile nothing may go around it (a ping runs all along)."""
+    server, client = start_pair(lab)
+    before = direct_packets(lab)
+    pinger = subprocess.Popen(["ip", "netns", "exec", lab.ns("cli1"), "ping", "-i", "0.2", "-W", "1",
+                               "-w", "60", "203.0.113.80"], stdout=subprocess.DEVNULL)
+    lab.procs.append(pinger)
+    pinger.log = io.StringIO()
+    try:
+        lose()
+        wait_for(lambda: "server is not answering" in log_of(client), "the client to notice")
+        regain()
+        usable = time.monotonic()
+        wait_for(lambda: lab.ping("cli1", "203.0.113.80"), "the tunnel on the new network", timeout=10)
+        print(f"\ntunnel back {time.monotonic() - usable:.1f} s after the network was")
+        assert lab.fetch("cli1", "/ip") == "198.51.100.10"
+    finally:
+        pinger.kill()
+        pinger.wait()
+    assert direct_packets(lab) == before
+    rc, log = stop(client)
+    assert rc == 0 and log.count("server is answering") == 2, log
+    return log
+
+
+def test_laptop_link_goes_down_and_dhcp_brings_it_back(clean):
+    lab = clean
+    c = lambda a: lab.sh("cli1", *a.split())
+    network_change(lab, lose=lambda: [c("ip link set eth0 down"), c("ip -4 addr flush dev eth0")],
+                   regain=lambda: [c("ip link set eth0 up"), c("ip addr add 172.16.0.2/24 dev eth0"),
+                                   c("ip route add default via 172.16.0.1")])
+
+
+def test_laptop_moves_to_another_lan(clean):
+    """Another address, another gateway: the socket must leave the old
+    address behind. Behind the same home NAT, the server sees only a new
+    port, and moves the client's binding at once."""
+    lab = clean
+    c = lambda a: lab.sh("cli1", *a.split())
+    n = lambda a: lab.sh("nat", *a.split())
+    try:
+        log = network_change(lab, lose=lambda: [c("ip -4 addr flush dev eth0"), n("ip -4 addr flush dev lan1"),
+                                                n("ip addr add 172.16.5.1/24 dev lan1")],
+                             regain=lambda: [c("ip addr add 172.16.5.2/24 dev eth0"),
+                                             c("ip route add default via 172.16.5.1")])
+        assert "the network changed: reaching the server from 172.16.5.2 now" in log
+    finally:
+        for a in ("ip -4 addr flush dev lan1", "ip addr add 172.16.0.1/24 dev lan1"):
+            n(a)
+        for a in ("ip -4 addr flush dev eth0", "ip addr add 172.16.0.2/24 dev eth0", "ip route add default via 172.16.0.1"):
+            c(a)
+
+
+def test_laptop_switches_from_wifi_to_ethernet(clean):
+    lab = clean
+    c = lambda a: lab.sh("cli1", *a.split())
+    try:
+        log = network_change(lab, lose=lambda: c("ip link set eth0 down"),
+                             regain=lambda: [c("ip link set eth1 up"), c("ip addr add 172.16.2.2/24 dev eth1"),
+                                             c("ip route add default via 172.16.2.1")])
+        assert "the network changed: reaching the server from 172.16.2.2 now" in log
+    finally:
+        for a in ("ip -4 addr flush dev eth1", "ip link set eth1 down", "ip link set eth0 up",
+                  "ip route add default via 172.16.0.1"):
+            c(a)
+
+
+def test_client_looks_up_the_server_name_again(clean):
+    """The VPS gets a new address and its name follows (dynamic DNS): the
+    client, given the name, finds the server again by itself."""
+    lab = clean
+    hosts = f"/etc/netns/{lab.ns('cli1')}/hosts"
+    with open(hosts, "w") as f:
+        f.write("198.51.100.10 vps.example\n")
+    s = lambda a: lab.sh("srv", *a.split())
+    try:
+        server = lab.udptun("srv", "server")
+        wait_for(lambda: "listening on UDP" in log_of(server), "server setup")
+        client = lab.udptun("cli1", "client", "vps.example", "--keepalive", "1")
+        wait_for(lambda: lab.ping("cli1", "10.0.0.2"), "the tunnel")
+        for a in ("ip addr del 198.51.100.10/24 dev eth0", "ip addr add 198.51.100.11/24 dev eth0",
+                  "ip route add default via 198.51.100.1"):
+            s(a)
+        with open(hosts, "w") as f:   # in place: the client's mount of it sees the change
+            f.write("198.51.100.11 vps.example\n")
+        wait_for(lambda: lab.ping("cli1", "203.0.113.80"), "the tunnel to the new address", timeout=20)
+        assert lab.fetch("cli1", "/ip") == "198.51.100.11"
+        rc, log = stop(client)
+        assert rc == 0 and "server vps.example is at 198.51.100.11:5555 now" in log, log
+    finally:
+        os.unlink(hosts)
+        for a in ("ip -4 addr flush dev eth0", "ip addr add 198.51.100.10/24 dev eth0",
+                  "ip route add default via 198.51.100.1"):
+            s(a)
+
+
+# An ICMP parameter problem (RFC 792, type 12) about the client's datagram to
+# the server, forged by the server's host. No firewall sends one.
+PARAMETER_PROBLEM = r"""
+import socket, struct, sys
+sys.path.insert(0, sys.argv[1])
+import udptun
+nat_ip, nat_port = sys.argv[2], int(sys.argv[3])
+udp = struct.pack("!HHHH", nat_port, 5555, 8 + 20, 0)
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + 8 + 20, 0, 0, 63, 17, 0,
+                 socket.inet_aton(nat_ip), socket.inet_aton("198.51.100.10"))
+ip = ip[:10] + struct.pack("!H", udptun.internet_checksum(ip)) + ip[12:]
+icmp = struct.pack("!BBHB3x", 12, 0, 0, 0) + ip + udp
+icmp = icmp[:2] + struct.pack("!H", udptun.internet_checksum(icmp)) + icmp[4:]
+socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).sendto(icmp, (nat_ip, 0))
+"""
+
+
+def test_icmp_errors_never_end_the_client_or_the_server(clean):
+    """Each kind of ICMP error a firewall sends (REJECT), and a forged
+    parameter problem: the client says once that the server is not
+    answering, once that it is again, and keeps running. The server meets
+    the same from a client's home router, and keeps running too."""
+    lab = clean
+    server, client = start_pair(lab, client_args=["--keepalive", "1"])
+    said = {  # what the client reports, by the errno the kernel makes of each
+        "icmp-port-unreachable": "Connection refused", "icmp-net-prohibited": "Network is unreachable",
+        "icmp-host-prohibited": "No route to host", "icmp-admin-prohibited": "No route to host",
+        # Net and host unreachable are "soft" errors: a connected socket is not
+        # told (icmp_err_convert), so the client notices the silence instead.
+        "icmp-net-unreachable": "nothing for 3 s", "icmp-host-unreachable": "nothing for 3 s",
+    }
+    for n, (kind, text) in enumerate(list(said.items()) + [("parameter-problem", "Protocol error")], 1):
+        rule = ["INPUT", "-p", "udp", "--dport", "5555", "-j", "REJECT", "--reject-with", kind]
+        if kind == "parameter-problem":
+            lab.sh("srv", sys.executable, "-c", PARAMETER_PROBLEM, HERE, "192.0.2.20", nat_port(lab))
+        else:
+            lab.sh("srv", "iptables", "-I", *rule)
+        try:
+            wait_for(lambda: log_of(client).count("server is not answering") == n, f"the client to notice {kind}")
+            assert f"server is not answering ({text}" in log_of(client).split("server is answering")[-1]
+        finally:
+            if kind != "parameter-problem":
+                lab.sh("srv", "iptables", "-D", *rule)
+        wait_for(lambda: log_of(client).count("server is answering") == n + 1, f"the server back after {kind}")
+        assert client.poll() is None
+    # The server's side: the client's home router refuses what the server sends.
+    rule = ["FORWARD", "-s", "198.51.100.10", "-p", "udp", "-j", "REJECT", "--reject-with", "icmp-admin-prohibited"]
+    lab.sh("nat", "iptables", "-I", *rule)
+    try:
+        assert not lab.ping("cli1", "10.0.0.2")
+    finally:
+        lab.sh("nat", "iptables", "-D", *rule)
+    assert lab.ping("cli1", "203.0.113.80")
+    for p in (client, server):
+        rc, log = stop(p)
+        assert rc == 0 and "Traceback" not in log, log
+
+
+# Datagrams forged as the server's (IP_TRANSPARENT, from the internet core),
+# each carrying a packet to the laptop: to its LAN address, to another host
+# of the tunnel subnet, to the subnet's broadcast, to everyone, and last, as a
+# control, to its tunnel address.
+SPOOF = r"""
+import socket, struct, sys
+sys.path.insert(0, sys.argv[1])
+import udptun
+IP_TRANSPARENT = 19   # <linux/in.h>
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("198.51.100.10", 5555))
+for dst in ["172.16.0.2", "10.0.0.99", "10.0.0.255", "255.255.255.255", "10.0.0.1"]:
+    payload = dst.encode()
+    udp = struct.pack("!HHHH", 4000, 9999, 8 + len(payload), 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                     socket.inet_aton("203.0.113.80"), socket.inet_aton(dst))
+    ip = ip[:10] + struct.pack("!H", udptun.internet_checksum(ip)) + ip[12:]
+    s.sendto(ip + udp, (sys.argv[2], int(sys.argv[3])))
+"""
+# Prints what reaches UDP port 9999 on the laptop, any address, until the control.
+CATCHER = r"""
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9999))
+print("ready", flush=True)
+while True:
+    data = s.recv(100).decode()
+    print(data, flush=True)
+    if data == "10.0.0.1":
+        break
+"""
+
+
+def nat_port(lab):
+    """The home NAT's port for cli1's tunnel, as the server's status shows it."""
+    wait_for(lambda: status(lab)["clients"], "the server's status to list the client")
+    return status(lab)["clients"][0]["udp"].split(":")[1]
+
+
+def test_client_takes_in_only_packets_for_its_tunnel_address(clean):
+    lab = clean
+    server, client = start_pair(lab)
+    catcher = subprocess.Popen(["ip", "netns", "exec", lab.ns("cli1"), sys.executable, "-c", CATCHER],
+                               stdout=subprocess.PIPE, text=True)
+    lab.procs.append(catcher)
+    catcher.log = io.StringIO()
+    assert catcher.stdout.readline().strip() == "ready"
+    lab.sh("core", sys.executable, "-c", SPOOF, HERE, "192.0.2.20", nat_port(lab))
+    assert catcher.communicate(timeout=10)[0].split() == ["10.0.0.1"]   # the control only
+    wait_for(lambda: status(lab, "cli1")["drops"].get("not-for-us") == 4, "the drops to be counted")
+
+
+DNS_SERVER = r"""
+import socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("203.0.113.80", 53))
+print("ready", flush=True)
+while True:   # any A question gets 203.0.113.80; each asker is printed
+    query, (host, port) = s.recvfrom(512)
+    end = query.index(b"\0", 12) + 5
+    answer = b"\xc0\x0c" + struct.pack("!HHIH4s", 1, 1, 60, 4, socket.inet_aton("203.0.113.80"))
+    s.sendto(query[:2] + b"\x81\x80" + query[4:6] + b"\0\1\0\0\0\0" + query[12:end] + answer, (host, port))
+    print(host, flush=True)
+"""
+
+
+def test_dns_goes_through_the_tunnel_and_comes_back_however_the_client_stops(clean, tmp_path):
+    """--dns: names resolve through the given server, queries go through the
+    tunnel, and the laptop's resolv.conf comes back byte for byte after a
+    clean stop, after kill -9 and `down`, and after kill -9 and a new start.
+    (No resolvconf or resolvectl on the client's PATH: its file is rewritten.)"""
+    lab = clean
+    env = dict(os.environ, PATH=tool_dir(tmp_path, "ip", "sysctl"))
+    dns = subprocess.Popen(["ip", "netns", "exec", lab.ns("web"), sys.executable, "-c", DNS_SERVER],
+                           stdout=subprocess.PIPE, text=True)
+    lab.procs.append(dns)
+    dns.log = io.StringIO()
+    assert dns.stdout.readline().strip() == "ready"
+    server = lab.udptun("srv", "server")
+    wait_for(lambda: "listening on UDP" in log_of(server), "server setup")
+
+    def start():
+        client = lab.udptun("cli1", "client", "198.51.100.10", "--dns", "203.0.113.80", env=env)
+        wait_for(lambda: lab.ping("cli1", "10.0.0.2"), "the tunnel")
+        return client
+
+    client = start()
+    assert lab.sh("cli1", "cat", "/etc/resolv.conf").endswith("\nnameserver 203.0.113.80\n")
+    assert lab.sh("cli1", "getent", "hosts", "www.example").split() == ["203.0.113.80", "www.example"]
+    assert dns.stdout.readline().strip() == "198.51.100.10"   # the VPS asked: through the tunnel
+    rc, log = stop(client)
+    assert rc == 0 and open(lab.resolv_conf("cli1"), "rb").read() == lab.RESOLV_CONF, log
+
+    stop(start(), signal.SIGKILL)
+    assert open(lab.resolv_conf("cli1"), "rb").read() != lab.RESOLV_CONF
+    out = run_udptun(lab, "cli1", "down", env=env)
+    assert out.returncode == 0 and open(lab.resolv_conf("cli1"), "rb").read() == lab.RESOLV_CONF, out.stderr
+
+    stop(start(), signal.SIGKILL)
+    rc, log = stop(start())
+    assert rc == 0 and "undoing what an earlier run on tun0 left behind" in log
+    assert open(lab.resolv_conf("cli1"), "rb").read() == lab.RESOLV_CONF
+
+
+def test_an_error_halfway_through_setup_undoes_dns_and_rules(clean, tmp_path):
+    """An `ip` that refuses one rule (as where policy routing is not allowed):
+    the client ends with one line, and resolv.conf and the first rule are
+    as they were (the `clean` fixture checks every rule and sysctl)."""
+    lab = clean
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    fake_ip = folder / "ip"
+    fake_ip.write_text('#!/bin/sh\ncase "$*" in *"rule add table main"*) echo "RTNETLINK answers: '
+                       'Operation not permitted" >&2; exit 2;; esac\nexec ' + shutil.which("ip") + ' "$@"\n')
+    fake_ip.chmod(0o755)
+    env = dict(os.environ, PATH=str(folder) + ":" + tool_dir(tmp_path, "sysctl"))
+    out = run_udptun(lab, "cli1", "client", "198.51.100.10", "--dns", "203.0.113.80", env=env)
+    one_line_error(out, "Operation not permitted")
+    assert "[#] write /etc/resolv.conf: nameserver 172.16.0.1; options timeout:1 attempts:1" in out.stderr
+    assert open(lab.resolv_conf("cli1"), "rb").read() == lab.RESOLV_CONF
 
 
 def test_path_mtu_black_hole(firewall, clean):

@@ -44,6 +44,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import re
 import selectors
 import shlex
 import shutil
@@ -52,6 +53,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 
@@ -137,6 +139,14 @@ DEFAULT_REBIND_AFTER = 60
 
 STATE_ROOT = "/run/udptun"
 
+# The client sends everything into the tunnel by policy routing, as wg-quick
+# does (see "The client's routing"): its own datagrams carry a firewall mark
+# and skip the tunnel's routing table. The mark and the table share a number,
+# the first one from FIRST_TABLE that nothing on the machine uses yet.
+SO_MARK = 36        # <asm-generic/socket.h>: a socket's firewall mark (needs CAP_NET_ADMIN)
+FIRST_TABLE = 5555
+RESOLV_CONF = "/etc/resolv.conf"
+
 
 # ---------------------------------------------------------------- plumbing
 class UserError(Exception):
@@ -162,15 +172,22 @@ class System:
     what was done. With dry_run=True, commands that change the system are
     printed and recorded in `plan` but not run; queries (which only read)
     still run, so the plan is the one a real run would follow.
+
+    One command is our own, for the one change no tool makes: `write PATH
+    TEXT [ONLY_IF]` puts TEXT in a file in place (a bind-mounted
+    /etc/resolv.conf cannot be replaced by rename); with ONLY_IF, only if the
+    file still holds ONLY_IF, so an undo never clobbers what another program
+    wrote since. Its text is kept as latin-1, which maps every byte to one
+    character, so the journal (JSON) restores a file byte for byte.
     """
 
     def __init__(self, dry_run=False):
         self.dry_run = dry_run
         self.plan = []   # every change, in the order made (and undone)
 
-    def _run(self, argv, check):
+    def _run(self, argv, check, input=None):
         try:
-            done = subprocess.run(argv, capture_output=True, text=True)
+            done = subprocess.run(argv, capture_output=True, text=True, input=input)
         except FileNotFoundError:
             raise UserError(f"{argv[0]} not found: install it "
                             f"(apt-get install {PACKAGES.get(argv[0], argv[0])})") from None
@@ -184,14 +201,39 @@ class System:
         log("[#] " + shlex.join(argv))
         return self._run(argv, check=True).stdout
 
-    def change(self, *argv, check=True):
-        """Run a command that changes the system (only echo it in a dry run)."""
-        log("[#] " + shlex.join(argv))
+    def change(self, *argv, check=True, input=None):
+        """Run a command that changes the system (only echo it in a dry run).
+        `input` goes to its standard input."""
+        if argv[0] == "write":
+            lines = [line for line in argv[2].splitlines() if line and not line.startswith("#")]
+            log(f"[#] write {argv[1]}: " + "; ".join(lines)
+                + (" (if it still holds what we wrote)" if len(argv) > 3 else ""))
+        else:
+            log("[#] " + shlex.join(argv) + (f" <<< {shlex.quote(input.strip())}" if input else ""))
         self.plan.append(list(argv))
-        if not self.dry_run:
-            done = self._run(argv, check)
-            if done.returncode != 0:
-                log(f"    (failed, ignored: {(done.stderr or '').strip()})")
+        if self.dry_run:
+            return
+        if argv[0] == "write":
+            self._write(*argv[1:], check=check)
+            return
+        done = self._run(argv, check, input)
+        if done.returncode != 0:
+            log(f"    (failed, ignored: {(done.stderr or '').strip()})")
+
+    @staticmethod
+    def _write(path, text, only_if=None, check=True):
+        try:
+            with open(path, "r+b") as f:   # in place: the same file, not a new one
+                if only_if is not None and f.read() != only_if.encode("latin-1"):
+                    log(f"udptun: warning: {path} was changed by another program: left as it is")
+                    return
+                f.seek(0)
+                f.write(text.encode("latin-1"))
+                f.truncate()
+        except OSError as e:
+            if check:
+                raise UserError(f"cannot write {path}: {e.strerror}") from None
+            log(f"    (failed, ignored: {e.strerror})")
 
 
 def state_dir():
@@ -281,13 +323,13 @@ class Changes:
     def _commands(self):
         return [argv for kind, argv in self.stack if kind == "cmd"]
 
-    def make(self, do, undo=None):
+    def make(self, do, undo=None, input=None):
         """Make one change: run `do`, and remember `undo` to reverse it."""
         if undo is not None:
             self.stack.append(("cmd", undo))
             self.journal.save(self._commands())
         try:
-            self.system.change(*do)
+            self.system.change(*do, input=input)
         except UserError:
             if undo is not None:   # the command failed: nothing to undo
                 self.stack.pop()
@@ -583,16 +625,6 @@ def default_interface(system):
     raise UserError("no IPv4 default route: say which interface reaches the internet with --out-interface")
 
 
-def route_to(system, address):
-    """(gateway or None, device) of the route the kernel uses for `address` now."""
-    words = system.query("ip", "-4", "route", "get", address).split()
-    if words and words[0] == "local":
-        return None, None
-    via = words[words.index("via") + 1] if "via" in words else None
-    dev = words[words.index("dev") + 1] if "dev" in words else None
-    return via, dev
-
-
 def check_subnet_free(system, network, dev):
     """Refuse a tunnel subnet that overlaps a route or an address the machine
     already has: both would claim the same addresses and one would stop working.
@@ -613,11 +645,134 @@ def check_subnet_free(system, network, dev):
                             "on this machine: pick another --address, like 10.99.0.1/24")
 
 
-def ip_forward_is_on():
-    with open("/proc/sys/net/ipv4/ip_forward") as f:
-        return f.read().strip() == "1"
+def sysctl_value(key):
+    """A sysctl's value now: net.ipv4.ip_forward is /proc/sys/net/ipv4/ip_forward."""
+    with open("/proc/sys/" + key.replace(".", "/")) as f:
+        return f.read().strip()
 
 
+def set_sysctl(changes, key, value):
+    """Set a sysctl, only if it differs (as wg-quick does), and restore the
+    value found, not a default."""
+    found = sysctl_value(key)
+    if found != value:
+        changes.make(["sysctl", "-w", f"{key}={value}"], undo=["sysctl", "-w", f"{key}={found}"])
+
+
+# ---------------------------------------------------------------- the client's routing and DNS
+def free_table(system):
+    """A number that no routing rule, routing table or firewall mark uses
+    yet, from FIRST_TABLE on: the client's routing table and mark."""
+    used = system.query("ip", "-4", "rule", "show") + system.query("ip", "-4", "route", "show", "table", "all")
+    n = FIRST_TABLE
+    while re.search(rf"(lookup|table) {n}\b|fwmark {n:#x}\b", used):
+        n += 1
+    return n
+
+
+def add_client_routing(changes, dev, routes, table):
+    """Send `routes` into the tunnel, all but the tunnel's own datagrams.
+
+    The routes go into a routing table of their own, number `table`, and
+    two rules (ip-rule(8)) pick a table for each packet. `ip rule add`
+    puts a rule before the ones already there, so the second comes first:
+      1. `table main suppress_prefixlength 0`: the main table, but not its
+         default route (prefix length 0). The laptop's own networks (its LAN,
+         the tunnel's subnet) stay reachable as before.
+      2. `not fwmark N table N`: every packet not marked N: the tunnel.
+    The tunnel's own datagrams carry mark N (SO_MARK, see connect_udp), so
+    rule 2 passes them by and they take the main table's default route,
+    whichever it is at that moment. Nothing pins a gateway that a new Wi-Fi
+    or a resume from suspend could make stale, and while the laptop has no
+    network, what belongs in the tunnel still goes into it (and waits or
+    is dropped there): it never leaks out another way. This is wg-quick's
+    design; see https://www.wireguard.com/netns/ ("Improved Rule-based
+    Routing").
+    """
+    n = str(table)
+    for net in routes:
+        changes.make(["ip", "-4", "route", "add", str(net), "dev", dev, "table", n])   # goes with the device
+    for rule in (["not", "fwmark", n, "table", n], ["table", "main", "suppress_prefixlength", "0"]):
+        changes.make(["ip", "-4", "rule", "add", *rule], undo=["ip", "-4", "rule", "del", *rule])
+    # The reverse-path filter checks a packet's source by looking up a route
+    # back to it; with this set, that lookup sees the packet's mark, as ours did.
+    set_sysctl(changes, "net.ipv4.conf.all.src_valid_mark", "1")
+
+
+def resolver_tool():
+    """Who keeps the system's resolver configuration: systemd-resolved (when
+    /etc/resolv.conf points at its stub), resolvconf, or nobody (the file)."""
+    try:
+        with open(RESOLV_CONF) as f:
+            stub = "127.0.0.53" in f.read() or os.path.realpath(RESOLV_CONF).startswith("/run/systemd/")
+    except OSError:
+        stub = False
+    if stub and shutil.which("resolvectl"):
+        return "resolvectl"
+    return "resolvconf" if shutil.which("resolvconf") else "file"
+
+
+def set_dns(changes, dev, servers):
+    """Resolve names through `servers` while the tunnel is up, each way with its undo."""
+    tool = resolver_tool()
+    text = "".join(f"nameserver {a}\n" for a in servers)
+    if tool == "resolvectl":
+        # systemd-resolved keeps DNS servers per link: ours, for every domain
+        # ("~."), and the default route for names no other link claims.
+        # `revert` undoes all three (and the link's deletion would too).
+        changes.make(["resolvectl", "dns", dev, *servers], undo=["resolvectl", "revert", dev])
+        changes.make(["resolvectl", "domain", dev, "~."])
+        changes.make(["resolvectl", "default-route", dev, "true"])
+    elif tool == "resolvconf":
+        # A record of our own, first (-m 0) and alone (-x, exclusive).
+        changes.make(["resolvconf", "-a", dev, "-m", "0", "-x"], undo=["resolvconf", "-d", dev, "-f"],
+                     input=text)
+    else:
+        try:
+            with open(RESOLV_CONF, "rb") as f:
+                found = f.read().decode("latin-1")
+        except OSError as e:
+            raise UserError(f"cannot read {RESOLV_CONF}: {e.strerror}") from None
+        ours = f"# udptun ({dev}): the file as it was comes back when udptun stops\n" + text
+        changes.make(["write", RESOLV_CONF, ours], undo=["write", RESOLV_CONF, found, ours])
+
+
+def connect_udp(server, mark=None):
+    """The client's socket, connected to `server` (host, port): the kernel
+    then passes us only the server's datagrams, and tells us of ICMP errors
+    about ours. `mark` is the firewall mark that keeps it out of the tunnel."""
+    sock = open_udp_socket()
+    try:
+        if mark is not None:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        sock.connect(server)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot reach server {server[0]}: {e.strerror}: check this machine's network") from None
+    return sock
+
+
+def source_for(server, mark):
+    """The address the kernel would send from to `server` now, or None with
+    no route. A UDP connect() sends nothing: it only looks up the route."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            probe.connect(server)
+            return probe.getsockname()[0]
+        except OSError:
+            return None
+
+
+def resolve(name, port):
+    """(address, port) of the server `name`, or a UserError."""
+    try:
+        return socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][:2]
+    except (socket.gaierror, UnicodeError):
+        raise UserError(f"cannot resolve server {name!r}: check the name, or give its IPv4 address") from None
+
+
+# ---------------------------------------------------------------- the server's firewall
 def choose_firewall(wanted):
     """iptables where it exists (its rules share the chains that a DROP
     policy lives in, so they can open the way); else nft."""
@@ -862,7 +1017,7 @@ class Forwarder:
             log(f"drop {reason} " + " ".join(d if isinstance(d, str) else show(d) for d in detail))
 
     def run(self):
-        selector = selectors.DefaultSelector()
+        self.selector = selector = selectors.DefaultSelector()
         # The handler rides in the key's data slot: the loop just calls it.
         selector.register(self.tun.fd, selectors.EVENT_READ, self.tun_to_udp)
         selector.register(self.sock, selectors.EVENT_READ, self.udp_to_tun)
@@ -919,10 +1074,18 @@ class Forwarder:
                 data, ancillary, _, addr = self.sock.recvmsg(MAX_PACKET, GRO_CMSG_SPACE, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
-            except ConnectionRefusedError:
-                # A connected UDP socket reports an earlier ICMP port
-                # unreachable on its next call: the peer is down for now.
-                self.peer_unreachable()
+            except OSError as e:
+                # A connected UDP socket reports an ICMP error about an
+                # earlier datagram on its next call, as an errno: port
+                # unreachable is ECONNREFUSED, "administratively prohibited"
+                # EHOSTUNREACH, a parameter problem EPROTO, and so on
+                # (icmp_err_convert in net/ipv4/icmp.c). The kernel forgets
+                # it once reported. It says the peer cannot be reached now,
+                # never that we should stop. It takes a place in this turn,
+                # so a flood of them cannot keep us here.
+                self.drop("icmp-error", e.strerror)
+                self.unreachable(e)
+                room -= 1
                 continue
             size = 0
             for level, kind, value in ancillary:
@@ -982,11 +1145,10 @@ class Forwarder:
             self.send_failed(e, 1)
 
     def send_failed(self, error, count):
-        """Sending failed: count it and keep going (the network may come back)."""
-        if isinstance(error, ConnectionRefusedError):
-            self.peer_unreachable()
-        else:
-            self.drop("send-error", error.strerror, count=count)
+        """Sending failed (no route now, or an ICMP error reported late):
+        count it and keep going, the network may come back."""
+        self.drop("send-error", error.strerror, count=count)
+        self.unreachable(error)
 
     def tun_to_udp(self):
         """Packets the kernel routed into the tunnel: queue them for sending."""
@@ -1033,8 +1195,9 @@ class Forwarder:
                     continue   # the same packets again, one by one
             i += k
 
-    def peer_unreachable(self):
-        self.drop("icmp-unreachable")
+    def unreachable(self, error):
+        """A hook: the socket reported `error` (an OSError, already counted),
+        so the peer cannot be reached for now. The client says so."""
 
     def publish(self):
         """Write status() to a file anyone may read: `udptun.py status`
@@ -1209,17 +1372,27 @@ class Server(Forwarder):
 
 
 class Client(Forwarder):
-    """One server, one connected UDP socket, keepalives, and liveness logs."""
+    """One server, one connected UDP socket, keepalives and liveness logs,
+    and a laptop's life: its network changes, and the server's address may
+    change too.
 
-    def __init__(self, tun, sock, address, server_ip, keepalive, verbose=False):
+    `server` is its (address, port); `name` the host name the user gave, if
+    any, looked up again while the server is not answering; `mark` the
+    firewall mark of the socket (see add_client_routing).
+    """
+
+    def __init__(self, tun, sock, address, server_tunnel_ip, keepalive, mark, name=None, verbose=False):
         super().__init__(tun, sock, verbose)
         self.my_ip = address.ip.packed
-        self.server_ip = server_ip.packed
+        self.server_ip = server_tunnel_ip.packed
+        self.server = sock.getpeername()
+        self.name, self.mark = name, mark
         self.keepalive = keepalive
         self.ident = os.getpid() & 0xFFFF
         self.seq = 0
-        self.last_tx = self.last_rx = self.last_keepalive = float("-inf")
+        self.last_tx = self.last_rx = self.last_keepalive = self.last_lookup = float("-inf")
         self.alive = None   # unknown until the first reply or timeout
+        self.looked_up = None   # a lookup's answer, set by its thread: [address] or []
         self.tx_packets = self.rx_packets = self.tx_bytes = self.rx_bytes = 0
 
     def send_udp(self, packets):
@@ -1229,11 +1402,19 @@ class Client(Forwarder):
         self.send_packets(packets)
 
     def udp_to_tun(self):
+        """Datagrams from the server: only packets for our own tunnel address
+        go on. The kernel lets in only datagrams from the server's address
+        and port, but anyone who can send as that address could otherwise
+        reach this laptop's other addresses (its LAN side), other hosts or
+        a broadcast through us."""
         received, accepted = 0, []
         for data, _ in self.recv_udp():
             problem = ipv4_problem(data)
             if problem:
                 self.drop(problem)
+                continue
+            if data[16:20] != self.my_ip:
+                self.drop("not-for-us", data[16:20])
                 continue
             received += 1
             self.rx_bytes += len(data)
@@ -1248,11 +1429,10 @@ class Client(Forwarder):
                 self.alive = True
                 log("server is answering")
 
-    def peer_unreachable(self):
-        self.drop("icmp-unreachable")
+    def unreachable(self, error):
         if self.alive is not False:
             self.alive = False
-            log("server is not answering (port unreachable): still trying")
+            log(f"server is not answering ({error.strerror}): still trying")
 
     def send_keepalive(self):
         self.seq = (self.seq + 1) & 0xFFFF
@@ -1260,21 +1440,72 @@ class Client(Forwarder):
         self.last_keepalive = self.now
 
     def tick(self, now):
+        self.follow_network()
         k = self.keepalive
-        if not k:
+        if k:
+            quiet = now - self.last_tx >= k or now - self.last_rx >= k
+            if quiet and now - self.last_keepalive >= k:
+                self.send_keepalive()
+            # Three keepalives unanswered: say so once; udp_to_tun says when it is back.
+            if self.alive is not False and now - self.last_rx >= 3 * k and now - self.started >= 3 * k:
+                self.alive = False
+                log(f"server is not answering (nothing for {3 * k:g} s): still trying")
+        if self.name and self.alive is False:
+            self.look_up_again(now, 3 * k if k else 30)
+
+    def follow_network(self):
+        """Start over on a new socket when the laptop's address changes.
+
+        A connected UDP socket keeps the source address the kernel chose
+        at connect(). After a move to another network that address is gone,
+        and every send fails. So once a second we ask which source the
+        kernel would choose now, and if it changed, we reconnect. The routes
+        need nothing: policy routing already sends our datagrams by whatever
+        default route the laptop has now (see add_client_routing).
+        """
+        source = source_for(self.server, self.mark)
+        if source and source != self.sock.getsockname()[0]:
+            log(f"the network changed: reaching the server from {source} now")
+            self.reconnect(self.server)
+
+    def reconnect(self, server):
+        """Swap in a socket connected to `server` from the current source,
+        and say hello at once, so the server learns our new outer address."""
+        try:
+            sock = connect_udp(server, self.mark)
+        except UserError as e:
+            log(f"udptun: {e}")
             return
-        quiet = now - self.last_tx >= k or now - self.last_rx >= k
-        if quiet and now - self.last_keepalive >= k:
+        self.selector.unregister(self.sock)
+        self.sock.close()
+        self.sock, self.server = sock, server
+        self.selector.register(sock, selectors.EVENT_READ, self.udp_to_tun)
+        if self.keepalive:
             self.send_keepalive()
-        # Three keepalives unanswered: say so once; udp_to_tun says when it is back.
-        if self.alive is not False and now - self.last_rx >= 3 * k and now - self.started >= 3 * k:
-            self.alive = False
-            log(f"server is not answering (nothing for {3 * k:g} s): still trying")
+
+    def look_up_again(self, now, every):
+        """The server was given by name and does not answer: its address may
+        have changed (a VPS behind dynamic DNS). Look the name up again, every
+        `every` seconds, in a thread: a lookup can take seconds, and packets
+        must keep moving meanwhile."""
+        answer, self.looked_up = self.looked_up, None
+        if answer and answer[0] != self.server:
+            log(f"server {self.name} is at {show(answer[0])} now")
+            self.reconnect(answer[0])
+        if now - self.last_lookup < every:
+            return
+        self.last_lookup = now
+
+        def lookup(name=self.name, port=self.server[1]):
+            try:
+                self.looked_up = [resolve(name, port)]
+            except UserError:
+                self.looked_up = []
+        threading.Thread(target=lookup, daemon=True).start()
 
     def status(self):
-        peer = self.sock.getpeername()
         return {"role": "client", "clients": [
-            {"ip": show(self.server_ip), "udp": show(peer),
+            {"ip": show(self.server_ip), "udp": show(self.server),
              "idle": round(self.now - self.last_rx, 1) if self.rx_packets else None,   # None: never heard
              "rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
              "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes, "answering": self.alive}]}
@@ -1333,10 +1564,7 @@ def run_server(args):
     with sock, Changes(system, journal) as changes:
         bind_socket(sock, args.port)   # before any change: a busy port fails cleanly
         tun = setup_tun(changes, system, args, address)
-        if not ip_forward_is_on():
-            # Restore the value we found, not a default: the undo sets it back to 0.
-            changes.make(["sysctl", "-w", "net.ipv4.ip_forward=1"],
-                         undo=["sysctl", "-w", "net.ipv4.ip_forward=0"])
+        set_sysctl(changes, "net.ipv4.ip_forward", "1")
         add_firewall(changes, firewall, tun.name, out_if, address.network, args.mtu,
                      nat=not args.no_nat, client_to_client=args.client_to_client)
         table = ClientTable(args.client_timeout, args.rebind_after, args.max_clients)
@@ -1353,7 +1581,7 @@ def forward(forwarder, changes, args):
         return
     forwarder.status_path = state_path(args.dev, ".status")
     # The journal's first entry usually made the folder, but a run with
-    # nothing to journal (a client with no host route) has none yet.
+    # nothing to journal (every sysctl already as wanted) has none yet.
     os.makedirs(os.path.dirname(forwarder.status_path), mode=0o755, exist_ok=True)
     changes.defer(lambda: os.unlink(forwarder.status_path), f"rm {forwarder.status_path}")
     forwarder.publish()
@@ -1368,39 +1596,31 @@ def forward(forwarder, changes, args):
 def run_client(args):
     address = parse_address(args.address, "--address")
     server_tunnel_ip = ipaddress.IPv4Address(args.server_tunnel_ip)
-    routes = [parse_network(r, "--route") for r in args.route] or \
-        [ipaddress.IPv4Network("0.0.0.0/1"), ipaddress.IPv4Network("128.0.0.0/1")]
-    try:
-        server_ip = socket.getaddrinfo(args.server, args.port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
-    except (socket.gaierror, UnicodeError):
-        raise UserError(f"cannot resolve server {args.server!r}: check the name, or give its IPv4 address") from None
+    dns = [str(parse_ip(a, "--dns")) for a in args.dns]
+    routes = [parse_network(r, "--route") for r in args.route] or [ipaddress.IPv4Network("0.0.0.0/0")]
+    # Queries to a --dns server go through the tunnel, even with --route.
+    routes += [ipaddress.IPv4Network(a) for a in dns if not any(ipaddress.IPv4Address(a) in r for r in routes)]
+    server = resolve(args.server, args.port)
+    name = None if is_address(args.server) else args.server
     system, journal = prepare(args)
     check_subnet_free(system, address.network, args.dev)
-    sock = open_udp_socket()
+    table = free_table(system)
+    # In a dry run, maybe not as root: no mark (it needs CAP_NET_ADMIN), no ICMP.
+    sock = connect_udp(server, None if args.dry_run else table)
     with sock, Changes(system, journal) as changes:
-        try:
-            sock.connect((server_ip, args.port))   # the kernel now filters out other senders
-        except OSError as e:
-            raise UserError(f"cannot reach server {server_ip}: {e.strerror}: check this machine's network") from None
         tun = setup_tun(changes, system, args, address)
-        # Keep reaching the server the way we reach it now: without this host
-        # route, the tunnel's own datagrams would be routed into the tunnel.
-        if any(ipaddress.IPv4Address(server_ip) in r for r in routes):
-            via, dev = route_to(system, server_ip)
-            if dev is not None:
-                path = ["via", via, "dev", dev] if via else ["dev", dev]
-                changes.make(["ip", "route", "add", f"{server_ip}/32", *path],
-                             undo=["ip", "route", "del", f"{server_ip}/32", *path])
-        # Two halves of the address space instead of replacing the default
-        # route: more specific, so they win, and the original default route
-        # is still there, untouched, when the tunnel goes away.
-        for net in routes:
-            changes.make(["ip", "route", "add", str(net), "dev", tun.name])
-        client = Client(tun, sock, address, server_tunnel_ip, args.keepalive, args.verbose)
-        log(f"udptun client: {tun.name} {address}, server {server_ip}:{args.port}")
+        if dns:
+            set_dns(changes, tun.name, dns)
+        add_client_routing(changes, tun.name, routes, table)
+        client = Client(tun, sock, address, server_tunnel_ip, args.keepalive, table, name, args.verbose)
+        log(f"udptun client: {tun.name} {address}, server {show(server)}"
+            + ("" if dns else "; DNS unchanged (--dns ADDR resolves names through the tunnel)"))
         if not args.dry_run and args.keepalive:
             client.send_keepalive()   # so the server learns our address right away
-        forward(client, changes, args)
+        try:
+            forward(client, changes, args)
+        finally:
+            client.sock.close()   # the one in use now: follow_network may have replaced it
 
 
 def run_down(args):
@@ -1436,6 +1656,19 @@ def run_status(args):
 
 
 # ---------------------------------------------------------------- command line
+def parse_ip(text, what):
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError:
+        raise UserError(f"{what} {text!r} is not an IPv4 address, like 192.0.2.53") from None
+
+
+def is_address(text):
+    with contextlib.suppress(ValueError):
+        return bool(ipaddress.ip_address(text))
+    return False
+
+
 def parse_network(text, what):
     try:
         return ipaddress.IPv4Network(text, strict=False)
@@ -1483,6 +1716,8 @@ def parse_args(argv):
     c.add_argument("--route", action="append", default=[], metavar="CIDR",
                    help="a network to send through the tunnel (repeatable; default: everything)")
     c.add_argument("--server-tunnel-ip", default="10.0.0.2", help="the server's tunnel address (10.0.0.2)")
+    c.add_argument("--dns", action="append", default=[], metavar="ADDR",
+                   help="resolve names through ADDR, through the tunnel, while connected (repeatable)")
     c.set_defaults(func=run_client)
 
     d = sub.add_parser("down", help="undo what a killed run left behind")
