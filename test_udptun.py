@@ -198,9 +198,25 @@ class PipeTun:
 
 def make_server(datagrams, gso_error=None, **kw):
     tun = PipeTun()
-    server = udptun.Server(tun, FakeSocket(datagrams, gso_error), ipaddress.IPv4Interface("10.0.0.2/24"),
-                           udptun.ClientTable(), **kw)
+    addresses = [ipaddress.IPv4Interface("10.0.0.2/24"), ipaddress.IPv6Interface("fd75:6470:746e::2/64")]
+    server = udptun.Server(tun, FakeSocket(datagrams, gso_error), addresses, udptun.ClientTable(), **kw)
     return server, tun
+
+
+def ipv6(src="fd75:6470:746e::1", dst="2001:db8:203::80", payload=b"x" * 20, next_header=17, length=None):
+    """A hand-built IPv6 packet."""
+    length = len(payload) if length is None else length
+    return (struct.pack("!IHBB", 6 << 28, length, next_header, 64) + socket.inet_pton(socket.AF_INET6, src)
+            + socket.inet_pton(socket.AF_INET6, dst) + payload)
+
+
+def test_ipv6_packets_are_checked_too():
+    assert udptun.ip_problem(ipv6()) is None
+    assert udptun.ip_problem(ipv6()[:39]) == "short"
+    assert udptun.ip_problem(ipv6(length=21)) == "bad-length"
+    assert udptun.ip_problem(b"\x50" + bytes(59)) == "not-ip"
+    assert udptun.ip_problem(b"") == "short"
+    assert udptun.ip_problem(ipv4()) is None
 
 
 CLIENT = ("192.0.2.20", 40000)
@@ -225,7 +241,8 @@ def test_server_drops_hostile_datagrams_and_keeps_the_client():
     hostile = [
         (b"", CLIENT),
         (b"\x45\x00", CLIENT),                                  # truncated header
-        (b"\x60" + bytes(60), ("203.0.113.66", 9)),             # IPv6
+        (b"\x60" + bytes(60), ("203.0.113.66", 9)),             # IPv6, length wrong
+        (b"\x50" + bytes(60), ("203.0.113.66", 9)),             # IP version 5
         (ipv4(src="8.8.8.8"), ("203.0.113.66", 9)),             # source outside the subnet
         (ipv4(src="10.0.0.2"), ("203.0.113.66", 9)),            # the server's own address
         (ipv4(src="10.0.0.0"), ("203.0.113.66", 9)),            # network address
@@ -237,18 +254,50 @@ def test_server_drops_hostile_datagrams_and_keeps_the_client():
     receive(server)
     assert tun.written() == good + good
     assert server.table.by_ip[A].addr == CLIENT
-    assert server.drops == {"empty": 1, "short": 1, "not-ipv4": 1, "bad-source": 4,
+    assert server.drops == {"empty": 1, "short": 1, "bad-length": 1, "not-ip": 1, "bad-source": 4,
                             "refused": 1, "client-to-client": 1}
+
+
+def test_server_checks_ipv6_as_it_checks_ipv4():
+    good = ipv6()
+    hostile = [
+        (ipv6()[:30], CLIENT),                                        # truncated header
+        (ipv6(src="2001:db8:203::66"), ("203.0.113.66", 9)),           # source outside the subnet
+        (ipv6(src="fd75:6470:746e::2"), ("203.0.113.66", 9)),          # the server's own address
+        (ipv6(src="fd75:6470:746e::"), ("203.0.113.66", 9)),           # subnet-router anycast
+        (ipv6(src="fe80::1"), ("203.0.113.66", 9)),                    # link-local
+        (ipv6(), ("203.0.113.66", 9)),                                 # stranger claims the client's IP
+        (ipv6(dst="fd75:6470:746e::3"), CLIENT),                       # client to client, off by default
+        (ipv6(dst="fd75:6470:746e::2"), ("203.0.113.66", 9)),          # a refused claim, to the server
+    ]
+    server, tun = make_server([(good, CLIENT)] + hostile + [(good, CLIENT)])
+    receive(server)
+    assert tun.written() == good + good
+    assert server.table.by_ip[socket.inet_pton(socket.AF_INET6, "fd75:6470:746e::1")].addr == CLIENT
+    assert server.drops == {"short": 1, "bad-source": 4, "refused": 2, "client-to-client": 1}
+    reply = ipv6(src="2001:db8:203::80", dst="fd75:6470:746e::1")
+    server.read_tun = lambda: [reply, ipv6(src="2001:db8:203::80", dst="fd75:6470:746e::9")]
+    pass_on(server)
+    assert server.sock.sent == [(reply, CLIENT)]
+
+
+def test_a_dual_stack_socket_shows_ipv4_peers_as_ipv4():
+    assert udptun.show(("::ffff:192.0.2.20", 40000, 0, 0)) == "192.0.2.20:40000"
+    assert udptun.show(("2001:db8:172::2", 40000, 0, 0)) == "[2001:db8:172::2]:40000"
+    assert udptun.show(socket.inet_pton(socket.AF_INET6, "fd75:6470:746e::1")) == "fd75:6470:746e::1"
+    server, _ = make_server([], allow=[ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::/32")])
+    assert server.allowed("::ffff:192.0.2.20") and server.allowed("2001:db8:172::2")
+    assert not server.allowed("::ffff:203.0.113.66") and not server.allowed("2001:db9::1")
 
 
 def test_server_sends_replies_to_the_owner_only():
     server, tun = make_server([(ipv4(src="10.0.0.1"), CLIENT)])
     receive(server)
     reply, stray = ipv4(src="203.0.113.80", dst="10.0.0.1"), ipv4(src="203.0.113.80", dst="10.0.0.9")
-    server.read_tun = lambda: [reply, stray, b"\x60" + bytes(39)]
+    server.read_tun = lambda: [reply, stray, b"\x50" + bytes(39)]
     pass_on(server)
     assert server.sock.sent == [(reply, CLIENT)]
-    assert server.drops == {"no-client": 1, "tun-not-ipv4": 1}
+    assert server.drops == {"no-client": 1, "tun-not-ip": 1}
 
 
 def test_allow_list_drops_other_senders_before_parsing():
@@ -486,30 +535,62 @@ def test_client_to_client_when_allowed():
 
 
 # ================================================================ the plan (--dry-run)
-SERVER_SETUP = """\
-ip address add 10.0.0.2/24 dev tun0
+TUN_SETUP = """\
+ip address add {v4} dev tun0
+ip -6 address add {v6} dev tun0 nodad
+ip link set dev tun0 addrgenmode none
 ip link set dev tun0 mtu 1400 txqueuelen 1000 up
+"""
+
+SERVER_SETUP = (TUN_SETUP.format(v4="10.0.0.2/24", v6="fd75:6470:746e::2/64") + """\
 sysctl -w net.ipv4.ip_forward=1
+sysctl -w net.ipv6.conf.all.forwarding=1
 iptables -t nat -A POSTROUTING -s 10.0.0.0/24 -o eth9 -m comment --comment udptun:tun0 -j MASQUERADE
 iptables -t filter -I FORWARD -i tun0 -o eth9 -m comment --comment udptun:tun0 -j ACCEPT
 iptables -t filter -I FORWARD -i eth9 -o tun0 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment udptun:tun0 -j ACCEPT
 iptables -t mangle -A FORWARD -o tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss 1360
 iptables -t mangle -A FORWARD -i tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss 1360
+ip6tables -t nat -A POSTROUTING -s fd75:6470:746e::/64 -o eth9 -m comment --comment udptun:tun0 -j MASQUERADE
+ip6tables -t filter -I FORWARD -i tun0 -o eth9 -m comment --comment udptun:tun0 -j ACCEPT
+ip6tables -t filter -I FORWARD -i eth9 -o tun0 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment udptun:tun0 -j ACCEPT
+ip6tables -t mangle -A FORWARD -o tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss 1340
+ip6tables -t mangle -A FORWARD -i tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss 1340
+""").splitlines()
+
+SERVER_TEARDOWN = """\
+ip6tables -t mangle -D FORWARD -i tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss 1340
+ip6tables -t mangle -D FORWARD -o tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss 1340
+ip6tables -t filter -D FORWARD -i eth9 -o tun0 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment udptun:tun0 -j ACCEPT
+ip6tables -t filter -D FORWARD -i tun0 -o eth9 -m comment --comment udptun:tun0 -j ACCEPT
+ip6tables -t nat -D POSTROUTING -s fd75:6470:746e::/64 -o eth9 -m comment --comment udptun:tun0 -j MASQUERADE
+iptables -t mangle -D FORWARD -i tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss 1360
+iptables -t mangle -D FORWARD -o tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss 1360
+iptables -t filter -D FORWARD -i eth9 -o tun0 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment udptun:tun0 -j ACCEPT
+iptables -t filter -D FORWARD -i tun0 -o eth9 -m comment --comment udptun:tun0 -j ACCEPT
+iptables -t nat -D POSTROUTING -s 10.0.0.0/24 -o eth9 -m comment --comment udptun:tun0 -j MASQUERADE
+sysctl -w net.ipv6.conf.all.forwarding=0
+sysctl -w net.ipv4.ip_forward=0
 """.splitlines()
 
-CLIENT_SETUP = """\
-ip address add 10.0.0.1/24 dev tun0
-ip link set dev tun0 mtu 1400 txqueuelen 1000 up
+CLIENT_SETUP = TUN_SETUP.format(v4="10.0.0.1/24", v6="fd75:6470:746e::1/64").splitlines()
+CLIENT_ROUTING = """\
 ip -4 route add 0.0.0.0/0 dev tun0 table 5555
+ip -4 route add unreachable 0.0.0.0/0 table 5555 metric 4294967295
 ip -4 rule add not fwmark 5555 table 5555
 ip -4 rule add table main suppress_prefixlength 0
-sysctl -w net.ipv4.conf.all.src_valid_mark=1
+ip -6 route add ::/0 dev tun0 table 5555
+ip -6 route add unreachable ::/0 table 5555 metric 4294967295
+ip -6 rule add not fwmark 5555 table 5555
+ip -6 rule add table main suppress_prefixlength 0
 """.splitlines()
 
 CLIENT_TEARDOWN = """\
-sysctl -w net.ipv4.conf.all.src_valid_mark=0
+ip -6 rule del table main suppress_prefixlength 0
+ip -6 rule del not fwmark 5555 table 5555
+ip -6 route del unreachable ::/0 table 5555 metric 4294967295
 ip -4 rule del table main suppress_prefixlength 0
 ip -4 rule del not fwmark 5555 table 5555
+ip -4 route del unreachable 0.0.0.0/0 table 5555 metric 4294967295
 """.splitlines()
 
 # What the canned machine answers to the queries udptun makes.
@@ -523,6 +604,15 @@ QUERIES = {
                                   "32767:\tfrom all lookup default\n",
     ("ip", "-4", "route", "show", "table", "all"): "default via 172.16.0.1 dev eth9\n"
                                                    "local 172.16.0.2 dev eth9 table local proto kernel\n",
+    ("ip", "-6", "route", "show", "default"): "default via fe80::1 dev eth9 proto ra metric 1024 pref medium\n",
+    ("ip", "-6", "-o", "route", "show", "table", "main"): "2001:db8:172::/64 dev eth9 proto ra metric 1024\n"
+                                                          "fe80::/64 dev eth9 proto kernel metric 256\n"
+                                                          "default via fe80::1 dev eth9 proto ra metric 1024\n",
+    ("ip", "-6", "-o", "address", "show"): "1: lo    inet6 ::1/128 scope host \\       valid_lft forever\n"
+                                            "2: eth9    inet6 2001:db8:172::2/64 scope global dynamic \\ \n",
+    ("ip", "-o", "link", "show", "dev", "eth9"): "2: eth9: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500\n",
+    ("ip", "-6", "rule", "show"): "0:\tfrom all lookup local\n32766:\tfrom all lookup main\n",
+    ("ip", "-6", "route", "show", "table", "all"): "default via fe80::1 dev eth9 proto ra metric 1024\n",
 }
 ORIGINAL_RESOLV_CONF = b"# the home router's\nnameserver 192.168.1.1\nsearch lan\n\xff no newline at the end"
 
@@ -531,7 +621,7 @@ ORIGINAL_RESOLV_CONF = b"# the home router's\nnameserver 192.168.1.1\nsearch lan
 def canned(monkeypatch, tmp_path):
     """A dry run against a canned machine: forwarding and every other
     sysctl off, nothing left over, a resolv.conf nobody manages."""
-    monkeypatch.setattr(udptun.System, "query", lambda self, *argv: QUERIES[argv])
+    monkeypatch.setattr(udptun.System, "query", lambda self, *argv, check=True: QUERIES[argv])
     monkeypatch.setattr(udptun, "sysctl_value", lambda key: "0")
     monkeypatch.setattr(udptun, "STATE_ROOT", str(tmp_path))
     monkeypatch.setattr(udptun, "state_dir", lambda: str(tmp_path))
@@ -566,7 +656,7 @@ def undo_of(command):
 def test_server_plan_is_exact_and_teardown_mirrors_it(canned, capsys):
     setup, teardown = plan(capsys, ["server", "--dry-run", "--out-interface", "eth9", "--firewall", "iptables"])
     assert setup == SERVER_SETUP
-    assert teardown == [undo_of(c) for c in reversed(SERVER_SETUP) if undo_of(c)]
+    assert teardown == SERVER_TEARDOWN
 
 
 def test_server_plan_finds_the_internet_interface(canned, capsys):
@@ -574,39 +664,83 @@ def test_server_plan_finds_the_internet_interface(canned, capsys):
     assert setup == SERVER_SETUP
 
 
+def test_server_keeps_router_advertisements_coming_where_it_forwards(canned, capsys, monkeypatch):
+    """accept_ra 1 on the way out: made 2 before forwarding is on, and put back after."""
+    monkeypatch.setattr(udptun, "sysctl_value", lambda key: "1" if key.endswith("accept_ra") else "0")
+    setup, teardown = plan(capsys, ["server", "--dry-run", "--firewall", "iptables"])
+    assert setup[4:7] == ["sysctl -w net.ipv4.ip_forward=1", "sysctl -w net.ipv6.conf.eth9.accept_ra=2",
+                          "sysctl -w net.ipv6.conf.all.forwarding=1"]
+    assert teardown[-3:] == ["sysctl -w net.ipv6.conf.all.forwarding=0", "sysctl -w net.ipv6.conf.eth9.accept_ra=1",
+                             "sysctl -w net.ipv4.ip_forward=0"]
+
+
+def test_server_without_ipv6_on_the_internet_side_still_forwards_ipv6(canned, capsys, monkeypatch):
+    """No IPv6 default route: no IPv6 rules, but forwarding on, so that the
+    kernel answers clients' IPv6 with "no route" (ICMPv6) at once."""
+    monkeypatch.setitem(QUERIES, ("ip", "-6", "route", "show", "default"), "")
+    setup, teardown = plan(capsys, ["server", "--dry-run", "--firewall", "iptables"])
+    assert setup == SERVER_SETUP[:11]
+    assert teardown == SERVER_TEARDOWN[5:]
+
+
 NFT_SETUP = """\
-nft add table ip udptun_tun0
-nft add chain ip udptun_tun0 forward '{ type filter hook forward priority 0 ; }'
-nft add rule ip udptun_tun0 forward iifname tun0 oifname eth9 accept
-nft add rule ip udptun_tun0 forward iifname eth9 oifname tun0 ct state established,related accept
-nft add rule ip udptun_tun0 forward oifname tun0 tcp flags '&' '(syn|rst)' == syn tcp option maxseg size '>' 1360 tcp option maxseg size set 1360
-nft add rule ip udptun_tun0 forward iifname tun0 tcp flags '&' '(syn|rst)' == syn tcp option maxseg size '>' 1360 tcp option maxseg size set 1360
-nft add chain ip udptun_tun0 postrouting '{ type nat hook postrouting priority 100 ; }'
-nft add rule ip udptun_tun0 postrouting ip saddr 10.0.0.0/24 oifname eth9 masquerade
-""".splitlines()
+nft add table {f} udptun_tun0
+nft add chain {f} udptun_tun0 forward '{{ type filter hook forward priority 0 ; }}'
+nft add rule {f} udptun_tun0 forward iifname tun0 oifname eth9 accept
+nft add rule {f} udptun_tun0 forward iifname eth9 oifname tun0 ct state established,related accept
+nft add rule {f} udptun_tun0 forward oifname tun0 tcp flags '&' '(syn|rst)' == syn tcp option maxseg size '>' {mss} tcp option maxseg size set {mss}
+nft add rule {f} udptun_tun0 forward iifname tun0 tcp flags '&' '(syn|rst)' == syn tcp option maxseg size '>' {mss} tcp option maxseg size set {mss}
+nft add chain {f} udptun_tun0 postrouting '{{ type nat hook postrouting priority 100 ; }}'
+nft add rule {f} udptun_tun0 postrouting {f} saddr {net} oifname eth9 masquerade
+"""
 
 
-def test_nft_plan_is_one_table_deleted_at_once(canned, capsys):
+def test_nft_plan_is_one_table_a_family_deleted_at_once(canned, capsys):
     setup, teardown = plan(capsys, ["server", "--dry-run", "--firewall", "nft"])
-    assert setup == SERVER_SETUP[:3] + NFT_SETUP
-    assert teardown == ["nft delete table ip udptun_tun0", "sysctl -w net.ipv4.ip_forward=0"]
+    assert setup == SERVER_SETUP[:6] + (NFT_SETUP.format(f="ip", mss=1360, net="10.0.0.0/24")
+                                        + NFT_SETUP.format(f="ip6", mss=1340, net="fd75:6470:746e::/64")).splitlines()
+    assert teardown == ["nft delete table ip6 udptun_tun0", "nft delete table ip udptun_tun0",
+                        "sysctl -w net.ipv6.conf.all.forwarding=0", "sysctl -w net.ipv4.ip_forward=0"]
 
 
 def test_client_to_client_opens_forward_too(canned, capsys):
     setup, _ = plan(capsys, ["server", "--dry-run", "--firewall", "iptables", "--client-to-client"])
     assert "iptables -t filter -I FORWARD -i tun0 -o tun0 -m comment --comment udptun:tun0 -j ACCEPT" in setup
+    assert "ip6tables -t filter -I FORWARD -i tun0 -o tun0 -m comment --comment udptun:tun0 -j ACCEPT" in setup
 
 
 def test_client_plan_is_exact_and_teardown_mirrors_it(canned, capsys):
     setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run"])
-    assert setup == CLIENT_SETUP
+    assert setup == CLIENT_SETUP + CLIENT_ROUTING
     assert teardown == CLIENT_TEARDOWN
+
+
+def test_a_second_client_needs_only_its_ipv4_address(canned, capsys):
+    setup, _ = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--address", "10.0.0.3/24"])
+    assert setup[:2] == ["ip address add 10.0.0.3/24 dev tun0",
+                         "ip -6 address add fd75:6470:746e::3/64 dev tun0 nodad"]
+    setup, _ = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--address", "10.0.0.3/24",
+                             "--address6", "fd00:1::3/64"])
+    assert setup[1] == "ip -6 address add fd00:1::3/64 dev tun0 nodad"
 
 
 def test_client_plan_with_routes_puts_only_those_in_its_table(canned, capsys):
     setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--route", "10.99.0.0/16"])
-    assert setup == CLIENT_SETUP[:2] + ["ip -4 route add 10.99.0.0/16 dev tun0 table 5555"] + CLIENT_SETUP[3:]
-    assert teardown == CLIENT_TEARDOWN
+    assert setup == CLIENT_SETUP + """\
+ip -4 route add 10.99.0.0/16 dev tun0 table 5555
+ip -4 route add unreachable 10.99.0.0/16 table 5555 metric 4294967295
+ip -4 rule add not fwmark 5555 table 5555
+ip -4 rule add table main suppress_prefixlength 0""".splitlines()
+    assert teardown == """\
+ip -4 rule del table main suppress_prefixlength 0
+ip -4 rule del not fwmark 5555 table 5555
+ip -4 route del unreachable 10.99.0.0/16 table 5555 metric 4294967295""".splitlines()
+    setup, _ = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--route", "2001:db8:203::/48"])
+    assert setup == CLIENT_SETUP + """\
+ip -6 route add 2001:db8:203::/48 dev tun0 table 5555
+ip -6 route add unreachable 2001:db8:203::/48 table 5555 metric 4294967295
+ip -6 rule add not fwmark 5555 table 5555
+ip -6 rule add table main suppress_prefixlength 0""".splitlines()
 
 
 def test_client_takes_a_table_and_mark_nobody_uses(canned, capsys, monkeypatch):
@@ -614,71 +748,61 @@ def test_client_takes_a_table_and_mark_nobody_uses(canned, capsys, monkeypatch):
     monkeypatch.setitem(QUERIES, ("ip", "-4", "rule", "show"), QUERIES[("ip", "-4", "rule", "show")]
                         + "32764:\tnot from all fwmark 0x15b4 lookup 5555\n")
     setup, _ = plan(capsys, ["client", "198.51.100.10", "--dry-run"])
-    assert setup[2:4] == ["ip -4 route add 0.0.0.0/0 dev tun0 table 5557", "ip -4 rule add not fwmark 5557 table 5557"]
+    assert setup[4] == "ip -4 route add 0.0.0.0/0 dev tun0 table 5557"
+    assert setup[6] == "ip -4 rule add not fwmark 5557 table 5557"
 
 
 def test_client_dns_rewrites_an_unmanaged_resolv_conf(canned, capsys):
+    """The servers go into resolv.conf (its search domains and options stay),
+    and each gets a rule that sends its queries into the tunnel."""
     path = udptun.RESOLV_CONF
     setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--dns", "192.0.2.53",
-                                    "--dns", "198.51.100.53"])
-    assert setup == CLIENT_SETUP[:2] + [
-        f"write {path}: nameserver 192.0.2.53; nameserver 198.51.100.53"] + CLIENT_SETUP[2:]
-    assert teardown == CLIENT_TEARDOWN + [
+                                    "--dns", "2001:db8::53", "--dns", "192.0.2.53"])
+    assert setup == CLIENT_SETUP + [f"write {path}: nameserver 192.0.2.53; nameserver 2001:db8::53; search lan"] \
+        + CLIENT_ROUTING[:4] + ["ip -4 rule add to 192.0.2.53 table 5555"] \
+        + CLIENT_ROUTING[4:] + ["ip -6 rule add to 2001:db8::53 table 5555"]
+    assert teardown == ["ip -6 rule del to 2001:db8::53 table 5555"] + CLIENT_TEARDOWN[:3] \
+        + ["ip -4 rule del to 192.0.2.53 table 5555"] + CLIENT_TEARDOWN[3:] + [
         f"write {path}: nameserver 192.168.1.1; search lan; \xff no newline at the end (if it still holds what we wrote)"]
     assert canned.joinpath("resolv.conf").read_bytes() == ORIGINAL_RESOLV_CONF   # a dry run
 
 
 def test_client_dns_routes_its_servers_through_the_tunnel_with_split_routes(canned, capsys):
     setup, _ = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--route", "10.99.0.0/16",
-                             "--dns", "192.0.2.53"])
-    assert setup[3:5] == ["ip -4 route add 10.99.0.0/16 dev tun0 table 5555",
-                          "ip -4 route add 192.0.2.53/32 dev tun0 table 5555"]
+                             "--dns", "192.0.2.53", "--dns", "2001:db8::53", "--dns", "192.0.2.53"])
+    assert [c for c in setup if " route add " in c and "unreachable" not in c] == [
+        "ip -4 route add 10.99.0.0/16 dev tun0 table 5555", "ip -4 route add 192.0.2.53/32 dev tun0 table 5555",
+        "ip -6 route add 2001:db8::53/128 dev tun0 table 5555"]
 
 
 def test_client_dns_with_systemd_resolved(canned, capsys, monkeypatch):
     monkeypatch.setattr(udptun, "resolver_tool", lambda: "resolvectl")
     setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--dns", "192.0.2.53"])
-    assert setup == CLIENT_SETUP[:2] + ["resolvectl dns tun0 192.0.2.53", "resolvectl domain tun0 '~.'",
-                                        "resolvectl default-route tun0 true"] + CLIENT_SETUP[2:]
-    assert teardown == CLIENT_TEARDOWN + ["resolvectl revert tun0"]
+    assert setup == CLIENT_SETUP + ["resolvectl dns tun0 192.0.2.53", "resolvectl domain tun0 '~.'",
+                                    "resolvectl default-route tun0 true"] + CLIENT_ROUTING[:4] \
+        + ["ip -4 rule add to 192.0.2.53 table 5555"] + CLIENT_ROUTING[4:]
+    assert teardown[-1] == "resolvectl revert tun0"
 
 
 def test_client_dns_with_resolvconf(canned, capsys, monkeypatch):
     monkeypatch.setattr(udptun, "resolver_tool", lambda: "resolvconf")
     setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--dns", "192.0.2.53"])
-    assert setup == CLIENT_SETUP[:2] + ["resolvconf -a tun0 -m 0 -x <<< 'nameserver 192.0.2.53'"] + CLIENT_SETUP[2:]
-    assert teardown == CLIENT_TEARDOWN + ["resolvconf -d tun0 -f"]
+    assert setup[4] == "resolvconf -a tun0 -m 0 -x <<< 'nameserver 192.0.2.53'"
+    assert teardown[-1] == "resolvconf -d tun0 -f"
 
 
-def test_resolv_conf_comes_back_byte_for_byte_however_udptun_stops(tmp_path, monkeypatch, capsys):
-    """The file back end for real, on a file of the test's: an error halfway
-    through setup, and a replay of the journal after kill -9. An undo never
-    clobbers what another program wrote since (a DHCP client, say)."""
-    path = tmp_path / "resolv.conf"
-    monkeypatch.setattr(udptun, "RESOLV_CONF", str(path))
-    monkeypatch.setattr(udptun, "resolver_tool", lambda: "file")
-    monkeypatch.setattr(udptun, "state_dir", lambda: str(tmp_path))
-    path.write_bytes(ORIGINAL_RESOLV_CONF)
-    with pytest.raises(udptun.UserError, match="halfway"):
-        with udptun.Changes(udptun.System(), udptun.Journal("tun0")) as changes:
-            udptun.set_dns(changes, "tun0", ["192.0.2.53"])
-            assert path.read_bytes().endswith(b"\nnameserver 192.0.2.53\n")
-            raise udptun.UserError("halfway")
-    assert path.read_bytes() == ORIGINAL_RESOLV_CONF
+def test_a_machine_without_ipv6_gets_an_ipv4_tunnel(canned, capsys, monkeypatch):
+    monkeypatch.setattr(udptun, "sysctl_value", lambda key: "1" if key.endswith("disable_ipv6") else "0")
+    setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run"])
+    assert setup == [CLIENT_SETUP[0], CLIENT_SETUP[3]] + CLIENT_ROUTING[:4]
+    assert teardown == CLIENT_TEARDOWN[3:]
 
-    changes = udptun.Changes(udptun.System(), udptun.Journal("tun0"))
-    udptun.set_dns(changes, "tun0", ["192.0.2.53"])   # then "killed": nothing undone
-    assert path.read_bytes() != ORIGINAL_RESOLV_CONF
-    udptun.recover(udptun.System(), udptun.Journal("tun0"), "tun0")
-    assert path.read_bytes() == ORIGINAL_RESOLV_CONF
-    assert not os.path.exists(udptun.Journal("tun0").path)
 
-    changes = udptun.Changes(udptun.System(), udptun.Journal("tun0"))
-    udptun.set_dns(changes, "tun0", ["192.0.2.53"])
-    path.write_bytes(b"nameserver 192.0.2.99\n")   # a DHCP client's, since
-    changes.undo_all()
-    assert path.read_bytes() == b"nameserver 192.0.2.99\n"
-    assert "was changed by another program: left as it is" in capsys.readouterr().err
+def test_strict_reverse_path_filtering_is_pointed_out(canned, capsys, monkeypatch):
+    monkeypatch.setattr(udptun, "strict_reverse_path_filters", lambda: ["wlan0"])
+    assert udptun.main(["client", "198.51.100.10", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: strict reverse-path filtering (rp_filter 1) on wlan0" in err
 
 
 def test_address_clash_is_refused(canned, capsys):
@@ -705,8 +829,10 @@ def test_half_done_setup_is_undone(canned, capsys, monkeypatch):
     assert udptun.main(["server", "--dry-run", "--out-interface", "eth9", "--firewall", "iptables"]) == 1
     err = capsys.readouterr().err
     done = [l[4:] for l in err.splitlines() if l.startswith("[#] ")]
-    assert done[-3:] == [SERVER_SETUP[3].replace("-A", "-D"), "sysctl -w net.ipv4.ip_forward=0",
-                         "close tun0: the kernel deletes it with its address and routes"]
+    assert done[-4:] == [
+        "iptables -t nat -D POSTROUTING -s 10.0.0.0/24 -o eth9 -m comment --comment udptun:tun0 -j MASQUERADE",
+        "sysctl -w net.ipv6.conf.all.forwarding=0", "sysctl -w net.ipv4.ip_forward=0",
+        "close tun0: the kernel deletes it with its address and routes"]
     assert err.rstrip().endswith("udptun: error: iptables broke")
 
 
@@ -722,8 +848,9 @@ def test_a_signal_during_a_command_keeps_its_undo(canned, capsys, monkeypatch):
 
     monkeypatch.setattr(udptun.System, "change", interrupted)
     assert udptun.main(["server", "--dry-run", "--out-interface", "eth9", "--firewall", "iptables"]) == 0
-    undone = [l[4:] for l in capsys.readouterr().err.splitlines() if l.startswith("[#] ")][-3:]
-    assert undone[0] == SERVER_SETUP[3].replace("-A", "-D")
+    undone = [l[4:] for l in capsys.readouterr().err.splitlines() if l.startswith("[#] ")][-4:]
+    assert undone[0] == \
+        "iptables -t nat -D POSTROUTING -s 10.0.0.0/24 -o eth9 -m comment --comment udptun:tun0 -j MASQUERADE"
 
 
 def test_journal_replays_a_killed_run(tmp_path, monkeypatch, capsys):
@@ -772,7 +899,7 @@ class Lab:
     """The namespaces of the drawing at the top of this file."""
 
     WEB_SERVER = r"""
-import hashlib, http.server, sys
+import hashlib, http.server, socket, sys, threading
 blob = open(sys.argv[1], "rb").read()
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -784,6 +911,9 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
         self.wfile.write(body)
     def log_message(self, *a): pass
+class Server6(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+threading.Thread(target=Server6(("2001:db8:203::80", 80), H).serve_forever, daemon=True).start()
 http.server.ThreadingHTTPServer(("203.0.113.80", 80), H).serve_forever()
 """
 
@@ -847,8 +977,25 @@ http.server.ThreadingHTTPServer(("203.0.113.80", 80), H).serve_forever()
         }.items():
             for command in commands:
                 self.sh(name, *command.split())
+        # IPv6, routed end to end without NAT, as most home ISPs do it; cli2
+        # has IPv4 only. ("nodad": addresses usable at once.)
+        for name, commands in {
+            "core": ["ip -6 addr add 2001:db8:100::1/64 dev e-srv nodad", "ip -6 addr add 2001:db8:203::1/64 dev e-web nodad",
+                     "ip -6 addr add 2001:db8:192::1/64 dev e-nat nodad", "sysctl -qw net.ipv6.conf.all.forwarding=1",
+                     "ip -6 route add 2001:db8:172::/64 via 2001:db8:192::20"],
+            "srv": ["ip -6 addr add 2001:db8:100::10/64 dev eth0 nodad", "ip -6 route add default via 2001:db8:100::1",
+                    # as a VPS that takes its IPv6 route from router advertisements
+                    "sysctl -qw net.ipv6.conf.eth0.accept_ra=1"],
+            "web": ["ip -6 addr add 2001:db8:203::80/64 dev eth0 nodad", "ip -6 route add default via 2001:db8:203::1",
+                    "ip6tables -A INPUT -s 2001:db8:172::/64"],   # counts what comes around the tunnel
+            "nat": ["ip -6 addr add 2001:db8:192::20/64 dev wan nodad", "ip -6 addr add 2001:db8:172::1/64 dev lan1 nodad",
+                    "ip -6 route add default via 2001:db8:192::1", "sysctl -qw net.ipv6.conf.all.forwarding=1"],
+            "cli1": ["ip -6 addr add 2001:db8:172::2/64 dev eth0 nodad", "ip -6 route add default via 2001:db8:172::1"],
+        }.items():
+            for command in commands:
+                self.sh(name, *command.split())
         # The VPS has a stateful firewall like the one `ufw enable; ufw allow
-        # 5555/udp` leaves: input dropped but for replies, ping and the
+        # 5555/udp` leaves, for IPv4 and IPv6: input dropped but for replies, ping and the
         # tunnel's port, and forwarded traffic dropped by default (Docker
         # does the same): udptun's own rules must open the way.
         for rule in (["-A", "INPUT", "-i", "lo", "-j", "ACCEPT"],
@@ -857,13 +1004,15 @@ http.server.ThreadingHTTPServer(("203.0.113.80", 80), H).serve_forever()
                      ["-A", "INPUT", "-p", "udp", "--dport", "5555", "-j", "ACCEPT"],
                      ["-P", "INPUT", "DROP"], ["-P", "FORWARD", "DROP"]):
             self.sh("srv", "iptables", *rule)
+            self.sh("srv", "ip6tables", *[{"icmp": "ipv6-icmp"}.get(word, word) for word in rule])
         self.blob = os.path.join(self.tmp, "blob")
         with open(self.blob, "wb") as f:
             f.write(random.Random(7).randbytes(8 << 20))
         self.blob_sha = hashlib.sha256(open(self.blob, "rb").read()).hexdigest()
         self.web = subprocess.Popen(["ip", "netns", "exec", self.ns("web"), sys.executable, "-c",
                                      self.WEB_SERVER, self.blob])
-        wait_for(lambda: "203.0.113.80:80" in self.sh("web", "ss", "-ltn"), "web server")
+        wait_for(lambda: all(a in self.sh("web", "ss", "-ltn") for a in ("203.0.113.80:80", "[2001:db8:203::80]:80")),
+                 "web server")
 
     def down(self):
         """Remove everything, even after a failed test: stop what runs (politely
@@ -933,14 +1082,15 @@ http.server.ThreadingHTTPServer(("203.0.113.80", 80), H).serve_forever()
         """
         rules = []
         table = None
-        for line in self.sh(name, "iptables-save").splitlines():
-            line = re.sub(r"\[\d+:\d+\]", "", line).strip()
-            if line.startswith("*"):
-                table = line
-            elif line.startswith("-A") or (line.startswith(":") and not line.endswith("ACCEPT")):
-                rules.append(f"{table} {line}")
+        for tool in ("iptables-save", "ip6tables-save"):
+            for line in self.sh(name, tool).splitlines():
+                line = re.sub(r"\[\d+:\d+\]", "", line).strip()
+                if line.startswith("*"):
+                    table = f"{tool} {line}"
+                elif line.startswith("-A") or (line.startswith(":") and not line.endswith("ACCEPT")):
+                    rules.append(f"{table} {line}")
         nft_tables = [l for l in self.sh(name, "nft", "list", "tables").splitlines()
-                      if l not in ("table ip filter", "table ip nat", "table ip mangle")]
+                      if l not in [f"table {f} {t}" for f in ("ip", "ip6") for t in ("filter", "nat", "mangle")]]
         return {
             "links": sorted(re.findall(r"^\d+: ([^:@]+)", self.sh(name, "ip", "-o", "link"), re.M)),
             "addresses": sorted(self.sh(name, "ip", "-o", "addr").split("\n")),
@@ -948,7 +1098,8 @@ http.server.ThreadingHTTPServer(("203.0.113.80", 80), H).serve_forever()
             "rules": sorted(rules),
             "nft": nft_tables,
             "ip_forward": self.sh(name, "sysctl", "-n", "net.ipv4.ip_forward"),
-            "policy": self.sh(name, "ip", "-4", "rule").split("\n"),
+            "policy": self.sh(name, "ip", "-4", "rule").split("\n") + self.sh(name, "ip", "-6", "rule").split("\n"),
+            "sysctls": self.sh(name, "sysctl", "net.ipv6.conf.all.forwarding", "net.ipv6.conf.eth0.accept_ra"),
             "src_valid_mark": self.sh(name, "sysctl", "-n", "net.ipv4.conf.all.src_valid_mark"),
             "resolv.conf": open(self.resolv_conf(name), "rb").read() if name.startswith("cli") else None,
             "state": os.path.exists(f"/run/udptun/netns-{self.ns(name)}"),
@@ -1021,22 +1172,26 @@ def firewall(request, lab, tmp_path):
     if request.param == "iptables":
         yield {}
         return
-    lab.sh("srv", "iptables", "-P", "FORWARD", "ACCEPT")
+    for tool in ("iptables", "ip6tables"):
+        lab.sh("srv", tool, "-P", "FORWARD", "ACCEPT")
     lab.server_env = dict(os.environ, PATH=tool_dir(tmp_path, "ip", "sysctl", "nft"))
     try:
         yield lab.server_env
     finally:
         lab.server_env = None
-        lab.sh("srv", "iptables", "-P", "FORWARD", "DROP")
+        for tool in ("iptables", "ip6tables"):
+            lab.sh("srv", tool, "-P", "FORWARD", "DROP")
 
 
 def rules_of_ours(lab):
-    """How many firewall rules udptun has in place on the VPS, either back end."""
-    iptables = lab.sh("srv", "iptables-save").count("udptun:tun0")
-    nft = lab.sh("srv", "nft", "list", "ruleset")
-    nft = nft[nft.find("table ip udptun_tun0"):] if "table ip udptun_tun0" in nft else ""
-    rules = [l for l in nft.splitlines() if re.search(r"accept|masquerade|maxseg size set", l) and "policy" not in l]
-    return iptables + len(rules)
+    """How many firewall rules udptun has in place on the VPS, either back
+    end, both IP versions."""
+    rules = sum(lab.sh("srv", tool).count("udptun:tun0") for tool in ("iptables-save", "ip6tables-save"))
+    for family in ("ip", "ip6"):
+        nft = lab.sh("srv", "nft", "list", "table", family, "udptun_tun0", check=False)
+        rules += len([l for l in nft.splitlines() if re.search(r"accept|masquerade|maxseg size set", l)
+                      and "policy" not in l])
+    return rules
 
 
 def start_pair(lab, client="cli1", server_args=(), client_args=()):
@@ -1052,16 +1207,16 @@ def start_pair(lab, client="cli1", server_args=(), client_args=()):
 def test_web_sees_the_vps_and_downloads_arrive_whole(firewall, clean):
     lab = clean
     server, client = start_pair(lab)
-    assert rules_of_ours(lab) == 5
+    assert rules_of_ours(lab) == 10
     assert lab.ping("cli1", "203.0.113.80", count=3)
     assert lab.fetch("cli1", "/ip") == "198.51.100.10"
     assert lab.download_sha("cli1") == lab.blob_sha
     # The upload's segments reach the server's TUN device merged (write_tun),
     # and the kernel cuts them up again to forward them with NAT.
     assert lab.upload_sha("cli1") == lab.blob_sha
-    time.sleep(1.2)   # status is published once a second
-    assert status(lab)["merged"]["packets"] > 1000, status(lab)
-    assert status(lab, "cli1")["merged"]["packets"] > 1000   # the download's, at the client
+    # Status is published about once a second: poll it.
+    wait_for(lambda: status(lab)["merged"]["packets"] > 1000, "the server's merged writes")
+    wait_for(lambda: status(lab, "cli1")["merged"]["packets"] > 1000, "the client's (the download's)")
     for p in (client, server):
         rc, log = stop(p)
         assert rc == 0, log
@@ -1074,7 +1229,8 @@ def test_client_with_only_some_routes(clean):
     lab = clean
     server, client = start_pair(lab, client_args=["--route", "203.0.113.0/24"])
     assert lab.fetch("cli1", "/ip") == "198.51.100.10"
-    assert lab.sh("cli1", "ip", "route", "show", "table", "5555") == "203.0.113.0/24 dev tun0 scope link \n"
+    assert [l.split()[:3] for l in lab.sh("cli1", "ip", "route", "show", "table", "5555").splitlines()] == [
+        ["203.0.113.0/24", "dev", "tun0"], ["unreachable", "203.0.113.0/24", "metric"]]
     wait_for(lambda: "10.0.0.2" in lab.sh("cli1", sys.executable, UDPTUN, "status", check=False), "status")
     rc, log = stop(client)
     assert rc == 0 and "Traceback" not in log, log
@@ -1100,16 +1256,20 @@ def start_and_kill_9(lab):
     rules, the forwarding sysctl, the client's routing rules."""
     for p in start_pair(lab):
         stop(p, signal.SIGKILL)
-    assert rules_of_ours(lab) == 5
-    assert lab.sh("srv", "sysctl", "-n", "net.ipv4.ip_forward").strip() == "1"
+    assert rules_of_ours(lab) == 10
+    assert lab.sh("srv", "sysctl", "-n", "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding",
+                  "net.ipv6.conf.eth0.accept_ra").split() == ["1", "1", "2"]
     assert "not from all fwmark 0x15b3 lookup 5555" in lab.sh("cli1", "ip", "rule")
+    # What belonged in the tunnel fails at once; it never goes around it.
+    assert not lab.ping("cli1", "203.0.113.80")
+    assert "unreachable default" in lab.sh("cli1", "ip", "route", "show", "table", "5555")
 
 
 def test_kill_9_then_restart_recovers_and_ends_clean(firewall, clean):
     lab = clean
     start_and_kill_9(lab)
     server, client = start_pair(lab)
-    assert rules_of_ours(lab) == 5      # no duplicates
+    assert rules_of_ours(lab) == 10      # no duplicates
     assert lab.download_sha("cli1") == lab.blob_sha
     _, log = stop(server)
     assert "undoing what an earlier run on tun0 left behind" in log
@@ -1136,6 +1296,119 @@ def test_client_survives_a_server_restart(clean):
     wait_for(lambda: lab.ping("cli1", "203.0.113.80"), "the tunnel back after the restart")
     rc, log = stop(client)
     assert rc == 0 and "server is not answering" in log and log.count("server is answering") >= 2, log
+
+
+# ---------------------------------------------------------------- IPv6
+def around_the_tunnel6(lab):
+    """How many IPv6 packets reached the web host from the laptop's own
+    home prefix, that is, around the tunnel."""
+    out = lab.sh("web", "ip6tables", "-L", "INPUT", "-v", "-x", "-n")
+    return sum(int(l.split()[0]) for l in out.splitlines() if "2001:db8:172::/64" in l)
+
+
+def test_ipv6_inside_the_tunnel_leaves_from_the_vps(firewall, clean):
+    lab = clean
+    before = around_the_tunnel6(lab)
+    server, client = start_pair(lab)
+    assert lab.sh("cli1", "ping", "-6", "-c", "1", "-W", "2", "fd75:6470:746e::2")
+    assert lab.sh("cli1", "curl", "-sS", "-g", "--max-time", "10", "http://[2001:db8:203::80]/ip") == "2001:db8:100::10"
+    out = subprocess.run(f"ip netns exec {lab.ns('cli1')} curl -sS -g --max-time 60 http://[2001:db8:203::80]/blob"
+                         " | sha256sum", shell=True, capture_output=True, text=True, timeout=70)
+    assert out.stdout.split()[0] == lab.blob_sha
+    assert around_the_tunnel6(lab) == before
+    # Forwarding is on, so the VPS's interface must take router advertisements all the same.
+    assert lab.sh("srv", "sysctl", "-n", "net.ipv6.conf.eth0.accept_ra").strip() == "2"
+    wait_for(lambda: {c["ip"] for c in status(lab)["clients"]} == {"10.0.0.1", "fd75:6470:746e::1"},
+             "status to list both of the client's addresses")
+
+
+def test_ipv6_with_an_ipv4_only_vps_fails_at_once_and_never_leaks(clean):
+    lab = clean
+    before = around_the_tunnel6(lab)
+    lab.sh("srv", "ip", "-6", "route", "del", "default")
+    lab.sh("srv", "ip", "-6", "addr", "del", "2001:db8:100::10/64", "dev", "eth0")
+    try:
+        server, client = start_pair(lab)
+        assert "no IPv6 default route: clients' IPv6 is refused" in log_of(server)
+        started = time.monotonic()
+        out = subprocess.run(["ip", "netns", "exec", lab.ns("cli1"), "curl", "-sS", "-g", "--max-time", "5",
+                              "http://[2001:db8:203::80]/ip"], capture_output=True, text=True)
+        took = time.monotonic() - started
+        print(f"\nan IPv6 connection failed after {took * 1000:.0f} ms: {out.stderr.strip()}")
+        assert out.returncode == 7 and took < 1, out.stderr   # 7: could not connect
+        assert lab.fetch("cli1", "/ip") == "198.51.100.10"      # IPv4 carries on
+    finally:
+        lab.sh("srv", "ip", "-6", "addr", "add", "2001:db8:100::10/64", "dev", "eth0", "nodad")
+        lab.sh("srv", "ip", "-6", "route", "add", "default", "via", "2001:db8:100::1")
+    assert around_the_tunnel6(lab) == before
+
+
+def test_the_tunnel_runs_over_ipv6(firewall, clean):
+    """The VPS's firewall drops the port over IPv4; a name with only an IPv6
+    address (AAAA) still reaches the server. With both kinds, -4 and -6 choose."""
+    lab = clean
+    hosts = f"/etc/netns/{lab.ns('cli1')}/hosts"
+    with open(hosts, "w") as f:
+        f.write("2001:db8:100::10 vps6.example\n198.51.100.10 both.example\n2001:db8:100::10 both.example\n")
+    block = ["INPUT", "-p", "udp", "--dport", "5555", "-j", "DROP"]
+    lab.sh("srv", "iptables", "-I", *block)
+    try:
+        for flag, where in (("-4", "198.51.100.10:5555"), ("-6", "[2001:db8:100::10]:5555")):
+            out = run_udptun(lab, "cli1", "client", "both.example", flag, "--dry-run")
+            assert f"server {where}" in out.stderr, out.stderr
+        server = lab.udptun("srv", "server")
+        wait_for(lambda: "listening on UDP port 5555 (IPv4 and IPv6)" in log_of(server), "server setup")
+        client = lab.udptun("cli1", "client", "vps6.example")
+        wait_for(lambda: lab.ping("cli1", "10.0.0.2"), "a ping through the tunnel over IPv6")
+        assert lab.fetch("cli1", "/ip") == "198.51.100.10"
+        assert lab.download_sha("cli1") == lab.blob_sha
+        wait_for(lambda: status(lab)["clients"], "the server's status to list the client")
+        assert status(lab)["clients"][0]["udp"].startswith("[2001:db8:172::2]:")
+    finally:
+        lab.sh("srv", "iptables", "-D", *block)
+        os.unlink(hosts)
+
+
+# Hostile IPv6 datagrams from the internet, to the server's IPv6 and IPv4
+# addresses: none may reach UDP 9999 on the web host.
+FLOOD6 = r"""
+import random, socket, struct, sys
+rng = random.Random(6)
+def ipv6(src, dst, payload=b"hostile", length=None):
+    udp = struct.pack("!HHHH", 4000, 9999, 8 + len(payload), 0) + payload
+    return (struct.pack("!IHBB", 6 << 28, len(udp) if length is None else length, 17, 64)
+            + socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst) + udp)
+kinds = [
+    lambda: ipv6("fd75:6470:746e::9", "2001:db8:203::80")[:rng.randint(1, 39)],   # truncated headers
+    lambda: ipv6("fd75:6470:746e::9", "2001:db8:203::80", length=rng.randint(0, 999)),  # lengths that lie
+    lambda: ipv6(rng.choice(["2001:db8:203::66", "fd75:6470:746e::2", "fd75:6470:746e::", "fe80::1", "::"]),
+                 "2001:db8:203::80"),                                                # sources not a client's
+    lambda: ipv6("fd75:6470:746e::1", "2001:db8:203::80"),                           # the real client's address
+]
+for family, server in ((socket.AF_INET6, "2001:db8:100::10"), (socket.AF_INET, "198.51.100.10")):
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    for i in range(2000):
+        s.sendto(kinds[i % len(kinds)](), (server, 5555))
+"""
+
+
+def test_hostile_ipv6_datagrams_are_never_forwarded(clean):
+    lab = clean
+    server, client = start_pair(lab, client_args=["--keepalive", "1"])
+    listener = subprocess.Popen(["ip", "netns", "exec", lab.ns("web"), sys.executable, "-c",
+                                 LISTENER.replace("AF_INET", "AF_INET6").replace('"203.0.113.80"', '"::"'), "6"],
+                                stdout=subprocess.PIPE, text=True)
+    assert listener.stdout.readline().strip() == "ready"
+    # The real client's one datagram, through the tunnel, over IPv6 inside.
+    lab.sh("cli1", sys.executable, "-c", "import socket; socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)"
+           ".sendto(b'real', ('2001:db8:203::80', 9999))")
+    assert lab.sh("web", sys.executable, "-c", FLOOD6) == ""
+    seen = json.loads(listener.communicate(timeout=30)[0])
+    assert seen == {"2001:db8:100::10": 1}
+    drops = status(lab)["drops"]
+    print("\ndrops:", drops)
+    assert {"short", "bad-length", "bad-source", "refused"} <= set(drops)
+    assert lab.ping("cli1", "203.0.113.80") and server.poll() is None
 
 
 # ---------------------------------------------------------------- the client on a laptop
@@ -1177,12 +1450,18 @@ def network_change(lab, lose, regain):
     return log
 
 
+def restore_ipv6(c):
+    """What router advertisements give the laptop's eth0 again after the link
+    was down (the kernel drops IPv6 addresses with the link)."""
+    return [c("ip -6 addr add 2001:db8:172::2/64 dev eth0 nodad"), c("ip -6 route add default via 2001:db8:172::1")]
+
+
 def test_laptop_link_goes_down_and_dhcp_brings_it_back(clean):
     lab = clean
     c = lambda a: lab.sh("cli1", *a.split())
     network_change(lab, lose=lambda: [c("ip link set eth0 down"), c("ip -4 addr flush dev eth0")],
                    regain=lambda: [c("ip link set eth0 up"), c("ip addr add 172.16.0.2/24 dev eth0"),
-                                   c("ip route add default via 172.16.0.1")])
+                                   c("ip route add default via 172.16.0.1"), *restore_ipv6(c)])
 
 
 def test_laptop_moves_to_another_lan(clean):
@@ -1217,6 +1496,7 @@ def test_laptop_switches_from_wifi_to_ethernet(clean):
         for a in ("ip -4 addr flush dev eth1", "ip link set eth1 down", "ip link set eth0 up",
                   "ip route add default via 172.16.0.1"):
             c(a)
+        restore_ipv6(c)
 
 
 def test_client_looks_up_the_server_name_again(clean):
@@ -1279,20 +1559,26 @@ def test_icmp_errors_never_end_the_client_or_the_server(clean):
         # told (icmp_err_convert), so the client notices the silence instead.
         "icmp-net-unreachable": "nothing for 3 s", "icmp-host-unreachable": "nothing for 3 s",
     }
-    for n, (kind, text) in enumerate(list(said.items()) + [("parameter-problem", "Protocol error")], 1):
+    for n, (kind, text) in enumerate(list(said.items()) + [("parameter-problem", "")], 1):
         rule = ["INPUT", "-p", "udp", "--dport", "5555", "-j", "REJECT", "--reject-with", kind]
         if kind == "parameter-problem":
-            lab.sh("srv", sys.executable, "-c", PARAMETER_PROBLEM, HERE, "192.0.2.20", nat_port(lab))
-        else:
-            lab.sh("srv", "iptables", "-I", *rule)
+            continue   # below: it comes while the server answers
+        lab.sh("srv", "iptables", "-I", *rule)
         try:
             wait_for(lambda: log_of(client).count("server is not answering") == n, f"the client to notice {kind}")
             assert f"server is not answering ({text}" in log_of(client).split("server is answering")[-1]
         finally:
-            if kind != "parameter-problem":
-                lab.sh("srv", "iptables", "-D", *rule)
+            lab.sh("srv", "iptables", "-D", *rule)
         wait_for(lambda: log_of(client).count("server is answering") == n + 1, f"the server back after {kind}")
         assert client.poll() is None
+    # A forged parameter problem (EPROTO) while the server answers: counted,
+    # and no reason to think the server gone.
+    lines = log_of(client).count("\n")
+    errors = lambda: status(lab, "cli1")["drops"].get("icmp-error", 0)
+    before = errors()
+    lab.sh("srv", sys.executable, "-c", PARAMETER_PROBLEM, HERE, "192.0.2.20", nat_port(lab))
+    wait_for(lambda: errors() == before + 1, "the forged error to be counted")
+    assert log_of(client).count("\n") == lines and client.poll() is None
     # The server's side: the client's home router refuses what the server sends.
     rule = ["FORWARD", "-s", "198.51.100.10", "-p", "udp", "-j", "REJECT", "--reject-with", "icmp-admin-prohibited"]
     lab.sh("nat", "iptables", "-I", *rule)
@@ -1395,7 +1681,7 @@ def test_dns_goes_through_the_tunnel_and_comes_back_however_the_client_stops(cle
         return client
 
     client = start()
-    assert lab.sh("cli1", "cat", "/etc/resolv.conf").endswith("\nnameserver 203.0.113.80\n")
+    assert lab.sh("cli1", "cat", "/etc/resolv.conf").endswith("\nnameserver 203.0.113.80\noptions timeout:1 attempts:1\n")
     assert lab.sh("cli1", "getent", "hosts", "www.example").split() == ["203.0.113.80", "www.example"]
     assert dns.stdout.readline().strip() == "198.51.100.10"   # the VPS asked: through the tunnel
     rc, log = stop(client)
@@ -1522,7 +1808,7 @@ def test_error_not_root(lab):
     try:
         one_line_error(subprocess.run(as_nobody, capture_output=True, text=True), "must run as root")
         # but a dry run needs no root, and prints the whole plan
-        out = subprocess.run(as_nobody + ["--dry-run", "--out-interface", "eth0"], capture_output=True, text=True)
+        out = subprocess.run(as_nobody + ["--dry-run", "--out-interface", "lo"], capture_output=True, text=True)
         assert out.returncode == 0 and "[#] iptables -t nat -A POSTROUTING" in out.stderr, out.stderr
     finally:
         shutil.rmtree(folder)
@@ -1587,7 +1873,7 @@ def ipv4(src, dst):
 kinds = [
     lambda: rng.randbytes(rng.randint(0, 1600)),                        # random bytes, any size
     lambda: ipv4("10.0.0.9", "203.0.113.80")[:rng.randint(1, 19)],      # truncated headers
-    lambda: b"\x60" + rng.randbytes(rng.randint(39, 100)),               # IPv6
+    lambda: b"\x60" + rng.randbytes(rng.randint(39, 100)),               # IPv6, random lengths
     lambda: ipv4(rng.choice(["8.8.8.8", "172.16.0.2", "10.0.1.1", "10.0.0.2", "10.0.0.255"]),
                  "203.0.113.80"),                                       # sources outside the subnet
     lambda: ipv4("10.0.0.1", "203.0.113.80"),                           # the real client's address
@@ -1608,8 +1894,8 @@ seen, end = {}, time.monotonic() + float(sys.argv[1])
 print("ready", flush=True)
 while time.monotonic() < end:
     try:
-        _, (host, _) = s.recvfrom(2000)
-        seen[host] = seen.get(host, 0) + 1
+        _, peer = s.recvfrom(2000)
+        seen[peer[0]] = seen.get(peer[0], 0) + 1
     except socket.timeout:
         pass
 print(json.dumps(seen), flush=True)
@@ -1659,8 +1945,7 @@ def test_udp_bursts_are_merged_and_arrive_whole(clean):
     got = json.loads(receiver.stdout.readline())
     receiver.wait()
     assert got["bad"] == 0 and got["checksum_errors"] == 0 and got["good"] >= 2900, got
-    time.sleep(1.2)   # status is published once a second
-    assert status(lab)["merged"]["packets"] - before > 1000
+    wait_for(lambda: status(lab)["merged"]["packets"] - before > 1000, "merged writes in the status")
 
 
 # 1,000 clients, each its own UDP port and tunnel IP, each pinging the server.
@@ -1736,7 +2021,7 @@ def test_hostile_flood_during_a_download(firewall, clean):
     # buffer is full, before udptun sees them.
     assert drops["refused"] >= 4500           # claims on 10.0.0.1 from the stranger
     assert drops["bad-source"] >= 4500
-    assert drops["not-ipv4"] >= 4500
+    assert drops["bad-length"] >= 4500     # IPv6 headers with random lengths
     assert sum(drops.values()) >= 22500
     assert lab.ping("cli1", "203.0.113.80")
 
@@ -1817,9 +2102,9 @@ def test_status_shows_peers_and_is_world_readable(clean):
     lab = clean
     server, client = start_pair(lab)
     lab.download_sha("cli1")
-    time.sleep(1.2)   # status is published once a second
+    wait_for(lambda: any(c["tx_bytes"] > 8 << 20 for c in status(lab)["clients"]), "the download in the status")
     s = status(lab)
-    (c,) = s["clients"]
+    (c,) = [c for c in s["clients"] if "." in c["ip"]]
     assert c["ip"] == "10.0.0.1" and c["udp"].startswith("192.0.2.20:")
     assert c["tx_bytes"] > 8 << 20 and c["rx_packets"] > 0
     text = lab.sh("srv", sys.executable, UDPTUN, "status")

@@ -44,6 +44,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import queue
 import re
 import selectors
 import shlex
@@ -104,9 +105,14 @@ SOCKET_BUFFER = 4 << 20
 # bytes of headroom, like WireGuard's 1420 leaves 80. Paths smaller still
 # are handled by letting routers fragment the outer datagram (see
 # open_udp_socket) and by clamping TCP MSS on the server.
-OUTER_OVERHEAD = 28
+OUTER_OVERHEAD = 28   # over IPv6 it is 48: a 40-byte header (RFC 8200) and UDP's 8
 DEFAULT_MTU = 1400
 DEFAULT_PORT = 5555
+# Inside the tunnel each end also has an IPv6 address, from a unique local
+# /64 (RFC 4193: fd00::/8, then a 40-bit global ID that should be random;
+# ours spells "udptn" in ASCII, 75 64 70 74 6e). An end's IPv6 address has
+# the host number of its IPv4 one: 10.0.0.1/24 goes with fd75:6470:746e::1.
+DEFAULT_SUBNET6 = "fd75:6470:746e::/64"
 MAX_PACKET = 65535   # largest IPv4 packet (16-bit total length, RFC 791)
 BATCH = 64           # packets written or sent per turn in each direction (see Forwarder.run)
 READ_AHEAD = 4 * BATCH   # packets read or received per turn, at most: more than a turn sends
@@ -142,9 +148,12 @@ STATE_ROOT = "/run/udptun"
 # The client sends everything into the tunnel by policy routing, as wg-quick
 # does (see "The client's routing"): its own datagrams carry a firewall mark
 # and skip the tunnel's routing table. The mark and the table share a number,
-# the first one from FIRST_TABLE that nothing on the machine uses yet.
+# the first one from FIRST_TABLE that no routing rule or table uses yet.
 SO_MARK = 36        # <asm-generic/socket.h>: a socket's firewall mark (needs CAP_NET_ADMIN)
 FIRST_TABLE = 5555
+# The metric of the "unreachable" twin of each tunnel route (see
+# add_client_routing): the largest, so it counts only once the real one is gone.
+LAST_RESORT = 4294967295
 RESOLV_CONF = "/etc/resolv.conf"
 
 
@@ -196,10 +205,10 @@ class System:
             raise UserError(f"`{shlex.join(argv)}` failed: {why[-1] if why else done.returncode}")
         return done
 
-    def query(self, *argv):
+    def query(self, *argv, check=True):
         """Run a read-only command and return its output."""
         log("[#] " + shlex.join(argv))
-        return self._run(argv, check=True).stdout
+        return self._run(argv, check).stdout
 
     def change(self, *argv, check=True, input=None):
         """Run a command that changes the system (only echo it in a dry run).
@@ -389,6 +398,43 @@ def ipv4_problem(packet):
     return None
 
 
+# The IPv6 header (RFC 8200) is 40 bytes, with no options (they follow as
+# extension headers) and no checksum:
+#    0: version (4 bits) | traffic class | flow label
+#    4: payload length, what follows these 40 bytes (16 bits)
+#    6: next header (6 = TCP, 17 = UDP)    7: hop limit
+#    8: source address (16 bytes)          24: destination address (16 bytes)
+IPV6_HEADER = 40
+
+
+def ipv6_problem(packet):
+    """Why `packet` is not a well-formed IPv6 packet, or None if it is."""
+    if len(packet) < IPV6_HEADER:
+        return "short"
+    if packet[0] >> 4 != 6:
+        return "not-ipv6"
+    if (packet[4] << 8 | packet[5]) + IPV6_HEADER != len(packet):
+        return "bad-length"   # (a jumbogram, RFC 2675, says 0 here: not over UDP)
+    return None
+
+
+def ip_problem(packet):
+    """Why `packet` is neither a well-formed IPv4 nor IPv6 packet, or None.
+    The version, the first 4 bits, tells them apart: the one thing our wire
+    format (no header of our own) has to go on."""
+    version = packet[0] >> 4 if packet else 0
+    if version == 4:
+        return ipv4_problem(packet)
+    if version == 6:
+        return ipv6_problem(packet)
+    return "short" if not packet else "not-ip"
+
+
+# Where each version keeps its source and destination addresses.
+SOURCE = {4: slice(12, 16), 6: slice(8, 24)}
+DESTINATION = {4: slice(16, 20), 6: slice(24, 40)}
+
+
 def internet_checksum(data):
     """RFC 1071: one's complement of the one's-complement sum of 16-bit words."""
     if len(data) % 2:
@@ -511,16 +557,29 @@ def is_echo_reply(packet, src, ident):
             and packet[header] == 0 and packet[header + 4:header + 6] == struct.pack("!H", ident))
 
 
-def parse_address(text, what):
-    """'10.0.0.1/24' -> IPv4Interface, or a UserError that says what is wrong."""
+def parse_address(text, what, version=4):
+    """'10.0.0.1/24' (or, version 6, 'fd00::1/64') -> an IPv4Interface (or
+    IPv6Interface), or a UserError that says what is wrong."""
+    kind, example, most = ((ipaddress.IPv4Interface, "10.0.0.1/24", 30) if version == 4 else
+                           (ipaddress.IPv6Interface, "fd00::1/64", 126))
     try:
-        iface = ipaddress.IPv4Interface(text)
+        iface = kind(text)
     except ValueError:
-        raise UserError(f"{what} {text!r} is not an IPv4 address with a prefix, like 10.0.0.1/24") from None
+        raise UserError(f"{what} {text!r} is not an IPv{version} address with a prefix, like {example}") from None
     net = iface.network
-    if net.prefixlen > 30 or iface.ip in (net.network_address, net.broadcast_address):
-        raise UserError(f"{what} {text}: use a host address in a /30 or larger subnet, like 10.0.0.1/24")
+    if net.prefixlen > most or iface.ip in (net.network_address, net.broadcast_address):
+        raise UserError(f"{what} {text}: use a host address in a /{most} or larger subnet, like {example}")
     return iface
+
+
+def address6_for(address, given):
+    """This end's IPv6 tunnel address: --address6 if given, else the host
+    number of IPv4 `address` in DEFAULT_SUBNET6."""
+    if given:
+        return parse_address(given, "--address6", 6)
+    net = ipaddress.IPv6Network(DEFAULT_SUBNET6)
+    host = int(address.ip) - int(address.network.network_address)
+    return ipaddress.IPv6Interface((int(net.network_address) + host, net.prefixlen))
 
 
 # ---------------------------------------------------------------- the TUN device
@@ -584,7 +643,7 @@ class FakeTun:
         pass
 
 
-def open_udp_socket():
+def open_udp_socket(family=socket.AF_INET):
     """A UDP socket whose datagrams routers may fragment.
 
     Linux sets Don't Fragment on UDP by default (path-MTU discovery). If a
@@ -594,9 +653,17 @@ def open_udp_socket():
     router fragments the outer datagram instead and the far end reassembles
     it: slower, but it works (RFC 4459 section 3.1, the choice VXLAN and GRE
     make with `nopmtudisc`). On a normal path nothing is fragmented, because
-    the tunnel MTU leaves room for the outer headers.
+    the tunnel MTU leaves room for the outer headers. IPv6 routers never
+    fragment (RFC 8200): over IPv6 the kernel learns the path MTU from ICMPv6
+    "packet too big" and fragments at the source, its default.
+
+    An AF_INET6 socket is dual-stack (IPV6_V6ONLY off): it also carries IPv4,
+    whose peers it shows as ::ffff:a.b.c.d; IP_MTU_DISCOVER still applies to
+    that IPv4 traffic.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
     for forced, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
         try:
@@ -610,44 +677,65 @@ def open_udp_socket():
     return sock
 
 
+def family_of(sockaddr):
+    return socket.AF_INET6 if ":" in sockaddr[0] else socket.AF_INET
+
+
 # ---------------------------------------------------------------- system setup and undo
 def tag(dev):
     """The comment on every firewall rule we add: how a later run finds them."""
     return f"udptun:{dev}"
 
 
-def default_interface(system):
-    """The interface of the default route: where the server's NAT goes out."""
-    for line in system.query("ip", "-4", "route", "show", "default").splitlines():
+def default_interface(system, version=4):
+    """The interface of the default route: where the server's NAT goes out.
+    None if there is no IPv6 default route (a VPS without IPv6)."""
+    for line in system.query("ip", f"-{version}", "route", "show", "default").splitlines():
         words = line.split()
         if "dev" in words:
             return words[words.index("dev") + 1]
+    if version == 6:
+        return None
     raise UserError("no IPv4 default route: say which interface reaches the internet with --out-interface")
+
+
+def ipv6_available():
+    """Whether a new device gets IPv6: not where the kernel has none
+    (ipv6.disable=1) or where it is turned off (disable_ipv6)."""
+    try:
+        return sysctl_value("net.ipv6.conf.default.disable_ipv6") == "0"
+    except OSError:
+        return False
 
 
 def check_subnet_free(system, network, dev):
     """Refuse a tunnel subnet that overlaps a route or an address the machine
     already has: both would claim the same addresses and one would stop working.
-    (0.0.0.0/1 and 128.0.0.0/1, another VPN's catch-all, do not count.)"""
+    (Catch-all routes of /0 or /1, another VPN's, do not count.)"""
+    v = f"-{network.version}"
     routes = [(line.split()[0], line)
-              for line in system.query("ip", "-4", "-o", "route", "show", "table", "main").splitlines()]
-    addresses = [(line.split()[3], line) for line in system.query("ip", "-4", "-o", "address", "show").splitlines()
+              for line in system.query("ip", v, "-o", "route", "show", "table", "main").splitlines()]
+    addresses = [(line.split()[3], line) for line in system.query("ip", v, "-o", "address", "show").splitlines()
                  if len(line.split()) > 3 and line.split()[1] != dev]
     for prefix, line in routes + addresses:
         if prefix == "default" or f"dev {dev} " in line + " ":
             continue
         try:
-            existing = ipaddress.IPv4Network(prefix, strict=False)
+            existing = ipaddress.ip_network(prefix, strict=False)
         except ValueError:
             continue
         if existing.prefixlen > 1 and existing.overlaps(network):
+            option = "--address" if network.version == 4 else "--address6"
             raise UserError(f"the tunnel subnet {network} overlaps '{' '.join(line.split()[:6])}' "
-                            "on this machine: pick another --address, like 10.99.0.1/24")
+                            f"on this machine: pick another {option}, like "
+                            + ("10.99.0.1/24" if network.version == 4 else "fd00:99::1/64"))
 
 
 def sysctl_value(key):
     """A sysctl's value now: net.ipv4.ip_forward is /proc/sys/net/ipv4/ip_forward."""
-    with open("/proc/sys/" + key.replace(".", "/")) as f:
+    # (A key naming an interface with a dot in its name, eth0.100, is given
+    # with slashes, as sysctl(8) also takes it.)
+    with open("/proc/sys/" + (key if "/" in key else key.replace(".", "/"))) as f:
         return f.read().strip()
 
 
@@ -660,17 +748,18 @@ def set_sysctl(changes, key, value):
 
 
 # ---------------------------------------------------------------- the client's routing and DNS
-def free_table(system):
-    """A number that no routing rule, routing table or firewall mark uses
-    yet, from FIRST_TABLE on: the client's routing table and mark."""
-    used = system.query("ip", "-4", "rule", "show") + system.query("ip", "-4", "route", "show", "table", "all")
+def free_table(system, versions):
+    """A number that no routing rule (as a table or a mark) and no routing
+    table uses yet, from FIRST_TABLE on: the client's routing table and mark."""
+    used = "".join(system.query("ip", f"-{v}", what, "show", *table)
+                   for v in versions for what, table in (("rule", ()), ("route", ("table", "all"))))
     n = FIRST_TABLE
     while re.search(rf"(lookup|table) {n}\b|fwmark {n:#x}\b", used):
         n += 1
     return n
 
 
-def add_client_routing(changes, dev, routes, table):
+def add_client_routing(changes, dev, routes, table, dns=()):
     """Send `routes` into the tunnel, all but the tunnel's own datagrams.
 
     The routes go into a routing table of their own, number `table`, and
@@ -683,28 +772,54 @@ def add_client_routing(changes, dev, routes, table):
     The tunnel's own datagrams carry mark N (SO_MARK, see connect_udp), so
     rule 2 passes them by and they take the main table's default route,
     whichever it is at that moment. Nothing pins a gateway that a new Wi-Fi
-    or a resume from suspend could make stale, and while the laptop has no
-    network, what belongs in the tunnel still goes into it (and waits or
-    is dropped there): it never leaks out another way. This is wg-quick's
-    design; see https://www.wireguard.com/netns/ ("Improved Rule-based
-    Routing").
+    or a resume from suspend could make stale. This is wg-quick's design;
+    see https://www.wireguard.com/netns/ ("Improved Rule-based Routing").
+    IPv6 has its own rules and table, the same way.
+
+    Each route has an "unreachable" twin of the largest metric, which takes
+    over when the route itself goes, with the device (a crash) or with its
+    link (`ip link set tun0 down`): what belongs in the tunnel then fails
+    at once, and never falls through to the main table's default route. A
+    --dns server gets a rule of its own, ahead of rule 1, so its queries
+    take the tunnel even where the LAN's routes would win.
+
+    What this does not stop: a route more specific than the default that
+    the LAN's DHCP server puts in the main table wins by rule 1 (as with
+    wg-quick; CVE-2024-3661, "TunnelVision").
     """
     n = str(table)
-    for net in routes:
-        changes.make(["ip", "-4", "route", "add", str(net), "dev", dev, "table", n])   # goes with the device
-    for rule in (["not", "fwmark", n, "table", n], ["table", "main", "suppress_prefixlength", "0"]):
-        changes.make(["ip", "-4", "rule", "add", *rule], undo=["ip", "-4", "rule", "del", *rule])
-    # The reverse-path filter checks a packet's source by looking up a route
-    # back to it; with this set, that lookup sees the packet's mark, as ours did.
-    set_sysctl(changes, "net.ipv4.conf.all.src_valid_mark", "1")
+    for version in sorted({net.version for net in routes}):
+        v = f"-{version}"
+        for net in routes:
+            if net.version == version:
+                changes.make(["ip", v, "route", "add", str(net), "dev", dev, "table", n])   # goes with the device
+                twin = ["unreachable", str(net), "table", n, "metric", str(LAST_RESORT)]
+                changes.make(["ip", v, "route", "add", *twin], undo=["ip", v, "route", "del", *twin])
+        rules = [["not", "fwmark", n, "table", n], ["table", "main", "suppress_prefixlength", "0"]]
+        rules += [["to", str(a), "table", n] for a in dns if a.version == version]
+        for rule in rules:
+            changes.make(["ip", v, "rule", "add", *rule], undo=["ip", v, "rule", "del", *rule])
+
+
+def strict_reverse_path_filters():
+    """Interfaces whose reverse-path filter is strict (rp_filter 1: the
+    larger of `all` and the interface's own counts). A strict filter drops
+    the server's replies: looking up the way back to the server, unmarked,
+    it finds the tunnel, not the interface they came in on."""
+    try:
+        every = int(sysctl_value("net.ipv4.conf.all.rp_filter"))
+        names = [n for n in os.listdir("/proc/sys/net/ipv4/conf") if n not in ("all", "default", "lo")]
+        return [n for n in names if max(every, int(sysctl_value(f"net/ipv4/conf/{n}/rp_filter"))) == 1]
+    except (OSError, ValueError):
+        return []
 
 
 def resolver_tool():
     """Who keeps the system's resolver configuration: systemd-resolved (when
     /etc/resolv.conf points at its stub), resolvconf, or nobody (the file)."""
     try:
-        with open(RESOLV_CONF) as f:
-            stub = "127.0.0.53" in f.read() or os.path.realpath(RESOLV_CONF).startswith("/run/systemd/")
+        with open(RESOLV_CONF, "rb") as f:
+            stub = b"127.0.0.53" in f.read() or os.path.realpath(RESOLV_CONF).startswith("/run/systemd/")
     except OSError:
         stub = False
     if stub and shutil.which("resolvectl"):
@@ -733,43 +848,58 @@ def set_dns(changes, dev, servers):
                 found = f.read().decode("latin-1")
         except OSError as e:
             raise UserError(f"cannot read {RESOLV_CONF}: {e.strerror}") from None
-        ours = f"# udptun ({dev}): the file as it was comes back when udptun stops\n" + text
+        # Our servers; the search domains and options stay as they were.
+        keep = "".join(line + "\n" for line in found.splitlines()
+                       if line.split()[:1] in (["search"], ["domain"], ["options"]))
+        ours = f"# udptun ({dev}): the file as it was comes back when udptun stops\n" + text + keep
         changes.make(["write", RESOLV_CONF, ours], undo=["write", RESOLV_CONF, found, ours])
 
 
 def connect_udp(server, mark=None):
-    """The client's socket, connected to `server` (host, port): the kernel
-    then passes us only the server's datagrams, and tells us of ICMP errors
-    about ours. `mark` is the firewall mark that keeps it out of the tunnel."""
-    sock = open_udp_socket()
+    """The client's socket, connected to `server` (a socket address): the
+    kernel then passes us only the server's datagrams, and tells us of ICMP
+    errors about ours. `mark` is the firewall mark that keeps it out of the
+    tunnel."""
+    try:
+        sock = open_udp_socket(family_of(server))
+    except OSError as e:
+        raise UserError(f"cannot open a UDP socket: {e.strerror}") from None
     try:
         if mark is not None:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot mark the tunnel's socket (SO_MARK): {e.strerror}: run as root") from None
+    try:
         sock.connect(server)
     except OSError as e:
         sock.close()
-        raise UserError(f"cannot reach server {server[0]}: {e.strerror}: check this machine's network") from None
+        raise UserError(f"cannot reach server {show(server)}: {e.strerror}: check this machine's network") from None
     return sock
 
 
 def source_for(server, mark):
     """The address the kernel would send from to `server` now, or None with
     no route. A UDP connect() sends nothing: it only looks up the route."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
+    try:
+        with socket.socket(family_of(server), socket.SOCK_DGRAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
             probe.connect(server)
             return probe.getsockname()[0]
-        except OSError:
-            return None
+    except OSError:
+        return None
 
 
-def resolve(name, port):
-    """(address, port) of the server `name`, or a UserError."""
+def resolve(name, port, family=socket.AF_UNSPEC):
+    """The socket address of server `name`: the first that getaddrinfo()
+    gives (RFC 6724's order, as ssh and curl take it), or of `family` only
+    (-4, -6). A UserError if there is none."""
     try:
-        return socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][:2]
+        return socket.getaddrinfo(name, port, family, socket.SOCK_DGRAM)[0][4]
     except (socket.gaierror, UnicodeError):
-        raise UserError(f"cannot resolve server {name!r}: check the name, or give its IPv4 address") from None
+        kind = {socket.AF_INET: "IPv4 ", socket.AF_INET6: "IPv6 "}.get(family, "")
+        raise UserError(f"cannot resolve server {name!r} to an {kind}address: check the name, "
+                        "or give its address") from None
 
 
 # ---------------------------------------------------------------- the server's firewall
@@ -784,8 +914,15 @@ def choose_firewall(wanted):
     raise UserError("neither iptables nor nft found: install one (apt-get install iptables)")
 
 
+def mss_for(mtu, network):
+    """The largest TCP segment the tunnel carries whole: its MTU less the IP
+    header (20 bytes for IPv4, 40 for IPv6) and the TCP header (20)."""
+    return str(mtu - (40 if network.version == 4 else 60))
+
+
 def iptables_rules(dev, out_if, network, mtu, nat, client_to_client):
     """The server's iptables rules as (table, chain, rule), without -A/-I.
+    The same rules serve ip6tables, with the IPv6 subnet.
 
     - MASQUERADE: packets from clients leave with the server's address.
     - FORWARD accept, out freely and back only for established flows.
@@ -794,8 +931,7 @@ def iptables_rules(dev, out_if, network, mtu, nat, client_to_client):
       TCP never sends segments the tunnel would have to fragment.
     """
     c = ["-m", "comment", "--comment", tag(dev)]
-    mss = str(mtu - 40)   # 20 bytes IPv4 header + 20 bytes TCP header
-    clamp = ["-p", "tcp", "--tcp-flags", "SYN,RST", "SYN", *c, "-j", "TCPMSS", "--set-mss", mss]
+    clamp = ["-p", "tcp", "--tcp-flags", "SYN,RST", "SYN", *c, "-j", "TCPMSS", "--set-mss", mss_for(mtu, network)]
     rules = []
     if nat:
         rules.append(("nat", "POSTROUTING", ["-s", str(network), "-o", out_if, *c, "-j", "MASQUERADE"]))
@@ -818,15 +954,21 @@ def nft_table(dev):
     return "udptun_" + "".join(ch if ch.isalnum() else "_" for ch in dev)
 
 
+NFT_FAMILY = {4: "ip", 6: "ip6"}      # nft's name for the tables of each IP version
+IPTABLES = {4: "iptables", 6: "ip6tables"}
+
+
 def nft_commands(dev, out_if, network, mtu, nat, client_to_client):
-    """The same rules as iptables_rules, for nft (nft(8)), in one table.
+    """The same rules as iptables_rules, for nft (nft(8)), in one table
+    (of family ip or ip6, as `network` is).
 
     A caveat of nftables: an accept in our table does not override a drop in
     another table on the same hook, so a DROP policy set elsewhere (firewalld,
     or iptables-nft's own FORWARD chain) still drops tunnel traffic.
     """
-    t = ["ip", nft_table(dev)]
-    mss = str(mtu - 40)
+    family = NFT_FAMILY[network.version]
+    t = [family, nft_table(dev)]
+    mss = mss_for(mtu, network)
     syn = ["tcp", "flags", "&", "(syn|rst)", "==", "syn", "tcp", "option", "maxseg", "size", ">", mss,
            "tcp", "option", "maxseg", "size", "set", mss]
     commands = [["add", "chain", *t, "forward", "{ type filter hook forward priority 0 ; }"],
@@ -839,38 +981,44 @@ def nft_commands(dev, out_if, network, mtu, nat, client_to_client):
                  ["add", "rule", *t, "forward", "iifname", dev, *syn]]
     if nat:
         commands += [["add", "chain", *t, "postrouting", "{ type nat hook postrouting priority 100 ; }"],
-                     ["add", "rule", *t, "postrouting", "ip", "saddr", str(network), "oifname", out_if,
+                     ["add", "rule", *t, "postrouting", family, "saddr", str(network), "oifname", out_if,
                       "masquerade"]]
     return [["nft", *c] for c in commands]
 
 
 def add_firewall(changes, firewall, dev, out_if, network, mtu, nat, client_to_client):
+    """The rules of iptables_rules (or nft_commands) for `network`'s IP version."""
     if firewall == "nft":
-        table = ["ip", nft_table(dev)]
+        table = [NFT_FAMILY[network.version], nft_table(dev)]
         changes.make(["nft", "add", "table", *table], undo=["nft", "delete", "table", *table])
         for command in nft_commands(dev, out_if, network, mtu, nat, client_to_client):
             changes.make(command)   # undone with the table
         return
+    tool = IPTABLES[network.version]
     for table, chain, rule in iptables_rules(dev, out_if, network, mtu, nat, client_to_client):
         where = "-I" if table == "filter" else "-A"
-        changes.make(["iptables", "-t", table, where, chain, *rule],
-                     undo=["iptables", "-t", table, "-D", chain, *rule])
+        changes.make([tool, "-t", table, where, chain, *rule], undo=[tool, "-t", table, "-D", chain, *rule])
 
 
 def remove_tagged_rules(system, dev):
     """Delete every rule of ours that a run which could not clean up left:
-    iptables rules carrying our tag, and our nft table. `iptables -S`
-    prints rules as the -A commands that would add them; the same words
-    after -D delete them."""
-    if shutil.which("iptables"):
+    iptables and ip6tables rules carrying our tag, and our nft tables.
+    `iptables -S` prints rules as the -A commands that would add them; the
+    same words after -D delete them."""
+    for tool in IPTABLES.values():
+        if not shutil.which(tool):
+            continue
         for table in ("filter", "nat", "mangle"):
-            for line in system.query("iptables", "-t", table, "-S").splitlines():
+            # (check=False: a kernel without IPv6 has no ip6tables tables to list)
+            for line in system.query(tool, "-t", table, "-S", check=False).splitlines():
                 words = shlex.split(line)
                 if words[:1] == ["-A"] and tag(dev) in words:
-                    system.change("iptables", "-t", table, "-D", *words[1:], check=False)
+                    system.change(tool, "-t", table, "-D", *words[1:], check=False)
     if shutil.which("nft"):
-        if f"table ip {nft_table(dev)}" in system.query("nft", "list", "tables").splitlines():
-            system.change("nft", "delete", "table", "ip", nft_table(dev), check=False)
+        tables = system.query("nft", "list", "tables").splitlines()
+        for family in NFT_FAMILY.values():
+            if f"table {family} {nft_table(dev)}" in tables:
+                system.change("nft", "delete", "table", family, nft_table(dev), check=False)
 
 
 def recover(system, journal, dev):
@@ -917,12 +1065,13 @@ def sd_notify(state):
 # ---------------------------------------------------------------- the forwarding loop
 def flow_of(packet):
     """What tells one flow from another: the addresses, and for TCP and UDP
-    (with no IP options, so the ports sit at bytes 20-23) the ports too.
-    Other protocols get one flow per address pair: a ping's ICMP checksum
-    changes with every packet and must not make each one a new flow."""
-    if packet[0] == 0x45 and packet[9] in (TCP, UDP):
-        return packet[12:24]
-    return packet[12:20]
+    the ports too (where they follow the header at once: IPv4 without
+    options, IPv6 without extension headers). Other protocols get one flow
+    per address pair: a ping's ICMP checksum changes with every packet and
+    must not make each one a new flow."""
+    if packet[0] == 0x45:
+        return packet[12:24] if packet[9] in (TCP, UDP) else packet[12:20]
+    return packet[8:44] if packet[6] in (TCP, UDP) else packet[8:40]
 
 
 class FairQueue:
@@ -1003,6 +1152,7 @@ class Forwarder:
         self.now = self.started = time.monotonic()
         self.drops = {}   # reason -> count
         self.status_path = None    # where to publish status() every second, if set
+        self.selector = None       # run()'s, once it runs
         self.gso = True            # until the kernel says otherwise
         self.merging = {TCP, UDP}  # protocols whose packets write_tun merges, while the kernel takes them
         self.merged = [0, 0]       # packets merged, in how many writes
@@ -1154,8 +1304,8 @@ class Forwarder:
         """Packets the kernel routed into the tunnel: queue them for sending."""
         packets = []
         for packet in self.read_tun():
-            if len(packet) < 20 or packet[0] >> 4 != 4:
-                self.drop("tun-not-ipv4")   # IPv4 only: the other end could not route it
+            if len(packet) < 20 or packet[0] >> 4 not in (4, 6):
+                self.drop("tun-not-ip")   # the other end could not route it
             else:
                 packets.append(packet)
         self.enqueue(self.to_udp, packets)
@@ -1273,40 +1423,47 @@ class ClientTable:
 
 
 def show(value):
-    """4-byte address or (host, port) -> text, for logs."""
+    """A 4- or 16-byte address, or a socket address (host, port, ...) -> text.
+    An IPv4 peer of a dual-stack socket shows as IPv4, not ::ffff:a.b.c.d."""
     if isinstance(value, tuple):
-        return f"{value[0]}:{value[1]}"
-    return socket.inet_ntoa(value)
-
-
-def ip_to_int(text):
-    return int.from_bytes(socket.inet_aton(text), "big")
+        host = value[0][7:] if value[0].startswith("::ffff:") else value[0]
+        return f"[{host}]:{value[1]}" if ":" in host else f"{host}:{value[1]}"
+    return socket.inet_ntop(socket.AF_INET if len(value) == 4 else socket.AF_INET6, value)
 
 
 # ---------------------------------------------------------------- server and client
 class Server(Forwarder):
-    """Many clients, one UDP socket, one TUN device."""
+    """Many clients, one UDP socket, one TUN device.
 
-    def __init__(self, tun, sock, address, table, client_to_client=False, allow=None, verbose=False):
+    `addresses` are the server's tunnel addresses (IPv4Interface, and
+    IPv6Interface when IPv6 is on): each gives a subnet from which clients
+    take theirs."""
+
+    def __init__(self, tun, sock, addresses, table, client_to_client=False, allow=None, verbose=False):
         super().__init__(tun, sock, verbose)
-        net = address.network
         self.table = table
         self.client_to_client = client_to_client
-        self.net = int(net.network_address)
-        self.mask = int(net.netmask)
-        # A client may not claim the server's address, nor the subnet's
-        # network or broadcast address.
-        self.reserved = {a.packed for a in (address.ip, net.network_address, net.broadcast_address)}
-        self.server_ip = address.ip.packed
-        # --allow: outer networks that may use us, as (network, mask) integers.
-        self.allow = [(int(n.network_address), int(n.netmask)) for n in allow] if allow else None
+        self.subnets = {}    # address length (4 or 16) -> (network, netmask) as integers
+        self.own = set()     # the server's own tunnel addresses
+        self.reserved = set()
+        for a in addresses:
+            net = a.network
+            self.subnets[len(a.ip.packed)] = (int(net.network_address), int(net.netmask))
+            self.own.add(a.ip.packed)
+            # A client may not claim the server's address, nor the subnet's
+            # first (IPv4's network address, IPv6's subnet-router anycast,
+            # RFC 4291) or last (IPv4's broadcast) address.
+            self.reserved |= {a.ip.packed, net.network_address.packed, net.broadcast_address.packed}
+        self.allow = allow   # --allow: outer networks that may use us, or None: anyone
 
     def in_subnet(self, ip):
-        return int.from_bytes(ip, "big") & self.mask == self.net
+        net, mask = self.subnets.get(len(ip), (-1, 0))
+        return int.from_bytes(ip, "big") & mask == net
 
     def allowed(self, host):
-        n = ip_to_int(host)
-        return any(n & mask == net for net, mask in self.allow)
+        ip = ipaddress.ip_address(host)
+        ip = getattr(ip, "ipv4_mapped", None) or ip   # an IPv4 peer of our dual-stack socket
+        return any(ip in net for net in self.allow)
 
     def udp_to_tun(self):
         """Datagrams from clients: check them, learn who owns which tunnel IP,
@@ -1320,11 +1477,12 @@ class Server(Forwarder):
             if not data:
                 self.drop("empty")   # a socat peer's end of stream: nothing to forward
                 continue
-            problem = ipv4_problem(data)
+            problem = ip_problem(data)
             if problem:
                 self.drop(problem, addr)
                 continue
-            src = data[12:16]
+            version = data[0] >> 4
+            src = data[SOURCE[version]]
             # Datagrams come in runs from one sender with one inner source (a
             # GRO batch is one flow): judge the pair once per run.
             if (src, addr) != last:
@@ -1336,8 +1494,8 @@ class Server(Forwarder):
             if peer is None:
                 self.drop(why, src, "from", addr)
                 continue
-            dst = data[16:20]
-            if not self.client_to_client and dst != self.server_ip and self.in_subnet(dst):
+            dst = data[DESTINATION[version]]
+            if not self.client_to_client and dst not in self.own and self.in_subnet(dst):
                 self.drop("client-to-client", src, "->", dst)
                 continue
             peer.rx_packets += 1
@@ -1350,9 +1508,10 @@ class Server(Forwarder):
         batch per client."""
         batches = {}   # Peer -> packets, in queue order
         for packet in packets:
-            peer = self.table.by_ip.get(packet[16:20])
+            dst = packet[DESTINATION[packet[0] >> 4]]
+            peer = self.table.by_ip.get(dst)
             if peer is None:
-                self.drop("no-client", packet[16:20])
+                self.drop("no-client", dst)
                 continue
             batches.setdefault(peer, []).append(packet)
         for peer, packets in batches.items():
@@ -1381,9 +1540,10 @@ class Client(Forwarder):
     firewall mark of the socket (see add_client_routing).
     """
 
-    def __init__(self, tun, sock, address, server_tunnel_ip, keepalive, mark, name=None, verbose=False):
+    def __init__(self, tun, sock, addresses, server_tunnel_ip, keepalive, mark, name=None, verbose=False):
         super().__init__(tun, sock, verbose)
-        self.my_ip = address.ip.packed
+        self.my_ip = addresses[0].ip.packed   # where keepalives come from
+        self.mine = {a.ip.packed for a in addresses}   # what we let in
         self.server_ip = server_tunnel_ip.packed
         self.server = sock.getpeername()
         self.name, self.mark = name, mark
@@ -1392,7 +1552,9 @@ class Client(Forwarder):
         self.seq = 0
         self.last_tx = self.last_rx = self.last_keepalive = self.last_lookup = float("-inf")
         self.alive = None   # unknown until the first reply or timeout
-        self.looked_up = None   # a lookup's answer, set by its thread: [address] or []
+        self.lookup = None               # the lookup thread, while one runs
+        self.answers = queue.SimpleQueue()   # what lookups found: (round, address or None)
+        self.round = 0                   # answers from an earlier outage are stale
         self.tx_packets = self.rx_packets = self.tx_bytes = self.rx_bytes = 0
 
     def send_udp(self, packets):
@@ -1409,16 +1571,17 @@ class Client(Forwarder):
         a broadcast through us."""
         received, accepted = 0, []
         for data, _ in self.recv_udp():
-            problem = ipv4_problem(data)
+            problem = ip_problem(data)
             if problem:
                 self.drop(problem)
                 continue
-            if data[16:20] != self.my_ip:
-                self.drop("not-for-us", data[16:20])
+            version = data[0] >> 4
+            if data[DESTINATION[version]] not in self.mine:
+                self.drop("not-for-us", data[DESTINATION[version]])
                 continue
             received += 1
             self.rx_bytes += len(data)
-            if data[9] == 1 and is_echo_reply(data, self.server_ip, self.ident):
+            if version == 4 and data[9] == 1 and is_echo_reply(data, self.server_ip, self.ident):
                 continue   # the answer to our keepalive: ours, not the kernel's
             accepted.append(data)
         self.enqueue(self.to_tun, accepted)
@@ -1427,10 +1590,15 @@ class Client(Forwarder):
             self.last_rx = self.now
             if self.alive is not True:
                 self.alive = True
+                self.round += 1
                 log("server is answering")
 
     def unreachable(self, error):
-        if self.alive is not False:
+        """An ICMP error, or a send that failed. Anyone on the path can forge
+        the first, so it counts only when the server has been quiet for a
+        while: then a flood of forged errors logs a line at most per
+        keepalive, and never hides a server that answers."""
+        if self.alive is not False and self.now - self.last_rx >= 0.5:
             self.alive = False
             log(f"server is not answering ({error.strerror}): still trying")
 
@@ -1487,21 +1655,24 @@ class Client(Forwarder):
         """The server was given by name and does not answer: its address may
         have changed (a VPS behind dynamic DNS). Look the name up again, every
         `every` seconds, in a thread: a lookup can take seconds, and packets
-        must keep moving meanwhile."""
-        answer, self.looked_up = self.looked_up, None
-        if answer and answer[0] != self.server:
-            log(f"server {self.name} is at {show(answer[0])} now")
-            self.reconnect(answer[0])
-        if now - self.last_lookup < every:
+        must keep moving meanwhile. One lookup at a time; the answer comes
+        back through a queue, the one safe way to hand it over."""
+        while not self.answers.empty():
+            round, address = self.answers.get()
+            if round == self.round and address and address != self.server:
+                log(f"server {self.name} is at {show(address)} now")
+                self.reconnect(address)
+        if now - self.last_lookup < every or self.lookup and self.lookup.is_alive():
             return
         self.last_lookup = now
 
-        def lookup(name=self.name, port=self.server[1]):
+        def lookup(name=self.name, port=self.server[1], round=self.round):
             try:
-                self.looked_up = [resolve(name, port)]
+                self.answers.put((round, resolve(name, port)))
             except UserError:
-                self.looked_up = []
-        threading.Thread(target=lookup, daemon=True).start()
+                self.answers.put((round, None))
+        self.lookup = threading.Thread(target=lookup, daemon=True)
+        self.lookup.start()
 
     def status(self):
         return {"role": "client", "clients": [
@@ -1511,9 +1682,14 @@ class Client(Forwarder):
              "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes, "answering": self.alive}]}
 
 
-def setup_tun(changes, system, args, address):
-    """Create the TUN device and bring it up. Its address and routes belong
-    to the device, so the kernel removes them when it closes: no undo.
+def setup_tun(changes, system, args, addresses):
+    """Create the TUN device, give it its addresses and bring it up. They
+    belong to the device, so the kernel removes them when it closes: no undo.
+
+    The IPv6 address needs no duplicate address detection (`nodad`: no other
+    host shares the device), and the device no link-local address
+    (`addrgenmode none`): it would only send router solicitations and
+    multicast reports to the other end, which has no use for them.
 
     txqueuelen is the length of the ring where the kernel leaves packets for
     us to read(), a FIFO out of reach of qdiscs such as fq_codel (the
@@ -1526,10 +1702,24 @@ def setup_tun(changes, system, args, address):
     flags = "IFF_TUN | IFF_NO_PI" + (" | IFF_VNET_HDR" if tun.vnet else "")
     log(f"[#] open {TUN_PATH} as {tun.name} (TUNSETIFF, {flags})")
     changes.defer(tun.close, f"close {tun.name}: the kernel deletes it with its address and routes")
-    changes.make(["ip", "address", "add", str(address), "dev", tun.name])
+    for address in addresses:
+        if address.version == 4:
+            changes.make(["ip", "address", "add", str(address), "dev", tun.name])
+        else:
+            changes.make(["ip", "-6", "address", "add", str(address), "dev", tun.name, "nodad"])
+            changes.make(["ip", "link", "set", "dev", tun.name, "addrgenmode", "none"])
     changes.make(["ip", "link", "set", "dev", tun.name, "mtu", str(args.mtu),
                   "txqueuelen", str(args.txqueuelen), "up"])
     return tun
+
+
+def tunnel_addresses(args):
+    """This end's tunnel addresses: IPv4, and IPv6 where the machine has it."""
+    address = parse_address(args.address, "--address")
+    if not ipv6_available():
+        log("udptun: IPv6 is off on this machine: the tunnel carries IPv4 only")
+        return [address]
+    return [address, address6_for(address, args.address6)]
 
 
 def prepare(args):
@@ -1544,33 +1734,65 @@ def prepare(args):
     return system, journal
 
 
-def bind_socket(sock, port):
+def listen(port):
+    """The server's socket: dual-stack (IPv4 and IPv6 on one socket) where
+    the machine has IPv6, else IPv4."""
     try:
-        sock.bind(("", port))
+        sock = open_udp_socket(socket.AF_INET6)
+        host = "::"
+    except OSError:   # EAFNOSUPPORT: a kernel without IPv6
+        sock, host = open_udp_socket(socket.AF_INET), "0.0.0.0"
+    try:
+        sock.bind((host, port))
     except OSError as e:
+        sock.close()
         if e.errno == errno.EADDRINUSE:
             raise UserError(f"UDP port {port} is in use (another udptun?): stop it or pick another --port") from None
         raise UserError(f"cannot listen on UDP port {port}: {e.strerror}") from None
+    return sock
 
 
 def run_server(args):
-    address = parse_address(args.address, "--address")
     allow = [parse_network(n, "--allow") for n in args.allow]
+    addresses = tunnel_addresses(args)
     system, journal = prepare(args)
     firewall = choose_firewall(args.firewall)
-    out_if = args.out_interface or default_interface(system)
-    check_subnet_free(system, address.network, args.dev)
-    sock = open_udp_socket()
+    if args.out_interface and not system.query("ip", "-o", "link", "show", "dev", args.out_interface, check=False):
+        raise UserError(f"--out-interface {args.out_interface}: no such interface here (see `ip link`)")
+    out = {4: args.out_interface or default_interface(system, 4)}
+    if len(addresses) > 1:   # IPv6: out of the IPv6 default route's interface, if there is one
+        out[6] = args.out_interface or default_interface(system, 6)
+    for address in addresses:
+        check_subnet_free(system, address.network, args.dev)
+    sock = listen(args.port)   # before any change: a busy port fails cleanly
     with sock, Changes(system, journal) as changes:
-        bind_socket(sock, args.port)   # before any change: a busy port fails cleanly
-        tun = setup_tun(changes, system, args, address)
+        tun = setup_tun(changes, system, args, addresses)
         set_sysctl(changes, "net.ipv4.ip_forward", "1")
-        add_firewall(changes, firewall, tun.name, out_if, address.network, args.mtu,
-                     nat=not args.no_nat, client_to_client=args.client_to_client)
+        if out.get(6):
+            # Forwarding makes the kernel ignore router advertisements where
+            # accept_ra is 1 (ip-sysctl.rst): a VPS that gets its IPv6
+            # default route by SLAAC would lose it when its lifetime ends.
+            # 2 accepts them even when forwarding. Set before forwarding.
+            key = (f"net/ipv6/conf/{out[6]}/accept_ra" if "." in out[6]   # eth0.100: see sysctl_value
+                   else f"net.ipv6.conf.{out[6]}.accept_ra")
+            if sysctl_value(key) == "1":
+                set_sysctl(changes, key, "2")
+        if len(addresses) > 1:
+            # Even without IPv6 on the internet side: the kernel then answers
+            # a client's IPv6 packets with ICMPv6 "no route", so its
+            # applications fall back to IPv4 at once, instead of waiting.
+            set_sysctl(changes, "net.ipv6.conf.all.forwarding", "1")
+        for address in addresses:
+            if out.get(address.version):
+                add_firewall(changes, firewall, tun.name, out[address.version], address.network, args.mtu,
+                             nat=not args.no_nat, client_to_client=args.client_to_client)
         table = ClientTable(args.client_timeout, args.rebind_after, args.max_clients)
-        server = Server(tun, sock, address, table, args.client_to_client, allow, args.verbose)
-        log(f"udptun server: {tun.name} {address}, listening on UDP port {args.port}, "
-            f"forwarding out of {out_if}{'' if args.no_nat else ' with NAT'}")
+        server = Server(tun, sock, addresses, table, args.client_to_client, allow or None, args.verbose)
+        log(f"udptun server: {tun.name} {' '.join(map(str, addresses))}, listening on UDP port {args.port}"
+            f"{' (IPv4 and IPv6)' if sock.family == socket.AF_INET6 else ''}, forwarding out of {out[4]}"
+            + (f" (IPv6: {out[6]})" if out.get(6) and out[6] != out[4] else "")
+            + ("" if args.no_nat else " with NAT")
+            + ("" if out.get(6) or len(addresses) == 1 else "; no IPv6 default route: clients' IPv6 is refused"))
         forward(server, changes, args)
 
 
@@ -1580,8 +1802,7 @@ def forward(forwarder, changes, args):
         log("# (dry run: here udptun would forward packets until stopped; then it undoes, newest first:)")
         return
     forwarder.status_path = state_path(args.dev, ".status")
-    # The journal's first entry usually made the folder, but a run with
-    # nothing to journal (every sysctl already as wanted) has none yet.
+    # (mkdir -p: the journal has usually made it already.)
     os.makedirs(os.path.dirname(forwarder.status_path), mode=0o755, exist_ok=True)
     changes.defer(lambda: os.unlink(forwarder.status_path), f"rm {forwarder.status_path}")
     forwarder.publish()
@@ -1594,26 +1815,39 @@ def forward(forwarder, changes, args):
 
 
 def run_client(args):
-    address = parse_address(args.address, "--address")
-    server_tunnel_ip = ipaddress.IPv4Address(args.server_tunnel_ip)
-    dns = [str(parse_ip(a, "--dns")) for a in args.dns]
-    routes = [parse_network(r, "--route") for r in args.route] or [ipaddress.IPv4Network("0.0.0.0/0")]
+    addresses = tunnel_addresses(args)
+    server_tunnel_ip = parse_ip(args.server_tunnel_ip, "--server-tunnel-ip", 4)
+    dns = list(dict.fromkeys(parse_ip(a, "--dns") for a in args.dns))   # each once, in order
+    versions = sorted({a.version for a in addresses})
+    # Everything by default, IPv6 too, whether the server carries it or not:
+    # never around the tunnel (a machine without IPv6 has none to send).
+    routes = ([parse_network(r, "--route") for r in args.route]
+              or [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")])
     # Queries to a --dns server go through the tunnel, even with --route.
-    routes += [ipaddress.IPv4Network(a) for a in dns if not any(ipaddress.IPv4Address(a) in r for r in routes)]
-    server = resolve(args.server, args.port)
-    name = None if is_address(args.server) else args.server
+    routes += [ipaddress.ip_network(a) for a in dns if not any(a in r for r in routes if r.version == a.version)]
+    routes = list(dict.fromkeys(r for r in routes if r.version in versions))
+    family = {"4": socket.AF_INET, "6": socket.AF_INET6}.get(args.family, socket.AF_UNSPEC)
+    # Undo what a killed run left first: its --dns may be why names do not resolve.
     system, journal = prepare(args)
-    check_subnet_free(system, address.network, args.dev)
-    table = free_table(system)
+    server = resolve(args.server, args.port, family)
+    name = None if is_address(args.server) else args.server
+    for address in addresses:
+        check_subnet_free(system, address.network, args.dev)
+    strict = strict_reverse_path_filters()
+    if strict:
+        log(f"udptun: warning: strict reverse-path filtering (rp_filter 1) on {', '.join(strict)} drops the "
+            "server's replies there: make it loose, as Debian and Ubuntu do: "
+            "sysctl -w net.ipv4.conf.all.rp_filter=2 " + " ".join(f"net.ipv4.conf.{n}.rp_filter=2" for n in strict))
+    table = free_table(system, versions)
     # In a dry run, maybe not as root: no mark (it needs CAP_NET_ADMIN), no ICMP.
     sock = connect_udp(server, None if args.dry_run else table)
     with sock, Changes(system, journal) as changes:
-        tun = setup_tun(changes, system, args, address)
+        tun = setup_tun(changes, system, args, addresses)
         if dns:
-            set_dns(changes, tun.name, dns)
-        add_client_routing(changes, tun.name, routes, table)
-        client = Client(tun, sock, address, server_tunnel_ip, args.keepalive, table, name, args.verbose)
-        log(f"udptun client: {tun.name} {address}, server {show(server)}"
+            set_dns(changes, tun.name, [str(a) for a in dns])
+        add_client_routing(changes, tun.name, routes, table, dns)
+        client = Client(tun, sock, addresses, server_tunnel_ip, args.keepalive, table, name, args.verbose)
+        log(f"udptun client: {tun.name} {' '.join(map(str, addresses))}, server {show(server)}"
             + ("" if dns else "; DNS unchanged (--dns ADDR resolves names through the tunnel)"))
         if not args.dry_run and args.keepalive:
             client.send_keepalive()   # so the server learns our address right away
@@ -1656,11 +1890,25 @@ def run_status(args):
 
 
 # ---------------------------------------------------------------- command line
-def parse_ip(text, what):
+def parse_ip(text, what, version=None):
     try:
-        return ipaddress.IPv4Address(text)
+        ip = ipaddress.ip_address(text)
+        if version in (None, ip.version):
+            return ip
     except ValueError:
-        raise UserError(f"{what} {text!r} is not an IPv4 address, like 192.0.2.53") from None
+        pass
+    kind = f"an IPv{version}" if version else "an IP"
+    raise UserError(f"{what} {text!r} is not {kind} address, like 192.0.2.53") from None
+
+
+def check_interface_name(name, what):
+    """A name the kernel takes for an interface (dev_valid_name() in
+    net/core/dev.c), checked before it is used in a path or a command."""
+    if (not name or len(name.encode()) >= IFNAMSIZ or name in (".", "..")
+            or any(ch in "/:" or ch.isspace() for ch in name)):
+        raise UserError(f"{what} {name!r}: an interface name has 1 to {IFNAMSIZ - 1} characters, "
+                        "none of them '/', ':' or a space")
+    return name
 
 
 def is_address(text):
@@ -1671,9 +1919,9 @@ def is_address(text):
 
 def parse_network(text, what):
     try:
-        return ipaddress.IPv4Network(text, strict=False)
+        return ipaddress.ip_network(text, strict=False)
     except ValueError:
-        raise UserError(f"{what} {text!r} is not an IPv4 network, like 192.0.2.0/24") from None
+        raise UserError(f"{what} {text!r} is not a network, like 192.0.2.0/24 or 2001:db8::/32") from None
 
 
 def parse_args(argv):
@@ -1684,6 +1932,8 @@ def parse_args(argv):
     def common(q, address):
         q.add_argument("--port", type=int, default=DEFAULT_PORT, help="UDP port of the server (5555)")
         q.add_argument("--address", default=address, help=f"tunnel address and prefix ({address})")
+        q.add_argument("--address6", help="IPv6 tunnel address and prefix (default: --address's host "
+                                          f"number in {DEFAULT_SUBNET6})")
         q.add_argument("--dev", default="tun0", help="TUN device name (tun0)")
         q.add_argument("--mtu", type=int, default=DEFAULT_MTU, help=f"tunnel MTU ({DEFAULT_MTU})")
         q.add_argument("--txqueuelen", type=int, default=1000,
@@ -1709,7 +1959,9 @@ def parse_args(argv):
     s.set_defaults(func=run_server)
 
     c = sub.add_parser("client", help="run a client (on the laptop)")
-    c.add_argument("server", help="the server's IPv4 address or host name")
+    c.add_argument("server", help="the server's address (IPv4 or IPv6) or host name")
+    c.add_argument("-4", dest="family", action="store_const", const="4", help="reach the server over IPv4 only")
+    c.add_argument("-6", dest="family", action="store_const", const="6", help="reach the server over IPv6 only")
     common(c, "10.0.0.1/24")
     c.add_argument("--keepalive", type=float, default=DEFAULT_KEEPALIVE,
                    help=f"send a keepalive after this many quiet seconds; 0 = never ({DEFAULT_KEEPALIVE})")
@@ -1742,6 +1994,9 @@ def main(argv=None):
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     try:
+        check_interface_name(args.dev, "--dev")
+        if getattr(args, "out_interface", None):
+            check_interface_name(args.out_interface, "--out-interface")
         args.func(args)
     except UserError as e:
         print(f"udptun: error: {e}", file=sys.stderr)
