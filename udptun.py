@@ -51,6 +51,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -67,6 +68,7 @@ IFF_TUN = 0x0001     # <linux/if_tun.h>: layer-3 device, packets start at the IP
 IFF_NO_PI = 0x1000   # <linux/if_tun.h>: no 4-byte packet-info prefix on read()/write()
 IFNAMSIZ = 16        # <linux/if.h>: interface names are at most 15 bytes plus NUL
 IFF_VNET_HDR = 0x4000   # <linux/if_tun.h>: read() and write() start with a struct virtio_net_hdr
+IFF_TUN_EXCL = 0x8000   # <linux/if_tun.h>: fail (EBUSY) if a device of that name exists already
 
 # struct virtio_net_hdr (<linux/virtio_net.h>; host byte order on a TUN
 # device): flags, gso_type, hdr_len, gso_size, csum_start, csum_offset. It
@@ -126,6 +128,7 @@ GRO_CMSG_SPACE = socket.CMSG_SPACE(4)   # room for UDP GRO's control message (an
 # not bytes). A whole batch, so that a flow's packets stay together for
 # merge(): 64 KiB of TCP is 46 full-size segments.
 QUEUE_LIMIT = 2048
+QUEUE_BYTES = 4 << 20   # and 4 MiB: with a large --mtu, the bytes bind first
 QUANTUM = 64
 TCP, UDP = 6, 17   # IP protocol numbers (IANA)
 
@@ -133,6 +136,9 @@ TCP, UDP = 6, 17   # IP protocol numbers (IANA)
 # routers that forget idle UDP mappings after 30 s (RFC 4787 asks for at
 # least 2 minutes, but many do less).
 DEFAULT_KEEPALIVE = 25
+# A client's binding moves to a new port of the same outer IP (a NAT
+# rebinding) only once its old port has been quiet this long (see ClientTable).
+REBIND_QUIET = 1.0
 # RFC 4787 REQ-5: a NAT's UDP mapping must live at least 2 minutes; we keep
 # an idle binding at least as long as a compliant NAT would.
 DEFAULT_CLIENT_TIMEOUT = 180
@@ -142,6 +148,10 @@ DEFAULT_CLIENT_TIMEOUT = 180
 # (new DHCP lease, mobile network) come back sooner. 60 s is more than two
 # keepalive intervals, so one lost keepalive never opens the door.
 DEFAULT_REBIND_AFTER = 60
+# How many tunnel addresses one outer IP address may hold at once: a home
+# NAT with a few laptops, each with an IPv4 and an IPv6 address, not one
+# stranger taking the whole subnet.
+DEFAULT_MAX_PER_HOST = 16
 
 STATE_ROOT = "/run/udptun"
 
@@ -168,6 +178,30 @@ class Stop(Exception):
 
 def log(message):
     print(message, file=sys.stderr, flush=True)
+
+
+class LogLimit:
+    """Logs at most `burst` lines of each kind per `window` seconds. The
+    next line that gets through says how many were left out, so a flood of
+    hostile datagrams costs a few lines of log, not one each, and the log
+    still says it happened. Kinds are a few fixed words: the table is small."""
+
+    def __init__(self, burst=10, window=10.0):
+        self.burst, self.window = burst, window
+        self.kinds = {}   # kind -> [start of its window, lines logged in it, lines left out]
+
+    def __call__(self, kind, message, now):
+        state = self.kinds.setdefault(kind, [now, 0, 0])
+        if now - state[0] >= self.window:
+            state[0], state[1] = now, 0
+        if state[1] >= self.burst:
+            state[2] += 1
+            return
+        state[1] += 1
+        if state[2]:
+            message += f" (and {state[2]} more like it, not logged)"
+            state[2] = 0
+        log(message)
 
 
 # Which package to install when a command is missing (Debian/Ubuntu names).
@@ -212,7 +246,8 @@ class System:
 
     def change(self, *argv, check=True, input=None):
         """Run a command that changes the system (only echo it in a dry run).
-        `input` goes to its standard input."""
+        `input` goes to its standard input. If it fails: a UserError, or with
+        check=False, what it said (None when it worked)."""
         if argv[0] == "write":
             lines = [line for line in argv[2].splitlines() if line and not line.startswith("#")]
             log(f"[#] write {argv[1]}: " + "; ".join(lines)
@@ -223,11 +258,13 @@ class System:
         if self.dry_run:
             return
         if argv[0] == "write":
-            self._write(*argv[1:], check=check)
-            return
+            return self._write(*argv[1:], check=check)
         done = self._run(argv, check, input)
         if done.returncode != 0:
-            log(f"    (failed, ignored: {(done.stderr or '').strip()})")
+            error = (done.stderr or done.stdout or f"exit status {done.returncode}").strip()
+            log(f"    (failed: {error})")
+            return error
+        return None
 
     @staticmethod
     def _write(path, text, only_if=None, check=True):
@@ -242,7 +279,9 @@ class System:
         except OSError as e:
             if check:
                 raise UserError(f"cannot write {path}: {e.strerror}") from None
-            log(f"    (failed, ignored: {e.strerror})")
+            log(f"    (failed: {e.strerror})")
+            return e.strerror
+        return None
 
 
 def state_dir():
@@ -270,26 +309,91 @@ def state_path(dev, suffix):
 
 
 class Journal:
-    """A file that lists the undo commands of changes not yet undone.
+    """A file that lists the undo commands of changes not yet undone, and a
+    lock that says a run is using the device.
 
-    It is written *before* each change is made (write-ahead), so that after a
-    `kill -9` the next start, or `udptun down`, can replay the undos. A stale
-    entry whose change never happened just fails harmlessly on replay.
+    The journal is written *before* each change is made (write-ahead), so
+    that after a `kill -9` the next start, or `udptun down`, can replay the
+    undos. It is read back with care: root's own regular file, writable by
+    root only, not through a link, and only commands of the shapes udptun
+    writes are replayed (see replayable), whatever else the file says.
+
+    The lock is an flock(2) on DEV.lock, held for the whole run: the kernel
+    lets go of it however the process ends, so a lock that cannot be taken
+    means a live run, never a stale file or a reused pid.
     """
 
     def __init__(self, dev, dry_run=False):
         self.path = state_path(dev, ".journal")
-        self.dry_run = dry_run
+        self.lock_path = state_path(dev, ".lock")
+        self.dev, self.dry_run = dev, dry_run
+        self.lock_fd = None
+
+    def lock(self):
+        """Take the device's lock, or a UserError if a live run holds it.
+        (A dry run takes none: it changes nothing, and may not be root.)"""
+        if self.dry_run:
+            return
+        os.makedirs(os.path.dirname(self.lock_path), mode=0o755, exist_ok=True)
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise UserError(f"udptun is already running on {self.dev} here: stop it first, "
+                                "or pick another --dev") from None
+            # The run before us may have removed the file as we opened it:
+            # then our lock is on a file nobody else will see. Start over.
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino:
+                    self.lock_fd = fd
+                    return
+            os.close(fd)
+
+    def held(self):
+        """Whether a live run holds the lock: /proc/locks lists the inode of
+        every file locked with flock(2). Only looks: taking the lock, even
+        for a moment, could turn away a run that is starting."""
+        try:
+            st = os.stat(self.lock_path)
+            with open("/proc/locks") as f:   # "1: FLOCK ADVISORY WRITE pid MAJ:MIN:INODE 0 EOF"
+                where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+                return any(line.split()[1:2] == ["FLOCK"] and line.split()[5:6] == [where] for line in f)
+        except OSError:
+            return False
 
     def load(self):
+        """The undo commands an earlier run left, or []."""
         try:
-            with open(self.path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return []
+        except OSError as e:   # ELOOP: a link
+            log(f"udptun: warning: {self.path} not read: {e.strerror}")
+            return []
+        with os.fdopen(fd) as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+                log(f"udptun: warning: {self.path} not read: not a regular file that only root may write")
+                return []
+            try:
+                undo = json.load(f).get("undo", [])
+            except (ValueError, AttributeError):
+                return []
+        good = [argv for argv in undo if replayable(argv)]
+        for argv in undo:
+            if argv not in good:
+                log(f"udptun: warning: {self.path}: not a command udptun writes, not run: {argv!r}"[:300])
+        return good
 
     def save(self, undos):
+        """Write the list of undos (an empty list: no journal at all)."""
         if self.dry_run:
+            return
+        if not undos:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
             return
         os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
         tmp = self.path + ".tmp"
@@ -297,15 +401,38 @@ class Journal:
             json.dump({"pid": os.getpid(), "undo": undos}, f)
         os.replace(tmp, self.path)   # atomic: a reader sees the old or the new list
 
-    def remove(self):
+    def release(self):
+        """Let go of the lock (removing its file first), and remove the
+        folders if that leaves them empty."""
         if self.dry_run:
             return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        # Leave no empty folders behind either (rmdir fails if not empty).
+        if self.lock_fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.lock_path)
+            os.close(self.lock_fd)
+            self.lock_fd = None
         for folder in (os.path.dirname(self.path), STATE_ROOT):
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
+
+
+def replayable(argv):
+    """Whether `argv` has the shape of an undo that udptun writes: the one
+    check between a journal file and a root shell."""
+    if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+        return False
+    tool = argv[0]
+    if tool == "ip":
+        return argv[1:2] in (["-4"], ["-6"]) and argv[2:4] in (["rule", "del"], ["route", "del"])
+    if tool in ("iptables", "ip6tables"):
+        return argv[1:3] == ["-w", "-t"] and argv[4:5] == ["-D"]
+    if tool == "nft":
+        return len(argv) == 5 and argv[1:3] == ["delete", "table"] and argv[3] in ("ip", "ip6")
+    if tool == "sysctl":
+        return len(argv) == 3 and argv[1] == "-w" and argv[2].startswith(("net.", "net/")) and "=" in argv[2]
+    if tool in ("resolvectl", "resolvconf"):
+        return argv[1:2] in (["revert"], ["-d"])
+    return tool == "write" and argv[1:2] == [RESOLV_CONF] and len(argv) == 4
 
 
 class Changes:
@@ -313,15 +440,18 @@ class Changes:
 
     The stack unwinds newest first when the `with` block ends, however it
     ends: a clean stop, a signal, or an error halfway through setup. An undo
-    that fails is logged and the rest still run. Changes that something else
-    undoes carry `undo=None`: addresses and routes on our TUN device vanish
-    with it (the kernel's work), and nft rules go with their table.
+    that fails is logged and the rest still run; unless what it undoes is
+    gone already, it stays in the journal for `down` to try again. Changes
+    that something else undoes carry `undo=None`: addresses and routes on
+    our TUN device vanish with it (the kernel's work), and nft rules go with
+    their table. `leftovers` are undos an earlier run left that could not
+    be done yet (see recover): they wait at the bottom of the stack.
     """
 
-    def __init__(self, system, journal):
+    def __init__(self, system, journal, leftovers=()):
         self.system = system
         self.journal = journal
-        self.stack = []   # (kind, payload): "cmd" argv | "call" (function, description)
+        self.stack = [("cmd", argv) for argv in leftovers]   # (kind, payload): "cmd" argv | "call" (function, text)
 
     def __enter__(self):
         return self
@@ -357,21 +487,33 @@ class Changes:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(ValueError):   # not the main thread (tests)
                 saved[sig] = signal.signal(sig, signal.SIG_IGN)
+        failed = []
         while self.stack:
             kind, payload = self.stack.pop()
-            try:
-                if kind == "cmd":
-                    self.system.change(*payload)
-                else:
-                    function, description = payload
-                    log(f"[#] {description}")
+            if kind == "cmd":
+                error = self.system.change(*payload, check=False)
+                if error and not already_undone(error):
+                    failed.insert(0, payload)
+                    log(f"udptun: warning: could not undo; `udptun.py down` will try again: {error}")
+            else:
+                function, description = payload
+                log(f"[#] {description}")
+                try:
                     function()
-            except Exception as e:   # noqa: BLE001 - every undo must be tried
-                log(f"udptun: warning: undo failed: {e}")
-            self.journal.save(self._commands())
-        self.journal.remove()
+                except OSError as e:
+                    log(f"udptun: warning: undo failed: {e}")
+            self.journal.save(failed + self._commands())
+        self.journal.release()
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def already_undone(error):
+    """Whether a failed undo failed because there was nothing left to undo:
+    the rule, route, table or device is gone (a stale journal entry, or the
+    kernel got there first)."""
+    return any(text in error for text in ("No such file or directory", "No such process", "does not exist",
+                                          "Bad rule", "Cannot find device", "No such device"))
 
 
 # ---------------------------------------------------------------- packet parsing
@@ -428,6 +570,19 @@ def ip_problem(packet):
     if version == 6:
         return ipv6_problem(packet)
     return "short" if not packet else "not-ip"
+
+
+def udp_destination_port(packet):
+    """The destination port of a UDP packet (IPv4 with any header length,
+    IPv6 with no extension header), or None for anything else."""
+    if packet[0] >> 4 == 4:
+        at = (packet[0] & 0x0F) * 4
+        proto = packet[9]
+    else:
+        at, proto = IPV6_HEADER, packet[6]
+    if proto != UDP or len(packet) < at + 4:
+        return None
+    return packet[at + 2] << 8 | packet[at + 3]
 
 
 # Where each version keeps its source and destination addresses.
@@ -598,9 +753,7 @@ class Tun:
     read is always one ordinary packet behind a header of zeros.
     """
 
-    def __init__(self, name, vnet=True):
-        if len(name.encode()) >= IFNAMSIZ:
-            raise UserError(f"device name {name!r} is too long: at most {IFNAMSIZ - 1} characters")
+    def __init__(self, name):
         try:
             self.fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -610,21 +763,24 @@ class Tun:
         except PermissionError:
             raise UserError(f"cannot open {TUN_PATH}: run as root (sudo)") from None
         # struct ifreq (<linux/if.h>): 16-byte name, then a union whose first
-        # member here is `short ifr_flags`; 40 bytes in all.
-        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet else 0)
+        # member here is `short ifr_flags`; 40 bytes in all. IFF_TUN_EXCL: a
+        # new device, never one that exists (a persistent one that `ip tuntap
+        # add` or `openvpn --mktun` made, which we would otherwise adopt, and
+        # whose addresses and routes would outlive us).
+        flags = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR | IFF_TUN_EXCL
         try:
             ifreq = fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
         except OSError as e:
             os.close(self.fd)
-            if e.errno == errno.EINVAL and vnet:   # a kernel without IFF_VNET_HDR (before 2.6.27)
-                return self.__init__(name, vnet=False)
-            if e.errno == errno.EBUSY:   # another process holds a device of that name
-                raise UserError(f"device {name} is in use by another program: pick another --dev") from None
+            if e.errno == errno.EBUSY:
+                raise UserError(f"a device named {name} exists already (another VPN, or a persistent one "
+                                f"from `ip tuntap add`): pick another --dev, or remove it "
+                                f"(ip link del {name})") from None
             if e.errno == errno.EPERM:   # creating one needs CAP_NET_ADMIN
                 raise UserError("creating a TUN device needs root: run with sudo") from None
             raise UserError(f"cannot create TUN device {name}: {e.strerror}") from None
         self.name = ifreq[:16].rstrip(b"\0").decode()
-        self.vnet = vnet
+        self.vnet = True
 
     def close(self):
         os.close(self.fd)
@@ -920,28 +1076,46 @@ def mss_for(mtu, network):
     return str(mtu - (40 if network.version == 4 else 60))
 
 
-def iptables_rules(dev, out_if, network, mtu, nat, client_to_client):
+# Networks a client never reaches through the VPS unless --reach opens them:
+# link-local (RFC 3927, RFC 4291), where a cloud VPS finds its metadata
+# service (169.254.169.254: credentials, user data) and its neighbours.
+LINK_LOCAL = {4: "169.254.0.0/16", 6: "fe80::/10"}
+
+
+def iptables_rules(dev, out_if, network, mtu, nat, client_to_client, reach=()):
     """The server's iptables rules as (table, chain, rule), without -A/-I.
     The same rules serve ip6tables, with the IPv6 subnet.
 
     - MASQUERADE: packets from clients leave with the server's address.
-    - FORWARD accept, out freely and back only for established flows.
-      Inserted at the top (-I), so they work under a DROP policy (Docker, ufw).
+    - FORWARD, in this order, at the top of the chain (so a DROP policy, as
+      Docker's and ufw's, does not stop them, and an ACCEPT policy does not
+      open more than they do):
+        --reach networks: accept;
+        link-local: drop;
+        from the tunnel out of the internet interface: accept;
+        into the tunnel, replies only (RELATED,ESTABLISHED): accept;
+        with --client-to-client, from the tunnel back into it: accept;
+        anything else from or into the tunnel: drop. So a client reaches the
+        internet and nothing else: not the VPS's other networks (docker0, a
+        VPC, a provider's LAN), and nobody outside can open a connection to
+        a client.
     - TCPMSS: a SYN crossing the tunnel gets an MSS that fits its MTU, so
       TCP never sends segments the tunnel would have to fragment.
     """
     c = ["-m", "comment", "--comment", tag(dev)]
     clamp = ["-p", "tcp", "--tcp-flags", "SYN,RST", "SYN", *c, "-j", "TCPMSS", "--set-mss", mss_for(mtu, network)]
     rules = []
-    if nat:
+    if nat and out_if:
         rules.append(("nat", "POSTROUTING", ["-s", str(network), "-o", out_if, *c, "-j", "MASQUERADE"]))
-    rules += [
-        ("filter", "FORWARD", ["-i", dev, "-o", out_if, *c, "-j", "ACCEPT"]),
-        ("filter", "FORWARD", ["-i", out_if, "-o", dev, "-m", "conntrack",
-                               "--ctstate", "RELATED,ESTABLISHED", *c, "-j", "ACCEPT"]),
-    ]
+    forward = [["-i", dev, "-d", str(net), *c, "-j", "ACCEPT"] for net in reach]
+    forward.append(["-i", dev, "-d", LINK_LOCAL[network.version], *c, "-j", "DROP"])
+    if out_if:
+        forward.append(["-i", dev, "-o", out_if, *c, "-j", "ACCEPT"])
+    forward.append(["-o", dev, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", *c, "-j", "ACCEPT"])
     if client_to_client:
-        rules.append(("filter", "FORWARD", ["-i", dev, "-o", dev, *c, "-j", "ACCEPT"]))
+        forward.append(["-i", dev, "-o", dev, *c, "-j", "ACCEPT"])
+    forward += [["-i", dev, *c, "-j", "DROP"], ["-o", dev, *c, "-j", "DROP"]]
+    rules += [("filter", "FORWARD", rule) for rule in forward]
     rules += [
         ("mangle", "FORWARD", ["-o", dev, *clamp]),
         ("mangle", "FORWARD", ["-i", dev, *clamp]),
@@ -958,46 +1132,60 @@ NFT_FAMILY = {4: "ip", 6: "ip6"}      # nft's name for the tables of each IP ver
 IPTABLES = {4: "iptables", 6: "ip6tables"}
 
 
-def nft_commands(dev, out_if, network, mtu, nat, client_to_client):
+def nft_commands(dev, out_if, network, mtu, nat, client_to_client, reach=()):
     """The same rules as iptables_rules, for nft (nft(8)), in one table
     (of family ip or ip6, as `network` is).
 
     A caveat of nftables: an accept in our table does not override a drop in
     another table on the same hook, so a DROP policy set elsewhere (firewalld,
-    or iptables-nft's own FORWARD chain) still drops tunnel traffic.
+    or iptables-nft's own FORWARD chain) still drops tunnel traffic. Our
+    drops hold whatever other tables say.
     """
     family = NFT_FAMILY[network.version]
     t = [family, nft_table(dev)]
     mss = mss_for(mtu, network)
     syn = ["tcp", "flags", "&", "(syn|rst)", "==", "syn", "tcp", "option", "maxseg", "size", ">", mss,
            "tcp", "option", "maxseg", "size", "set", mss]
-    commands = [["add", "chain", *t, "forward", "{ type filter hook forward priority 0 ; }"],
-                ["add", "rule", *t, "forward", "iifname", dev, "oifname", out_if, "accept"],
-                ["add", "rule", *t, "forward", "iifname", out_if, "oifname", dev,
-                 "ct", "state", "established,related", "accept"]]
+    rule = lambda *words: ["add", "rule", *t, "forward", *words]
+    commands = [["add", "chain", *t, "forward", "{ type filter hook forward priority 0 ; }"]]
+    commands += [rule("iifname", dev, family, "daddr", str(net), "accept") for net in reach]
+    commands.append(rule("iifname", dev, family, "daddr", LINK_LOCAL[network.version], "drop"))
+    if out_if:
+        commands.append(rule("iifname", dev, "oifname", out_if, "accept"))
+    commands.append(rule("oifname", dev, "ct", "state", "established,related", "accept"))
     if client_to_client:
-        commands.append(["add", "rule", *t, "forward", "iifname", dev, "oifname", dev, "accept"])
-    commands += [["add", "rule", *t, "forward", "oifname", dev, *syn],
-                 ["add", "rule", *t, "forward", "iifname", dev, *syn]]
-    if nat:
+        commands.append(rule("iifname", dev, "oifname", dev, "accept"))
+    commands += [rule("iifname", dev, "drop"), rule("oifname", dev, "drop")]
+    # The clamp must come first to see what the accepts above take: nft
+    # stops at the first verdict. So it has its own chain, earlier (-150, mangle).
+    commands += [["add", "chain", *t, "clamp", "{ type filter hook forward priority -150 ; }"],
+                 ["add", "rule", *t, "clamp", "oifname", dev, *syn],
+                 ["add", "rule", *t, "clamp", "iifname", dev, *syn]]
+    if nat and out_if:
         commands += [["add", "chain", *t, "postrouting", "{ type nat hook postrouting priority 100 ; }"],
                      ["add", "rule", *t, "postrouting", family, "saddr", str(network), "oifname", out_if,
                       "masquerade"]]
     return [["nft", *c] for c in commands]
 
 
-def add_firewall(changes, firewall, dev, out_if, network, mtu, nat, client_to_client):
+def add_firewall(changes, firewall, dev, out_if, network, mtu, nat, client_to_client, reach=()):
     """The rules of iptables_rules (or nft_commands) for `network`'s IP version."""
     if firewall == "nft":
         table = [NFT_FAMILY[network.version], nft_table(dev)]
         changes.make(["nft", "add", "table", *table], undo=["nft", "delete", "table", *table])
-        for command in nft_commands(dev, out_if, network, mtu, nat, client_to_client):
+        for command in nft_commands(dev, out_if, network, mtu, nat, client_to_client, reach):
             changes.make(command)   # undone with the table
         return
-    tool = IPTABLES[network.version]
-    for table, chain, rule in iptables_rules(dev, out_if, network, mtu, nat, client_to_client):
-        where = "-I" if table == "filter" else "-A"
-        changes.make([tool, "-t", table, where, chain, *rule], undo=[tool, "-t", table, "-D", chain, *rule])
+    # -w: wait for the xtables lock that Docker or fail2ban may hold, not fail.
+    tool = [IPTABLES[network.version], "-w"]
+    position = 0
+    for table, chain, rule in iptables_rules(dev, out_if, network, mtu, nat, client_to_client, reach):
+        if table == "filter":   # at the top, in this order: 1, 2, 3...
+            position += 1
+            where = ["-I", chain, str(position)]
+        else:
+            where = ["-A", chain]
+        changes.make([*tool, "-t", table, *where, *rule], undo=[*tool, "-t", table, "-D", chain, *rule])
 
 
 def remove_tagged_rules(system, dev):
@@ -1010,10 +1198,10 @@ def remove_tagged_rules(system, dev):
             continue
         for table in ("filter", "nat", "mangle"):
             # (check=False: a kernel without IPv6 has no ip6tables tables to list)
-            for line in system.query(tool, "-t", table, "-S", check=False).splitlines():
+            for line in system.query(tool, "-w", "-t", table, "-S", check=False).splitlines():
                 words = shlex.split(line)
                 if words[:1] == ["-A"] and tag(dev) in words:
-                    system.change(tool, "-t", table, "-D", *words[1:], check=False)
+                    system.change(tool, "-w", "-t", table, "-D", *words[1:], check=False)
     if shutil.which("nft"):
         tables = system.query("nft", "list", "tables").splitlines()
         for family in NFT_FAMILY.values():
@@ -1022,30 +1210,28 @@ def remove_tagged_rules(system, dev):
 
 
 def recover(system, journal, dev):
-    """Undo whatever an earlier run on `dev` left behind (killed with -9, or
-    the machine lost power mid-run): replay its journal newest first, then
-    remove any rule that still carries our tag. Undo comes before do."""
+    """Take the device's lock, then undo whatever an earlier run on `dev`
+    left behind (killed with -9, or the machine lost power mid-run): replay
+    its journal newest first, then remove any rule that still carries our
+    tag. Undo comes before do. Return the undos that failed (and not for
+    want of anything to undo), oldest first: they are tried again later."""
+    journal.lock()
+    failed = []
     old = journal.load()
     if old:
-        pid = old.get("pid")
-        if pid and pid != os.getpid() and is_udptun(pid):
-            raise UserError(f"udptun is already running on {dev} (pid {pid}): stop it first")
         log(f"udptun: undoing what an earlier run on {dev} left behind")
-        for argv in reversed(old.get("undo", [])):
-            system.change(*argv, check=False)
+        for argv in reversed(old):
+            error = system.change(*argv, check=False)
+            if error and not already_undone(error):
+                failed.insert(0, argv)
     if not system.dry_run:
         remove_tagged_rules(system, dev)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(state_path(dev, ".status"))   # a dead run's status would mislead
-    journal.remove()
-
-
-def is_udptun(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"udptun" in f.read()
-    except OSError:
-        return False
+    journal.save(failed)
+    if failed:
+        log(f"udptun: warning: {len(failed)} undo(s) failed; `udptun.py down` will try again")
+    return failed
 
 
 def sd_notify(state):
@@ -1086,27 +1272,29 @@ class FairQueue:
     sends now and then finds its queue empty, goes to `new`, and is passed
     on at the next turn.
 
-    A flow that still has packets after its QUANTUM goes to the back of
-    `old`. A full queue drops what arrives (the kernel counts nothing, so
+    The rules are RFC 8290's (section 4): a flow that still has packets
+    after its QUANTUM goes to the back of `old`; so does a flow from `new`
+    that has none left, which waits there for one more round before it is
+    forgotten. A sender cannot stay "new", and first, by keeping its queue
+    short. Over either limit (packets, bytes), packets are dropped from the
+    head of the flow with the most bytes queued, as fq_codel_drop() does:
+    the flow that floods loses, not everyone (the kernel counts nothing, so
     we do, as "queue-full"). There is no CoDel half: a TCP sender sets the
-    size of its own backlog, and the limit only bounds it.
+    size of its own backlog, and the limits only bound it.
     """
 
-    def __init__(self, limit=QUEUE_LIMIT, quantum=QUANTUM):
-        self.limit, self.quantum = limit, quantum
-        self.flows = {}       # flow -> deque of its packets, only while it has some
+    def __init__(self, limit=QUEUE_LIMIT, byte_limit=QUEUE_BYTES, quantum=QUANTUM):
+        self.limit, self.byte_limit, self.quantum = limit, byte_limit, quantum
+        self.flows = {}       # flow -> deque of its packets (or none: waiting in `old` to be forgotten)
         self.new = deque()    # flows that were idle when their packet came
-        self.old = deque()    # flows that have had a turn and still have packets
-        self.length = 0
+        self.old = deque()    # flows that have had a turn
+        self.length = self.bytes = 0
 
     def __len__(self):
         return self.length
 
     def push(self, packets):
-        """Queue packets, in order; return how many found no room."""
-        refused = len(packets) - (self.limit - self.length)
-        if refused > 0:
-            packets = packets[:-refused]
+        """Queue packets, in order; return how many had to be dropped."""
         flows, new = self.flows, self.new
         for packet in packets:
             key = flow_of(packet)
@@ -1116,22 +1304,40 @@ class FairQueue:
                 new.append(key)
             queue.append(packet)
         self.length += len(packets)
-        return max(refused, 0)
+        self.bytes += sum(map(len, packets))
+        if self.length > self.limit or self.bytes > self.byte_limit:
+            return self.shed()
+        return 0
+
+    def shed(self):
+        """Drop from the head of the fattest flow until under both limits,
+        half its backlog at a time, so that a flood costs one look at every
+        flow per many packets, not per packet."""
+        dropped = 0
+        while self.length > self.limit or self.bytes > self.byte_limit:
+            queue = max(self.flows.values(), key=lambda q: sum(map(len, q)))
+            for _ in range(max(1, len(queue) // 2)):
+                self.bytes -= len(queue.popleft())
+                self.length -= 1
+                dropped += 1
+        return dropped
 
     def pop(self, budget):
         """Up to `budget` packets, in the order to write them."""
         out = []
         flows, new, old = self.flows, self.new, self.old
         while len(out) < budget and (new or old):
-            key = new.popleft() if new else old.popleft()
+            from_new = bool(new)
+            key = new.popleft() if from_new else old.popleft()
             queue = flows[key]
             for _ in range(min(len(queue), self.quantum, budget - len(out))):
                 out.append(queue.popleft())
-            if queue:
+            if queue or from_new:
                 old.append(key)
             else:
                 del flows[key]
         self.length -= len(out)
+        self.bytes -= sum(map(len, out))
         return out
 
 
@@ -1151,6 +1357,7 @@ class Forwarder:
         self.tun, self.sock, self.verbose = tun, sock, verbose
         self.now = self.started = time.monotonic()
         self.drops = {}   # reason -> count
+        self.log = LogLimit()
         self.status_path = None    # where to publish status() every second, if set
         self.selector = None       # run()'s, once it runs
         self.gso = True            # until the kernel says otherwise
@@ -1164,7 +1371,8 @@ class Forwarder:
         formatted with -v: a flood must not cost a log line's work each."""
         self.drops[reason] = self.drops.get(reason, 0) + count
         if self.verbose:
-            log(f"drop {reason} " + " ".join(d if isinstance(d, str) else show(d) for d in detail))
+            self.log("drop", f"drop {reason} " + " ".join(d if isinstance(d, str) else show(d) for d in detail),
+                     self.now)
 
     def run(self):
         self.selector = selector = selectors.DefaultSelector()
@@ -1195,11 +1403,11 @@ class Forwarder:
 
     def read_tun(self):
         """Packets from the TUN device (without the vnet header): up to
-        READ_AHEAD, fewer if `to_udp` has no room for them (they wait in the
-        device's ring, and the kernel drops what does not fit)."""
+        READ_AHEAD. Even when `to_udp` is full: it then drops from its
+        fattest flow, where the kernel's ring would drop from everyone."""
         packets = []
         fd, skip = self.tun.fd, VNET_HDR.size if self.tun.vnet else 0
-        for _ in range(min(READ_AHEAD, self.to_udp.limit - len(self.to_udp))):
+        for _ in range(READ_AHEAD):
             try:
                 packet = os.read(fd, skip + MAX_PACKET)
             except BlockingIOError:
@@ -1208,9 +1416,8 @@ class Forwarder:
         return packets
 
     def recv_udp(self):
-        """(datagram, address) pairs from the socket: about READ_AHEAD, fewer
-        if `to_tun` has no room for them (then they wait in the socket's
-        buffer, and the kernel drops what does not fit, for free).
+        """(datagram, address) pairs from the socket: about READ_AHEAD, even
+        when `to_tun` is full (see read_tun).
 
         With UDP GRO one receive may return many datagrams from one sender,
         glued together; a control message gives their size (all equal but
@@ -1218,7 +1425,7 @@ class Forwarder:
         datagram, there is no control message.
         """
         datagrams = []
-        room = min(READ_AHEAD, self.to_tun.limit - len(self.to_tun))
+        room = READ_AHEAD
         while len(datagrams) < room:
             try:
                 data, ancillary, _, addr = self.sock.recvmsg(MAX_PACKET, GRO_CMSG_SPACE, socket.MSG_DONTWAIT)
@@ -1365,13 +1572,12 @@ class Forwarder:
 class Peer:
     """One client of the server: the UDP address that owns a tunnel IP."""
 
-    __slots__ = ("ip", "addr", "joined", "last_seen", "rx_packets", "rx_bytes",
-                 "tx_packets", "tx_bytes", "refused")
+    __slots__ = ("ip", "addr", "last_seen", "since", "previous", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes")
 
     def __init__(self, ip, addr, now):
-        self.ip, self.addr, self.joined, self.last_seen = ip, addr, now, now
+        self.ip, self.addr, self.last_seen, self.since = ip, addr, now, now
+        self.previous = None   # the address it moved from, if that one had held it long
         self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
-        self.refused = set()   # outer addresses whose claim we already logged
 
 
 class ClientTable:
@@ -1380,46 +1586,74 @@ class ClientTable:
     The rules, in order, for a packet from UDP address `addr` whose inner
     source is tunnel IP `ip`:
     - owner is `addr`: the packet is theirs (the fast path).
-    - nobody owns `ip` (or the owner expired): first claim wins, if the
-      table has room.
-    - same outer IP, new port: a NAT rebinding; the binding moves at once.
+    - nobody owns `ip` (or the owner expired): first claim wins, while the
+      table has room and `addr`'s IP holds fewer than `max_per_host`
+      addresses (so one host cannot take the subnet).
+    - same outer IP, new port: a NAT rebinding. The binding moves once the
+      owner's port has been quiet for REBIND_QUIET: a NAT gives a new port
+      to a flow that went idle, or to a laptop that changed networks, never
+      to one that is busy. And it moves back at once if the port it left
+      speaks again, if that one had held it for REBIND_QUIET too: a NAT's
+      old port never speaks again, so the new one was a forger who can send
+      as the client's IP. The server asks the old port at once (see
+      Server.probe), and a forger, who held the binding only until the
+      answer came, is not trusted so.
     - another outer IP: refused and counted, until the owner has been silent
       for `rebind_after` seconds; then it moves (a client whose home address
       changed comes back).
-    Bindings idle for `timeout` seconds expire.
+    Bindings idle for `timeout` seconds expire. Every log line goes through
+    a LogLimit: a flood of claims writes a few lines, not one each.
     """
 
     def __init__(self, timeout=DEFAULT_CLIENT_TIMEOUT, rebind_after=DEFAULT_REBIND_AFTER,
-                 max_clients=1000):
+                 max_clients=1000, max_per_host=DEFAULT_MAX_PER_HOST):
         self.by_ip = {}
-        self.timeout, self.rebind_after, self.max_clients = timeout, rebind_after, max_clients
+        self.per_host = {}   # outer IP -> how many tunnel addresses it holds
+        self.timeout, self.rebind_after = timeout, rebind_after
+        self.max_clients, self.max_per_host = max_clients, max_per_host
+        self.log = LogLimit()
 
     def claim(self, ip, addr, now):
-        """The Peer that may send as `ip` from `addr`, or None (refused)."""
+        """(the Peer that may send as `ip` from `addr`, None or "moved"), or
+        (None, why not)."""
         peer = self.by_ip.get(ip)
         if peer is not None and peer.addr == addr:
             peer.last_seen = now
-            return peer
+            return peer, None
+        host = addr[0]
         if peer is None:
             if len(self.by_ip) >= self.max_clients:
-                return None
+                return None, "table-full"
+            if self.per_host.get(host, 0) >= self.max_per_host:
+                return None, "host-limit"
             peer = self.by_ip[ip] = Peer(ip, addr, now)
-            log(f"client {show(ip)} joined from {show(addr)}")
-            return peer
-        if addr[0] == peer.addr[0] or now - peer.last_seen >= self.rebind_after:
-            log(f"client {show(ip)} moved from {show(peer.addr)} to {show(addr)}")
-            peer.addr, peer.last_seen = addr, now
-            peer.refused.clear()
-            return peer
-        if addr not in peer.refused:
-            peer.refused.add(addr)
-            log(f"client {show(ip)}: refused claim from {show(addr)} (owned by {show(peer.addr)})")
-        return None
+            self.per_host[host] = self.per_host.get(host, 0) + 1
+            self.log("join", f"client {show(ip)} joined from {show(addr)}", now)
+            return peer, None
+        quiet = now - peer.last_seen
+        if host == peer.addr[0] and (quiet >= REBIND_QUIET or addr == peer.previous) or quiet >= self.rebind_after:
+            if host != peer.addr[0]:
+                if self.per_host.get(host, 0) >= self.max_per_host:
+                    return None, "host-limit"
+                self.forget(peer.addr[0])
+                self.per_host[host] = self.per_host.get(host, 0) + 1
+            self.log("move", f"client {show(ip)} moved from {show(peer.addr)} to {show(addr)}", now)
+            peer.previous = peer.addr if now - peer.since >= REBIND_QUIET else None
+            peer.addr, peer.last_seen, peer.since = addr, now, now
+            return peer, "moved"
+        self.log("refuse", f"client {show(ip)}: refused claim from {show(addr)} (owned by {show(peer.addr)})", now)
+        return None, "refused"
+
+    def forget(self, host):
+        left = self.per_host.pop(host) - 1
+        if left:
+            self.per_host[host] = left
 
     def expire(self, now):
         for ip in [ip for ip, p in self.by_ip.items() if now - p.last_seen >= self.timeout]:
-            log(f"client {show(ip)} expired (silent since {now - self.by_ip[ip].last_seen:.0f} s)")
-            del self.by_ip[ip]
+            peer = self.by_ip.pop(ip)
+            self.forget(peer.addr[0])
+            self.log("expire", f"client {show(ip)} expired (silent since {now - peer.last_seen:.0f} s)", now)
 
 
 def show(value):
@@ -1439,8 +1673,10 @@ class Server(Forwarder):
     IPv6Interface when IPv6 is on): each gives a subnet from which clients
     take theirs."""
 
-    def __init__(self, tun, sock, addresses, table, client_to_client=False, allow=None, verbose=False):
+    def __init__(self, tun, sock, addresses, table, client_to_client=False, allow=None, local=(), port=None,
+                 verbose=False):
         super().__init__(tun, sock, verbose)
+        self.local, self.port = set(local), port   # this machine's addresses; our UDP port
         self.table = table
         self.client_to_client = client_to_client
         self.subnets = {}    # address length (4 or 16) -> (network, netmask) as integers
@@ -1455,10 +1691,32 @@ class Server(Forwarder):
             # RFC 4291) or last (IPv4's broadcast) address.
             self.reserved |= {a.ip.packed, net.network_address.packed, net.broadcast_address.packed}
         self.allow = allow   # --allow: outer networks that may use us, or None: anyone
+        self.ip4 = next((a.ip.packed for a in addresses if a.version == 4), None)   # for probes
+        self.seq = 0
 
     def in_subnet(self, ip):
         net, mask = self.subnets.get(len(ip), (-1, 0))
         return int.from_bytes(ip, "big") & mask == net
+
+    def looped(self, host):
+        """Whether a datagram's outer source cannot be a client's: loopback,
+        multicast, unspecified, one of this machine's own addresses, or
+        inside the tunnel. The last is a packet we wrote to the TUN device
+        that came back to our own port: parsing it again would loop."""
+        ip = ipaddress.ip_address(host.split("%")[0])
+        ip = getattr(ip, "ipv4_mapped", None) or ip
+        return (ip.is_loopback or ip.is_multicast or ip.is_unspecified or str(ip) in self.local
+                or self.in_subnet(ip.packed))
+
+    def probe(self, peer):
+        """Ask the address a binding just left whether it is still there: an
+        echo request to the client's tunnel address (IPv4 only; an IPv6
+        binding waits for the client's next packet). A live client's kernel
+        answers through the tunnel, from that address, and takes its binding
+        back (see ClientTable.claim); one that really moved never answers."""
+        if len(peer.ip) == 4 and self.ip4:
+            self.seq = (self.seq + 1) & 0xFFFF
+            self.send_one(echo_request(self.ip4, peer.ip, 0x5555, self.seq), peer.previous)
 
     def allowed(self, host):
         ip = ipaddress.ip_address(host)
@@ -1469,6 +1727,7 @@ class Server(Forwarder):
         """Datagrams from clients: check them, learn who owns which tunnel IP,
         queue them for the TUN device."""
         last = None   # (source, address) of the previous datagram, whose verdict holds
+        last_host = looped = None   # the previous outer host, and whether it is a loop
         accepted = []
         for data, addr in self.recv_udp():
             if self.allow is not None and not self.allowed(addr[0]):
@@ -1487,15 +1746,25 @@ class Server(Forwarder):
             # GRO batch is one flow): judge the pair once per run.
             if (src, addr) != last:
                 last = (src, addr)
-                if src in self.reserved or not self.in_subnet(src):
+                if addr[0] != last_host:
+                    last_host, looped = addr[0], self.looped(addr[0])
+                if looped:
+                    peer, why = None, "loop"
+                elif src in self.reserved or not self.in_subnet(src):
                     peer, why = None, "bad-source"
                 else:
-                    peer, why = self.table.claim(src, addr, self.now), "refused"
+                    peer, why = self.table.claim(src, addr, self.now)
+                    if why == "moved" and peer.previous:
+                        self.probe(peer)
             if peer is None:
                 self.drop(why, src, "from", addr)
                 continue
             dst = data[DESTINATION[version]]
-            if not self.client_to_client and dst not in self.own and self.in_subnet(dst):
+            if dst in self.own:
+                if udp_destination_port(data) == self.port:
+                    self.drop("loop", src, "->", dst)   # to our own port, from inside the tunnel
+                    continue
+            elif not self.client_to_client and self.in_subnet(dst):
                 self.drop("client-to-client", src, "->", dst)
                 continue
             peer.rx_packets += 1
@@ -1699,8 +1968,7 @@ def setup_tun(changes, system, args, addresses):
     a few milliseconds when the scheduler runs something else.
     """
     tun = FakeTun(args.dev) if system.dry_run else Tun(args.dev)
-    flags = "IFF_TUN | IFF_NO_PI" + (" | IFF_VNET_HDR" if tun.vnet else "")
-    log(f"[#] open {TUN_PATH} as {tun.name} (TUNSETIFF, {flags})")
+    log(f"[#] open {TUN_PATH} as {tun.name} (TUNSETIFF, IFF_TUN | IFF_NO_PI | IFF_VNET_HDR | IFF_TUN_EXCL)")
     changes.defer(tun.close, f"close {tun.name}: the kernel deletes it with its address and routes")
     for address in addresses:
         if address.version == 4:
@@ -1723,15 +1991,16 @@ def tunnel_addresses(args):
 
 
 def prepare(args):
-    """What both sides do first: check root, recover leftovers."""
+    """What both sides do first: check root, take the device's lock and
+    undo what an earlier run left. Returns the Changes to make the run's
+    changes on, as a `with` block that undoes them (and lets go of the lock)."""
     system = System(dry_run=args.dry_run)
     if not args.dry_run and os.geteuid() != 0:
         raise UserError(f"must run as root: sudo python3 {sys.argv[0]} {args.command} ...")
-    if not 576 <= args.mtu <= 65535 - OUTER_OVERHEAD:   # 576: RFC 791's smallest datagram every host takes
-        raise UserError(f"--mtu {args.mtu}: use 576 to {65535 - OUTER_OVERHEAD} (1400 fits a 1500-byte path)")
     journal = Journal(args.dev, dry_run=args.dry_run)
-    recover(system, journal, args.dev)
-    return system, journal
+    if args.dry_run and journal.held():
+        raise UserError(f"udptun is already running on {args.dev} here: its plan would not be this one")
+    return Changes(system, journal, leftovers=recover(system, journal, args.dev))
 
 
 def listen(port):
@@ -1754,46 +2023,57 @@ def listen(port):
 
 def run_server(args):
     allow = [parse_network(n, "--allow") for n in args.allow]
+    reach = [parse_network(n, "--reach") for n in args.reach]
     addresses = tunnel_addresses(args)
-    system, journal = prepare(args)
-    firewall = choose_firewall(args.firewall)
-    if args.out_interface and not system.query("ip", "-o", "link", "show", "dev", args.out_interface, check=False):
-        raise UserError(f"--out-interface {args.out_interface}: no such interface here (see `ip link`)")
-    out = {4: args.out_interface or default_interface(system, 4)}
-    if len(addresses) > 1:   # IPv6: out of the IPv6 default route's interface, if there is one
-        out[6] = args.out_interface or default_interface(system, 6)
-    for address in addresses:
-        check_subnet_free(system, address.network, args.dev)
-    sock = listen(args.port)   # before any change: a busy port fails cleanly
-    with sock, Changes(system, journal) as changes:
-        tun = setup_tun(changes, system, args, addresses)
-        set_sysctl(changes, "net.ipv4.ip_forward", "1")
-        if out.get(6):
-            # Forwarding makes the kernel ignore router advertisements where
-            # accept_ra is 1 (ip-sysctl.rst): a VPS that gets its IPv6
-            # default route by SLAAC would lose it when its lifetime ends.
-            # 2 accepts them even when forwarding. Set before forwarding.
-            key = (f"net/ipv6/conf/{out[6]}/accept_ra" if "." in out[6]   # eth0.100: see sysctl_value
-                   else f"net.ipv6.conf.{out[6]}.accept_ra")
-            if sysctl_value(key) == "1":
-                set_sysctl(changes, key, "2")
-        if len(addresses) > 1:
-            # Even without IPv6 on the internet side: the kernel then answers
-            # a client's IPv6 packets with ICMPv6 "no route", so its
-            # applications fall back to IPv4 at once, instead of waiting.
-            set_sysctl(changes, "net.ipv6.conf.all.forwarding", "1")
+    with prepare(args) as changes:
+        system = changes.system
+        firewall = choose_firewall(args.firewall)
+        if args.out_interface and not system.query("ip", "-o", "link", "show", "dev", args.out_interface,
+                                                   check=False):
+            raise UserError(f"--out-interface {args.out_interface}: no such interface here (see `ip link`)")
+        out = {4: args.out_interface or default_interface(system, 4)}
+        if len(addresses) > 1:   # IPv6: out of the IPv6 default route's interface, if there is one
+            out[6] = args.out_interface or default_interface(system, 6)
         for address in addresses:
-            if out.get(address.version):
-                add_firewall(changes, firewall, tun.name, out[address.version], address.network, args.mtu,
-                             nat=not args.no_nat, client_to_client=args.client_to_client)
-        table = ClientTable(args.client_timeout, args.rebind_after, args.max_clients)
-        server = Server(tun, sock, addresses, table, args.client_to_client, allow or None, args.verbose)
-        log(f"udptun server: {tun.name} {' '.join(map(str, addresses))}, listening on UDP port {args.port}"
-            f"{' (IPv4 and IPv6)' if sock.family == socket.AF_INET6 else ''}, forwarding out of {out[4]}"
-            + (f" (IPv6: {out[6]})" if out.get(6) and out[6] != out[4] else "")
-            + ("" if args.no_nat else " with NAT")
-            + ("" if out.get(6) or len(addresses) == 1 else "; no IPv6 default route: clients' IPv6 is refused"))
-        forward(server, changes, args)
+            check_subnet_free(system, address.network, args.dev)
+        local = local_addresses(system)
+        with listen(args.port) as sock:   # before any change: a busy port fails cleanly
+            tun = setup_tun(changes, system, args, addresses)
+            set_sysctl(changes, "net.ipv4.ip_forward", "1")
+            if out.get(6):
+                # Forwarding makes the kernel ignore router advertisements where
+                # accept_ra is 1 (ip-sysctl.rst): a VPS that gets its IPv6
+                # default route by SLAAC would lose it when its lifetime ends.
+                # 2 accepts them even when forwarding. Set before forwarding.
+                key = (f"net/ipv6/conf/{out[6]}/accept_ra" if "." in out[6]   # eth0.100: see sysctl_value
+                       else f"net.ipv6.conf.{out[6]}.accept_ra")
+                if sysctl_value(key) == "1":
+                    set_sysctl(changes, key, "2")
+            if len(addresses) > 1:
+                # Even without IPv6 on the internet side: the kernel then answers
+                # a client's IPv6 packets with ICMPv6 "no route", so its
+                # applications fall back to IPv4 at once, instead of waiting.
+                set_sysctl(changes, "net.ipv6.conf.all.forwarding", "1")
+            for address in addresses:   # (out[6] is None on a VPS without IPv6: no NAT, no way out)
+                add_firewall(changes, firewall, tun.name, out.get(address.version), address.network, args.mtu,
+                             nat=not args.no_nat, client_to_client=args.client_to_client,
+                             reach=[n for n in reach if n.version == address.version])
+            table = ClientTable(args.client_timeout, args.rebind_after, args.max_clients, args.max_per_host)
+            server = Server(tun, sock, addresses, table, args.client_to_client, allow or None, local, args.port,
+                            args.verbose)
+            log(f"udptun server: {tun.name} {' '.join(map(str, addresses))}, listening on UDP port {args.port}"
+                f"{' (IPv4 and IPv6)' if sock.family == socket.AF_INET6 else ''}, forwarding out of {out[4]}"
+                + (f" (IPv6: {out[6]})" if out.get(6) and out[6] != out[4] else "")
+                + ("" if args.no_nat else " with NAT")
+                + ("" if out.get(6) or len(addresses) == 1 else "; no IPv6 default route: clients' IPv6 is refused"))
+            forward(server, changes, args)
+
+
+def local_addresses(system):
+    """The machine's own addresses, as text: a datagram claiming to come
+    from one of them is a loop, or a forgery (see Server.looped)."""
+    return {line.split()[3].split("/")[0] for line in system.query("ip", "-o", "address", "show").splitlines()
+            if len(line.split()) > 3}
 
 
 def forward(forwarder, changes, args):
@@ -1828,7 +2108,13 @@ def run_client(args):
     routes = list(dict.fromkeys(r for r in routes if r.version in versions))
     family = {"4": socket.AF_INET, "6": socket.AF_INET6}.get(args.family, socket.AF_UNSPEC)
     # Undo what a killed run left first: its --dns may be why names do not resolve.
-    system, journal = prepare(args)
+    with prepare(args) as changes:
+        connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, routes, family)
+
+
+def connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, routes, family):
+    """The client's part after prepare(): find the server, set up, forward."""
+    system = changes.system
     server = resolve(args.server, args.port, family)
     name = None if is_address(args.server) else args.server
     for address in addresses:
@@ -1840,8 +2126,7 @@ def run_client(args):
             "sysctl -w net.ipv4.conf.all.rp_filter=2 " + " ".join(f"net.ipv4.conf.{n}.rp_filter=2" for n in strict))
     table = free_table(system, versions)
     # In a dry run, maybe not as root: no mark (it needs CAP_NET_ADMIN), no ICMP.
-    sock = connect_udp(server, None if args.dry_run else table)
-    with sock, Changes(system, journal) as changes:
+    with connect_udp(server, None if args.dry_run else table) as sock:
         tun = setup_tun(changes, system, args, addresses)
         if dns:
             set_dns(changes, tun.name, [str(a) for a in dns])
@@ -1858,10 +2143,15 @@ def run_client(args):
 
 
 def run_down(args):
-    system = System()
     if os.geteuid() != 0:
         raise UserError(f"must run as root: sudo python3 {sys.argv[0]} down")
-    recover(system, Journal(args.dev), args.dev)
+    journal = Journal(args.dev)
+    try:
+        failed = recover(System(), journal, args.dev)
+    finally:
+        journal.release()
+    if failed:
+        raise UserError(f"{len(failed)} undo(s) failed (above): fix the cause, then run `down` again")
 
 
 def run_status(args):
@@ -1877,7 +2167,7 @@ def run_status(args):
         return
     age = time.time() - s["time"]
     print(f"udptun {s['role']} on {s['device']}, pid {s['pid']}, status from {age:.1f} s ago"
-          + ("" if is_udptun(s["pid"]) else " (not running: stale)"))
+          + ("" if Journal(args.dev).held() else " (not running: stale)"))
     print(f"{'tunnel ip':<16}{'udp address':<22}{'last seen':>10}{'rx pkts':>10}{'rx bytes':>13}"
           f"{'tx pkts':>10}{'tx bytes':>13}")
     for c in s["clients"]:
@@ -1924,9 +2214,35 @@ def parse_network(text, what):
         raise UserError(f"{what} {text!r} is not a network, like 192.0.2.0/24 or 2001:db8::/32") from None
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is a UserError like any other: one
+    line, exit status 1 (argparse's own prints its usage, status 2)."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see: python3 {self.prog} --help)")
+
+
+# What each number on the command line may be: (least, most). Where 0 means
+# "off" it is allowed; elsewhere a count or a time must be positive.
+LIMITS = {"port": (1, 65535), "mtu": (576, 65535 - OUTER_OVERHEAD),   # 576: RFC 791's least
+          "txqueuelen": (1, 1 << 20), "keepalive": (0, 86400), "client_timeout": (1, 86400 * 7),
+          "rebind_after": (0.1, 86400 * 7), "max_clients": (1, 1 << 20), "max_per_host": (1, 1 << 20)}
+
+
+def check_args(args):
+    """Every option, checked before anything runs or touches a path."""
+    check_interface_name(args.dev, "--dev")
+    if getattr(args, "out_interface", None):
+        check_interface_name(args.out_interface, "--out-interface")
+    for name, (least, most) in LIMITS.items():
+        value = getattr(args, name, None)
+        if value is not None and not least <= value <= most:   # (NaN fails too)
+            raise UserError(f"--{name.replace('_', '-')} {value}: use {least} to {most}")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="udptun.py", description=__doc__.split("\n\n")[0],
-                                epilog="No encryption, no authentication: see the README.")
+    p = Parser(prog="udptun.py", description=__doc__.split("\n\n")[0],
+               epilog="No encryption, no authentication: see the README.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(q, address):
@@ -1953,9 +2269,15 @@ def parse_args(argv):
     s.add_argument("--rebind-after", type=float, default=DEFAULT_REBIND_AFTER,
                    help=f"let another outer IP take a tunnel address after its owner is silent "
                         f"this long ({DEFAULT_REBIND_AFTER})")
-    s.add_argument("--max-clients", type=int, default=1000, help="most clients at once (1000)")
+    s.add_argument("--max-clients", type=int, default=1000, help="most tunnel addresses in use at once (1000)")
+    s.add_argument("--max-per-host", type=int, default=DEFAULT_MAX_PER_HOST,
+                   help=f"most tunnel addresses one outer IP may hold ({DEFAULT_MAX_PER_HOST}: "
+                        f"{DEFAULT_MAX_PER_HOST // 2} dual-stack clients behind one NAT)")
     s.add_argument("--allow", nargs="+", default=[], metavar="CIDR",
                    help="outer addresses that may use the server (default: any)")
+    s.add_argument("--reach", action="append", default=[], metavar="CIDR",
+                   help="let clients reach this network too, though it is link-local or behind "
+                        "another interface than --out-interface (repeatable)")
     s.set_defaults(func=run_server)
 
     c = sub.add_parser("client", help="run a client (on the laptop)")
@@ -1988,15 +2310,13 @@ def on_signal(signum, frame):
 
 
 def main(argv=None):
-    args = parse_args(argv)
     # SIGINT too: a shell starting us in the background sets Ctrl-C to
     # "ignore", and Python would then never raise KeyboardInterrupt.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     try:
-        check_interface_name(args.dev, "--dev")
-        if getattr(args, "out_interface", None):
-            check_interface_name(args.out_interface, "--out-interface")
+        args = parse_args(argv)
+        check_args(args)
         args.func(args)
     except UserError as e:
         print(f"udptun: error: {e}", file=sys.stderr)
