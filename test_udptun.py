@@ -428,6 +428,64 @@ def datagrams(sizes, **kw):
     return [udp_packet(bytes((i + j) % 251 for j in range(size)), ident=i, **kw) for i, size in enumerate(sizes)]
 
 
+def tcp_packet6(seq, payload, flags=udptun.ACK, ack=7, options=TIMESTAMPS, sport=40000,
+                src="fd75:6470:746e::1", dst="2001:db8:203::80"):
+    """A TCP segment over IPv6 with a correct checksum (RFC 8200 8.1)."""
+    s, d = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
+    tcp = struct.pack("!HHIIBBHHH", sport, 443, seq & 0xFFFFFFFF, ack, (20 + len(options)) // 4 << 4,
+                      flags, 502, 0, 0) + options + payload
+    pseudo = s + d + struct.pack("!I3xB", len(tcp), 6)
+    tcp = tcp[:16] + udptun.internet_checksum(pseudo + tcp).to_bytes(2, "big") + tcp[18:]
+    return struct.pack("!IHBB", 6 << 28, len(tcp), 6, 64) + s + d + tcp
+
+
+def udp_packet6(payload, sport=40000, src="fd75:6470:746e::1", dst="2001:db8:203::80"):
+    s, d = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
+    udp = struct.pack("!HHHH", sport, 443, 8 + len(payload), 0) + payload
+    check = udptun.internet_checksum(s + d + struct.pack("!I3xB", len(udp), 17) + udp) or 0xFFFF
+    return struct.pack("!IHBB", 6 << 28, len(udp), 17, 64) + s + d + udp[:6] + check.to_bytes(2, "big") + udp[8:]
+
+
+def resegment6(buffers):
+    """resegment, for IPv6: no IP checksum and no IP ID, a payload length."""
+    data = b"".join(buffers)
+    flags, gso_type, end, size, start, offset = udptun.VNET_HDR.unpack(data[:10])
+    big = data[10:]
+    tcp = big[6] == 6
+    assert (flags, gso_type, start, offset) == ((1, 4, 40, 16) if tcp else (1, 5, 40, 6))
+    assert int.from_bytes(big[4:6], "big") == len(big) - 40
+    pseudo = big[8:40] + struct.pack("!I3xB", len(big) - 40, big[6])
+    assert int.from_bytes(big[40 + offset:42 + offset], "big") == ~udptun.internet_checksum(pseudo) & 0xFFFF
+    head, payload = big[:end], big[end:]
+    src, dst = socket.inet_ntop(socket.AF_INET6, head[8:24]), socket.inet_ntop(socket.AF_INET6, head[24:40])
+    out = []
+    for at in range(0, len(payload), size):
+        last = at + size >= len(payload)
+        if not tcp:
+            out.append(udp_packet6(payload[at:at + size], sport=int.from_bytes(head[40:42], "big"), src=src, dst=dst))
+            continue
+        out.append(tcp_packet6(int.from_bytes(head[44:48], "big") + at, payload[at:at + size],
+                               flags=head[53] if last else head[53] & ~udptun.PSH,
+                               ack=int.from_bytes(head[48:52], "big"), options=head[60:end], src=src, dst=dst))
+    return out
+
+
+def test_ipv6_streams_and_datagrams_are_merged_too():
+    """The same runs over IPv6 (GSO_TCPV6, and GSO_UDP_L4 for either version)."""
+    data = lambda n, size: bytes((n + j) % 251 for j in range(size))
+    seq, segments = 1000, []
+    for n, size in enumerate([1340] * 45 + [200]):
+        segments.append(tcp_packet6(seq, data(n, size), flags=udptun.ACK | (udptun.PSH if n == 45 else 0)))
+        seq += size
+    assert udptun.mergeable(segments, 0) == 46
+    assert resegment6(udptun.merge(segments)) == segments
+    flow = [udp_packet6(data(n, 500)) for n in range(70)]
+    assert udptun.mergeable(flow, 0) == 64 and resegment6(udptun.merge(flow[:64])) == flow[:64]
+    other = [tcp_packet6(seq, data(0, 1340), dst="2001:db8:203::81")]
+    assert udptun.mergeable(segments[:3] + other, 0) == 3               # another flow ends the run
+    assert udptun.mergeable([ipv6(next_header=0, payload=bytes(60))] * 2, 0) == 1   # an extension header
+
+
 def resegment(buffers):
     """What the kernel makes of a merged write when it must cut it up again
     (GSO): check the headers it was given, then give each piece its own."""
@@ -1489,6 +1547,14 @@ def test_ipv6_inside_the_tunnel_leaves_from_the_vps(firewall, clean):
     out = subprocess.run(f"ip netns exec {lab.ns('cli1')} curl -sS -g --max-time 60 http://[2001:db8:203::80]/blob"
                          " | sha256sum", shell=True, capture_output=True, text=True, timeout=70)
     assert out.stdout.split()[0] == lab.blob_sha
+    # Merged writes over IPv6 (GSO_TCPV6): the download's, at the client, and
+    # an upload's, at the server, whose checksums the web host verifies.
+    merged = status(lab, "cli1")["merged"]["packets"]
+    assert lab.sh("cli1", "curl", "-sS", "-g", "--max-time", "60", "-T", lab.blob,
+                  "http://[2001:db8:203::80]/up", timeout=70) == lab.blob_sha
+    wait_for(lambda: status(lab)["merged"]["packets"] > 1000, "merged writes at the server")
+    assert merged > 1000 or status(lab, "cli1")["merged"]["packets"] > 1000
+    assert "refused merged" not in log_of(server) + log_of(client)
     assert around_the_tunnel6(lab) == before
     # Forwarding is on, so the VPS's interface must take router advertisements all the same.
     assert lab.sh("srv", "sysctl", "-n", "net.ipv6.conf.eth0.accept_ra").strip() == "2"

@@ -76,6 +76,7 @@ IFF_TUN_EXCL = 0x8000   # <linux/if_tun.h>: fail (EBUSY) if a device of that nam
 VNET_HDR = struct.Struct("=BBHHHH")
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1   # the kernel completes the checksum at csum_start + csum_offset
 VIRTIO_NET_HDR_GSO_TCPV4 = 1      # the packet stands for TCP segments of gso_size payload bytes
+VIRTIO_NET_HDR_GSO_TCPV6 = 4      # ... the same over IPv6
 VIRTIO_NET_HDR_GSO_UDP_L4 = 5     # ... for UDP datagrams of gso_size (TUN devices: Linux 6.2)
 PLAIN = bytes(VNET_HDR.size)      # the header of an ordinary packet: no offload, checksums done
 
@@ -600,9 +601,23 @@ def internet_checksum(data):
     return ~total & 0xFFFF
 
 
-# TCP header flags (RFC 9293). A run of segments may be merged only if each
-# carries just ACK; PSH may end a run.
+# The TCP header (RFC 9293), offsets from its start: 4 sequence number,
+# 8 acknowledgement, 12 data offset (4 bits: header length in 32-bit words),
+# 13 flags, 14 window, 16 checksum, 18 urgent pointer, 20 options.
+TCP_OFFSET, TCP_FLAGS = 12, 13
+# A run of segments may be merged only if each carries just ACK; PSH may end a run.
 ACK, PSH = 0x10, 0x08
+
+
+def ipv4_fixed(p):
+    """The IPv4 header fields every packet of a flow shares: version and
+    header length, TOS; flags and fragment offset, TTL, protocol."""
+    return p[:2] + p[6:10]
+
+
+def ipv6_fixed(p):
+    """The IPv6 header's: version, traffic class, flow label; next header, hop limit."""
+    return p[:4] + p[6:8]
 
 
 def mergeable(packets, i):
@@ -612,47 +627,56 @@ def mergeable(packets, i):
 
     They must be of one flow (addresses and ports), of the first one's size
     but a shorter last, 64 at most and 64 KiB in all, and agree on every IP
-    header field a packet of a flow may not change: version, header length,
-    TOS, flags, TTL. TCP segments must also follow each other in sequence
-    and agree on acknowledgement, header length, window and options
-    (timestamps included), and carry only ACK, with PSH allowed on the last.
-    Packets are checked IPv4 (ipv4_problem) already.
+    header field a packet of a flow may not change (IPv4: version, header
+    length, TOS, flags, TTL; IPv6: traffic class, flow label, hop limit).
+    TCP segments must also follow each other in sequence and agree on
+    acknowledgement, header length, window and options (timestamps
+    included), and carry only ACK, with PSH allowed on the last. Packets are
+    well-formed (ip_problem) already; IPv4 ones with options, fragments and
+    IPv6 ones with extension headers are never merged.
     """
     p = packets[i]
-    proto = p[9]
-    if p[0] != 0x45 or len(p) < 40 or p[6] & 0xBF or p[7] or proto not in (TCP, UDP):
-        return 1   # IP options, too short, a fragment (MF or an offset), or neither TCP nor UDP
-    if proto == TCP:
-        end = 20 + (p[32] >> 4) * 4   # end of the TCP header
-        if p[33] != ACK or end < 40:
-            return 1
-        same_tcp = p[28:33] + p[34:36] + p[38:end]   # ack, header length, window, urgent, options
+    if p[0] == 0x45:   # IPv4, no options
+        if p[6] & 0xBF or p[7]:
+            return 1   # a fragment (MF, or an offset)
+        h, proto, fixed, flow_at = 20, p[9], ipv4_fixed, slice(12, 24)
+    elif p[0] >> 4 == 6:
+        h, proto, fixed, flow_at = IPV6_HEADER, p[6], ipv6_fixed, slice(8, 44)
     else:
-        end = 28   # 20 + the UDP header's 8
-        if int.from_bytes(p[24:26], "big") != len(p) - 20:
+        return 1
+    if len(p) < h + 20 or proto not in (TCP, UDP):
+        return 1
+    if proto == TCP:
+        end = h + (p[h + TCP_OFFSET] >> 4) * 4   # end of the TCP header
+        if p[h + TCP_FLAGS] != ACK or end < h + 20:
+            return 1
+        same_tcp = p[h + 8:h + 13] + p[h + 14:h + 16] + p[h + 18:end]   # ack, offset, window, urgent, options
+    else:
+        end = h + 8
+        if int.from_bytes(p[h + 4:h + 6], "big") != len(p) - h:
             return 1   # the UDP length disagrees with the IP length
     size = len(p) - end   # payload of every packet but the last
     if size <= 0:
         return 1   # a pure ACK, or an empty datagram
-    seq = int.from_bytes(p[24:28], "big") + size
-    same_ip, flow = p[:2] + p[6:10], p[12:24]
+    seq = int.from_bytes(p[h + 4:h + 8], "big") + size
+    same_ip, flow = fixed(p), p[flow_at]
     total, j, n = len(p), i + 1, min(len(packets), i + GSO_MAX_SEGMENTS)
     while j < n:
         q = packets[j]
         more = len(q) - end
-        if (more <= 0 or more > size or total + more > MAX_PACKET
-                or q[12:24] != flow or q[:2] + q[6:10] != same_ip):
+        if more <= 0 or more > size or total + more > MAX_PACKET or q[flow_at] != flow or fixed(q) != same_ip:
             break
         if proto == TCP:
-            if (int.from_bytes(q[24:28], "big") != seq & 0xFFFFFFFF
-                    or q[28:33] + q[34:36] + q[38:end] != same_tcp or q[33] not in (ACK, ACK | PSH)):
+            if (int.from_bytes(q[h + 4:h + 8], "big") != seq & 0xFFFFFFFF
+                    or q[h + 8:h + 13] + q[h + 14:h + 16] + q[h + 18:end] != same_tcp
+                    or q[h + TCP_FLAGS] not in (ACK, ACK | PSH)):
                 break
             seq += more
-        elif int.from_bytes(q[24:26], "big") != more + 8:
+        elif int.from_bytes(q[h + 4:h + 6], "big") != more + 8:
             break
         j += 1
         total += more
-        if more < size or proto == TCP and q[33] & PSH:
+        if more < size or proto == TCP and q[h + TCP_FLAGS] & PSH:
             break   # a short one or a push ends the run
     return j - i
 
@@ -664,30 +688,34 @@ def merge(run):
     length, then every payload. The kernel takes it as if GRO had merged
     it, and cuts it up again (GSO) where it must, each piece with its own
     headers. The checksum is left for the kernel to finish (NEEDS_CSUM): the
-    header holds just the sum of the pseudo-header (RFC 9293, 3.1; RFC 768),
-    as a network card's driver would leave it.
+    header holds just the sum of the pseudo-header (RFC 9293, 3.1; RFC 768;
+    RFC 8200, 8.1), as a network card's driver would leave it.
     """
     first, last = run[0], run[-1]
-    proto = first[9]
-    end = 20 + (first[32] >> 4) * 4 if proto == TCP else 28
+    v6 = first[0] >> 4 == 6
+    h, proto = (IPV6_HEADER, first[6]) if v6 else (20, first[9])
+    end = h + (first[h + TCP_OFFSET] >> 4) * 4 if proto == TCP else h + 8
     total = end + sum(len(q) - end for q in run)
-    ip = bytearray(first[:20])
-    ip[2:4] = total.to_bytes(2, "big")
-    ip[10:12] = b"\0\0"
-    ip[10:12] = internet_checksum(bytes(ip)).to_bytes(2, "big")
-    # The pseudo-header: addresses, protocol, length of what follows the IP header.
-    pseudo = first[12:20] + struct.pack("!BBH", 0, proto, total - 20)
-    pseudo = (~internet_checksum(pseudo) & 0xFFFF).to_bytes(2, "big")   # its sum, not inverted
-    header = bytearray(first[20:end])
-    if proto == TCP:
-        header[13] |= last[33] & PSH
-        header[16:18] = pseudo
-        gso, check_at = VIRTIO_NET_HDR_GSO_TCPV4, 16
+    ip = bytearray(first[:h])
+    if v6:   # no header checksum; a payload length; the pseudo-header's length is 32 bits
+        ip[4:6] = (total - h).to_bytes(2, "big")
+        pseudo = first[8:40] + struct.pack("!I3xB", total - h, proto)
     else:
-        header[4:6] = (total - 20).to_bytes(2, "big")   # the UDP length field
+        ip[2:4] = total.to_bytes(2, "big")
+        ip[10:12] = b"\0\0"
+        ip[10:12] = internet_checksum(bytes(ip)).to_bytes(2, "big")
+        pseudo = first[12:20] + struct.pack("!BBH", 0, proto, total - h)
+    pseudo = (~internet_checksum(pseudo) & 0xFFFF).to_bytes(2, "big")   # its sum, not inverted
+    header = bytearray(first[h:end])
+    if proto == TCP:
+        header[TCP_FLAGS] |= last[h + TCP_FLAGS] & PSH
+        header[16:18] = pseudo
+        gso, check_at = (VIRTIO_NET_HDR_GSO_TCPV6 if v6 else VIRTIO_NET_HDR_GSO_TCPV4), 16
+    else:
+        header[4:6] = (total - h).to_bytes(2, "big")   # the UDP length field
         header[6:8] = pseudo
         gso, check_at = VIRTIO_NET_HDR_GSO_UDP_L4, 6
-    vnet = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso, end, len(first) - end, 20, check_at)
+    vnet = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso, end, len(first) - end, h, check_at)
     return [vnet, ip, header] + [memoryview(q)[end:] for q in run]
 
 
@@ -1533,7 +1561,8 @@ class Forwarder:
         i, n = 0, len(packets)
         while i < n:
             packet = packets[i]
-            k = mergeable(packets, i) if packet[9] in merging else 1
+            proto = packet[9] if packet[0] >> 4 == 4 else packet[6]
+            k = mergeable(packets, i) if proto in merging else 1
             try:
                 if k == 1:
                     os.write(fd, head + packet)
@@ -1545,8 +1574,8 @@ class Forwarder:
                 if k == 1 or e.errno != errno.EINVAL:
                     self.drop("tun-write", e.strerror, count=k)   # count, never crash
                 else:   # not taken here (UDP before Linux 6.2): one write per packet from now on
-                    merging.discard(packet[9])
-                    kind = "TCP segments" if packet[9] == TCP else "UDP datagrams"
+                    merging.discard(proto)
+                    kind = "TCP segments" if proto == TCP else "UDP datagrams"
                     log(f"udptun: the TUN device refused merged {kind} ({e.strerror}): "
                         "one write per packet from now on")
                     continue   # the same packets again, one by one
