@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """udptun: an IP-over-UDP tunnel (a small VPN without encryption) in one file.
 
-A client reads every IPv4 packet the laptop sends from a TUN device and
-sends it, unchanged, as the payload of one UDP datagram to a server. The
+A client reads every IP packet (IPv4 and IPv6) the laptop sends from a TUN
+device and sends it, unchanged, as the payload of one UDP datagram to a server. The
 server writes it to its own TUN device, and the server's kernel forwards it
 to the internet with NAT, so websites see the server's address. Replies
 take the same path backwards.
@@ -22,12 +22,15 @@ Usage (as root):
     python3 udptun.py down                      # undo what a killed run left behind
     python3 udptun.py server --dry-run          # print every command, change nothing
 
-The wire format is one raw IPv4 packet per datagram, with no header of our
-own, so a `socat UDP:... TUN:...,iff-no-pi` peer works on either side.
+The wire format is one raw IP packet per datagram, IPv4 or IPv6 (the version
+nibble tells them apart), with no header of our own, so a `socat UDP:...
+TUN:...,iff-no-pi` peer works on either side. The datagrams travel over IPv4
+or IPv6.
 
 WARNING: no encryption, no authentication. Anyone on the path between client
 and server can read, change and inject traffic, and anyone who can reach the
-server's UDP port can send packets through it (within the checks below).
+server's UDP port can send packets out through it to the internet (and
+nowhere else: see the server's firewall rules and ClientTable).
 Use WireGuard or OpenVPN when that matters.
 
 How the file reads, top to bottom: constants; plumbing (errors, running
@@ -130,6 +133,7 @@ GRO_CMSG_SPACE = socket.CMSG_SPACE(4)   # room for UDP GRO's control message (an
 # merge(): 64 KiB of TCP is 46 full-size segments.
 QUEUE_LIMIT = 2048
 QUEUE_BYTES = 4 << 20   # and 4 MiB: with a large --mtu, the bytes bind first
+SLACK = 16   # read this much past a full queue, so a newcomer can still get in
 QUANTUM = 64
 TCP, UDP = 6, 17   # IP protocol numbers (IANA)
 
@@ -571,24 +575,6 @@ def ip_problem(packet):
     if version == 6:
         return ipv6_problem(packet)
     return "short" if not packet else "not-ip"
-
-
-def udp_destination_port(packet):
-    """The destination port of a UDP packet (IPv4 with any header length,
-    IPv6 with no extension header), or None for anything else."""
-    if packet[0] >> 4 == 4:
-        at = (packet[0] & 0x0F) * 4
-        proto = packet[9]
-    else:
-        at, proto = IPV6_HEADER, packet[6]
-    if proto != UDP or len(packet) < at + 4:
-        return None
-    return packet[at + 2] << 8 | packet[at + 3]
-
-
-# Where each version keeps its source and destination addresses.
-SOURCE = {4: slice(12, 16), 6: slice(8, 24)}
-DESTINATION = {4: slice(16, 20), 6: slice(24, 40)}
 
 
 def internet_checksum(data):
@@ -1305,9 +1291,12 @@ class FairQueue:
     that has none left, which waits there for one more round before it is
     forgotten. A sender cannot stay "new", and first, by keeping its queue
     short. Over either limit (packets, bytes), packets are dropped from the
-    head of the flow with the most bytes queued, as fq_codel_drop() does:
-    the flow that floods loses, not everyone (the kernel counts nothing, so
-    we do, as "queue-full"). There is no CoDel half: a TCP sender sets the
+    head of the longest flow, as fq_codel_drop() does (it measures in
+    bytes, we in packets, which len() counts for free): the flow that floods
+    loses, not everyone (the kernel counts nothing, so we do, as
+    "queue-full"). The reads take in no more than there is room for, and a
+    little more (SLACK): reading packets only to drop them would spend the
+    CPU that is the bottleneck, so past that the kernel drops, for free. There is no CoDel half: a TCP sender sets the
     size of its own backlog, and the limits only bound it.
     """
 
@@ -1338,13 +1327,11 @@ class FairQueue:
         return 0
 
     def shed(self):
-        """Drop from the head of the fattest flow until under both limits,
-        half its backlog at a time, so that a flood costs one look at every
-        flow per many packets, not per packet."""
+        """Drop from the head of the longest flow until under both limits."""
         dropped = 0
         while self.length > self.limit or self.bytes > self.byte_limit:
-            queue = max(self.flows.values(), key=lambda q: sum(map(len, q)))
-            for _ in range(max(1, len(queue) // 2)):
+            queue = max(self.flows.values(), key=len)
+            while queue and (self.length > self.limit or self.bytes > self.byte_limit):
                 self.bytes -= len(queue.popleft())
                 self.length -= 1
                 dropped += 1
@@ -1431,11 +1418,12 @@ class Forwarder:
 
     def read_tun(self):
         """Packets from the TUN device (without the vnet header): up to
-        READ_AHEAD. Even when `to_udp` is full: it then drops from its
-        fattest flow, where the kernel's ring would drop from everyone."""
+        READ_AHEAD, or what `to_udp` has room for and SLACK more (see
+        FairQueue: what does not fit waits in the device's ring, and the
+        kernel drops what does not fit there)."""
         packets = []
         fd, skip = self.tun.fd, VNET_HDR.size if self.tun.vnet else 0
-        for _ in range(READ_AHEAD):
+        for _ in range(min(READ_AHEAD, self.to_udp.limit - len(self.to_udp) + SLACK)):
             try:
                 packet = os.read(fd, skip + MAX_PACKET)
             except BlockingIOError:
@@ -1444,8 +1432,8 @@ class Forwarder:
         return packets
 
     def recv_udp(self):
-        """(datagram, address) pairs from the socket: about READ_AHEAD, even
-        when `to_tun` is full (see read_tun).
+        """(datagram, address) pairs from the socket: about READ_AHEAD, or
+        room and SLACK (see read_tun).
 
         With UDP GRO one receive may return many datagrams from one sender,
         glued together; a control message gives their size (all equal but
@@ -1453,7 +1441,7 @@ class Forwarder:
         datagram, there is no control message.
         """
         datagrams = []
-        room = READ_AHEAD
+        room = min(READ_AHEAD, self.to_tun.limit - len(self.to_tun) + SLACK)
         while len(datagrams) < room:
             try:
                 data, ancillary, _, addr = self.sock.recvmsg(MAX_PACKET, GRO_CMSG_SPACE, socket.MSG_DONTWAIT)
@@ -1702,10 +1690,9 @@ class Server(Forwarder):
     IPv6Interface when IPv6 is on): each gives a subnet from which clients
     take theirs."""
 
-    def __init__(self, tun, sock, addresses, table, client_to_client=False, allow=None, local=(), port=None,
-                 verbose=False):
+    def __init__(self, tun, sock, addresses, table, client_to_client=False, allow=None, local=(), verbose=False):
         super().__init__(tun, sock, verbose)
-        self.local, self.port = set(local), port   # this machine's addresses; our UDP port
+        self.local = set(local)   # this machine's addresses
         self.table = table
         self.client_to_client = client_to_client
         self.subnets = {}    # address length (4 or 16) -> (network, netmask) as integers
@@ -1731,7 +1718,8 @@ class Server(Forwarder):
         """Whether a datagram's outer source cannot be a client's: loopback,
         multicast, unspecified, one of this machine's own addresses, or
         inside the tunnel. The last is a packet we wrote to the TUN device
-        that came back to our own port: parsing it again would loop."""
+        that came back to our own port (a client's packet to 10.0.0.2:5555):
+        so it is never parsed as a tunnel datagram, and cannot loop."""
         ip = ipaddress.ip_address(host.split("%")[0])
         ip = getattr(ip, "ipv4_mapped", None) or ip
         return (ip.is_loopback or ip.is_multicast or ip.is_unspecified or str(ip) in self.local
@@ -1757,6 +1745,7 @@ class Server(Forwarder):
         queue them for the TUN device."""
         last = None   # (source, address) of the previous datagram, whose verdict holds
         last_host = looped = None   # the previous outer host, and whether it is a loop
+        last_dst = to_client = None   # the previous inner destination, and whether it is a client's
         accepted = []
         for data, addr in self.recv_udp():
             if self.allow is not None and not self.allowed(addr[0]):
@@ -1765,12 +1754,13 @@ class Server(Forwarder):
             if not data:
                 self.drop("empty")   # a socat peer's end of stream: nothing to forward
                 continue
-            problem = ip_problem(data)
+            if data[0] >> 4 == 4:   # (written out, not looked up: this runs for every packet)
+                problem, src, dst = ipv4_problem(data), data[12:16], data[16:20]
+            else:
+                problem, src, dst = ip_problem(data), data[8:24], data[24:40]
             if problem:
                 self.drop(problem, addr)
                 continue
-            version = data[0] >> 4
-            src = data[SOURCE[version]]
             # Datagrams come in runs from one sender with one inner source (a
             # GRO batch is one flow): judge the pair once per run.
             if (src, addr) != last:
@@ -1788,12 +1778,9 @@ class Server(Forwarder):
             if peer is None:
                 self.drop(why, src, "from", addr)
                 continue
-            dst = data[DESTINATION[version]]
-            if dst in self.own:
-                if udp_destination_port(data) == self.port:
-                    self.drop("loop", src, "->", dst)   # to our own port, from inside the tunnel
-                    continue
-            elif not self.client_to_client and self.in_subnet(dst):
+            if dst != last_dst:
+                last_dst, to_client = dst, dst not in self.own and self.in_subnet(dst)
+            if to_client and not self.client_to_client:
                 self.drop("client-to-client", src, "->", dst)
                 continue
             peer.rx_packets += 1
@@ -1806,7 +1793,7 @@ class Server(Forwarder):
         batch per client."""
         batches = {}   # Peer -> packets, in queue order
         for packet in packets:
-            dst = packet[DESTINATION[packet[0] >> 4]]
+            dst = packet[16:20] if packet[0] >> 4 == 4 else packet[24:40]
             peer = self.table.by_ip.get(dst)
             if peer is None:
                 self.drop("no-client", dst)
@@ -1874,8 +1861,9 @@ class Client(Forwarder):
                 self.drop(problem)
                 continue
             version = data[0] >> 4
-            if data[DESTINATION[version]] not in self.mine:
-                self.drop("not-for-us", data[DESTINATION[version]])
+            dst = data[16:20] if version == 4 else data[24:40]
+            if dst not in self.mine:
+                self.drop("not-for-us", dst)
                 continue
             received += 1
             self.rx_bytes += len(data)
@@ -2088,8 +2076,7 @@ def run_server(args):
                              nat=not args.no_nat, client_to_client=args.client_to_client,
                              reach=[n for n in reach if n.version == address.version])
             table = ClientTable(args.client_timeout, args.rebind_after, args.max_clients, args.max_per_host)
-            server = Server(tun, sock, addresses, table, args.client_to_client, allow or None, local, args.port,
-                            args.verbose)
+            server = Server(tun, sock, addresses, table, args.client_to_client, allow or None, local, args.verbose)
             log(f"udptun server: {tun.name} {' '.join(map(str, addresses))}, listening on UDP port {args.port}"
                 f"{' (IPv4 and IPv6)' if sock.family == socket.AF_INET6 else ''}, forwarding out of {out[4]}"
                 + (f" (IPv6: {out[6]})" if out.get(6) and out[6] != out[4] else "")
