@@ -160,6 +160,16 @@ def test_stranger_is_refused_until_owner_is_silent():
     assert t.per_host == {"203.0.113.66": 1}
 
 
+def test_an_ipv6_host_is_its_slash_64():
+    """One VPS or one home has a /64 to send from: its addresses count as one host."""
+    t = udptun.ClientTable(max_per_host=2)
+    ip = lambda n: socket.inet_pton(socket.AF_INET6, f"fd75:6470:746e::{n}")
+    assert t.claim(ip(3), ("2001:db8:172::1", 1, 0, 0), now=0)[1] is None
+    assert t.claim(ip(4), ("2001:db8:172::2", 1, 0, 0), now=0)[1] is None
+    assert t.claim(ip(5), ("2001:db8:172::3", 1, 0, 0), now=0) == (None, "host-limit")
+    assert t.claim(ip(5), ("2001:db8:173::3", 1, 0, 0), now=0)[1] is None   # another /64
+
+
 def test_idle_bindings_expire_and_table_has_a_limit():
     t = udptun.ClientTable(timeout=180, rebind_after=60, max_clients=2)
     t.claim(A, ("192.0.2.20", 1), now=0)
@@ -948,6 +958,12 @@ def test_a_machine_without_ipv6_gets_an_ipv4_tunnel(canned, capsys, monkeypatch)
     assert teardown == CLIENT_TEARDOWN[3:]
 
 
+def test_an_mtu_below_ipv6s_minimum_makes_an_ipv4_tunnel(canned, capsys):
+    setup, _ = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--mtu", "1200"])
+    assert setup[:2] == ["ip address add 10.0.0.1/24 dev tun0", "ip link set dev tun0 mtu 1200 txqueuelen 1000 up"]
+    assert not [c for c in setup if c.startswith("ip -6")]
+
+
 def test_strict_reverse_path_filtering_is_pointed_out(canned, capsys, monkeypatch):
     monkeypatch.setattr(udptun, "strict_reverse_path_filters", lambda: ["wlan0"])
     assert udptun.main(["client", "198.51.100.10", "--dry-run"]) == 0
@@ -1033,6 +1049,18 @@ def test_a_journal_anyone_could_have_written_is_not_read(tmp_path, monkeypatch, 
         os.chown(journal.path, 65534, 65534)
     assert udptun.Journal("tun0").load() == []
     assert "not read" in capsys.readouterr().err
+
+
+def test_a_journal_written_under_any_umask_is_read_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(udptun, "state_dir", lambda: str(tmp_path))
+    old = os.umask(0o002)
+    try:
+        udptun.Journal("tun0").save([["sysctl", "-w", "net.ipv4.ip_forward=0"]])
+    finally:
+        os.umask(old)
+    assert udptun.Journal("tun0").load() == [["sysctl", "-w", "net.ipv4.ip_forward=0"]]
+    open(udptun.Journal("tun0").path, "w").write('{"undo": 5}')
+    assert udptun.Journal("tun0").load() == []
 
 
 def test_an_undo_that_fails_stays_in_the_journal(tmp_path, monkeypatch):

@@ -386,6 +386,8 @@ class Journal:
                 undo = json.load(f).get("undo", [])
             except (ValueError, AttributeError):
                 return []
+        if not isinstance(undo, list):
+            return []
         good = [argv for argv in undo if replayable(argv)]
         for argv in undo:
             if argv not in good:
@@ -402,7 +404,10 @@ class Journal:
             return
         os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
         tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
+        # 0644 whatever the umask: load() reads only a file that only root may write.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w") as f:
             json.dump({"pid": os.getpid(), "undo": undos}, f)
         os.replace(tmp, self.path)   # atomic: a reader sees the old or the new list
 
@@ -1597,6 +1602,15 @@ class Peer:
         self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
 
 
+def host_of(addr):
+    """Who sends from socket address `addr`, for --max-per-host: its IP, or
+    for IPv6 its /64 (one home or one VPS has a whole /64 to send from)."""
+    host = addr[0]
+    if ":" not in host or host.startswith("::ffff:"):
+        return host
+    return ipaddress.IPv6Address(host.split("%")[0]).packed[:8]
+
+
 class ClientTable:
     """Which UDP address owns each tunnel IP. Lookups are one dict access.
 
@@ -1637,7 +1651,7 @@ class ClientTable:
         if peer is not None and peer.addr == addr:
             peer.last_seen = now
             return peer, None
-        host = addr[0]
+        host = host_of(addr)
         if peer is None:
             if len(self.by_ip) >= self.max_clients:
                 return None, "table-full"
@@ -1648,11 +1662,11 @@ class ClientTable:
             self.log("join", f"client {show(ip)} joined from {show(addr)}", now)
             return peer, None
         quiet = now - peer.last_seen
-        if host == peer.addr[0] and (quiet >= REBIND_QUIET or addr == peer.previous) or quiet >= self.rebind_after:
-            if host != peer.addr[0]:
+        if addr[0] == peer.addr[0] and (quiet >= REBIND_QUIET or addr == peer.previous) or quiet >= self.rebind_after:
+            if host != host_of(peer.addr):
                 if self.per_host.get(host, 0) >= self.max_per_host:
                     return None, "host-limit"
-                self.forget(peer.addr[0])
+                self.forget(host_of(peer.addr))
                 self.per_host[host] = self.per_host.get(host, 0) + 1
             self.log("move", f"client {show(ip)} moved from {show(peer.addr)} to {show(addr)}", now)
             peer.previous = peer.addr if now - peer.since >= REBIND_QUIET else None
@@ -1669,7 +1683,7 @@ class ClientTable:
     def expire(self, now):
         for ip in [ip for ip, p in self.by_ip.items() if now - p.last_seen >= self.timeout]:
             peer = self.by_ip.pop(ip)
-            self.forget(peer.addr[0])
+            self.forget(host_of(peer.addr))
             self.log("expire", f"client {show(ip)} expired (silent since {now - peer.last_seen:.0f} s)", now)
 
 
@@ -1825,13 +1839,14 @@ class Client(Forwarder):
     firewall mark of the socket (see add_client_routing).
     """
 
-    def __init__(self, tun, sock, addresses, server_tunnel_ip, keepalive, mark, name=None, verbose=False):
+    def __init__(self, tun, sock, addresses, server_tunnel_ip, keepalive, mark, name=None, family=socket.AF_UNSPEC,
+                 verbose=False):
         super().__init__(tun, sock, verbose)
         self.my_ip = addresses[0].ip.packed   # where keepalives come from
         self.mine = {a.ip.packed for a in addresses}   # what we let in
         self.server_ip = server_tunnel_ip.packed
         self.server = sock.getpeername()
-        self.name, self.mark = name, mark
+        self.name, self.mark, self.family = name, mark, family   # family: -4, -6, or either
         self.keepalive = keepalive
         self.ident = os.getpid() & 0xFFFF
         self.seq = 0
@@ -1952,9 +1967,9 @@ class Client(Forwarder):
             return
         self.last_lookup = now
 
-        def lookup(name=self.name, port=self.server[1], round=self.round):
+        def lookup(name=self.name, port=self.server[1], family=self.family, round=self.round):
             try:
-                self.answers.put((round, resolve(name, port)))
+                self.answers.put((round, resolve(name, port, family)))
             except UserError:
                 self.answers.put((round, None))
         self.lookup = threading.Thread(target=lookup, daemon=True)
@@ -2004,6 +2019,9 @@ def tunnel_addresses(args):
     if not ipv6_available():
         log("udptun: IPv6 is off on this machine: the tunnel carries IPv4 only")
         return [address]
+    if args.mtu < 1280:   # IPv6's minimum (RFC 8200): below it the kernel takes IPv6 off the device
+        log(f"udptun: --mtu {args.mtu} is below IPv6's 1280: the tunnel carries IPv4 only")
+        return [address]
     return [address, address6_for(address, args.address6)]
 
 
@@ -2017,7 +2035,12 @@ def prepare(args):
     journal = Journal(args.dev, dry_run=args.dry_run)
     if args.dry_run and journal.held():
         raise UserError(f"udptun is already running on {args.dev} here: its plan would not be this one")
-    return Changes(system, journal, leftovers=recover(system, journal, args.dev))
+    try:
+        leftovers = recover(system, journal, args.dev)
+    except BaseException:   # an error, or a signal: let go of the lock all the same
+        journal.release()
+        raise
+    return Changes(system, journal, leftovers)
 
 
 def listen(port):
@@ -2064,8 +2087,9 @@ def run_server(args):
                 # 2 accepts them even when forwarding. Set before forwarding.
                 key = (f"net/ipv6/conf/{out[6]}/accept_ra" if "." in out[6]   # eth0.100: see sysctl_value
                        else f"net.ipv6.conf.{out[6]}.accept_ra")
-                if sysctl_value(key) == "1":
-                    set_sysctl(changes, key, "2")
+                with contextlib.suppress(OSError):   # (an interface without IPv6 has no such setting)
+                    if sysctl_value(key) == "1":
+                        set_sysctl(changes, key, "2")
             if len(addresses) > 1:
                 # Even without IPv6 on the internet side: the kernel then answers
                 # a client's IPv6 packets with ICMPv6 "no route", so its
@@ -2147,7 +2171,7 @@ def connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, ro
         if dns:
             set_dns(changes, tun.name, [str(a) for a in dns])
         add_client_routing(changes, tun.name, routes, table, dns)
-        client = Client(tun, sock, addresses, server_tunnel_ip, args.keepalive, table, name, args.verbose)
+        client = Client(tun, sock, addresses, server_tunnel_ip, args.keepalive, table, name, family, args.verbose)
         log(f"udptun client: {tun.name} {' '.join(map(str, addresses))}, server {show(server)}"
             + ("" if dns else "; DNS unchanged (--dns ADDR resolves names through the tunnel)"))
         if not args.dry_run and args.keepalive:
