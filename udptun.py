@@ -35,8 +35,9 @@ Use WireGuard or OpenVPN when that matters.
 
 How the file reads, top to bottom: constants; plumbing (errors, running
 commands, the stack of changes and their undo); packet parsing (pure
-functions); the TUN device; system setup; the forwarding loop; the server
-and the client; the command line.
+functions); the TUN device; system setup; the client's routing and DNS; the
+server's firewall; the forwarding loop; the server and the client; the
+command line.
 """
 
 # ---------------------------------------------------------------- imports
@@ -408,7 +409,7 @@ class Journal:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         os.fchmod(fd, 0o644)
         with os.fdopen(fd, "w") as f:
-            json.dump({"pid": os.getpid(), "undo": undos}, f)
+            json.dump({"undo": undos}, f)   # (who is running is the lock's to say, not a pid's)
         os.replace(tmp, self.path)   # atomic: a reader sees the old or the new list
 
     def release(self):
