@@ -216,6 +216,11 @@ class FakeSocket:
         ancillary = [(udptun.SOL_UDP, udptun.UDP_GRO, struct.pack("=i", gro[0]))] if gro else []
         return data, ancillary, 0, addr
 
+    def recvfrom(self, bufsize):
+        data, addr, *gro = self.queue.pop(0)
+        assert not gro, "the plain loop never turns UDP GRO on"
+        return data, addr
+
     def sendto(self, data, addr):
         self.calls += 1
         self.sent.append((data, addr))
@@ -240,11 +245,14 @@ class FakeSocket:
 class PipeTun:
     """A TUN stand-in: what the forwarder writes comes out of a pipe."""
 
-    vnet = False
+    vnet, skip = False, 0
 
     def __init__(self):
         self.out, self.fd = os.pipe()
         os.set_blocking(self.out, False)
+
+    def write(self, packet):
+        os.write(self.fd, udptun.PLAIN + packet if self.vnet else packet)
 
     def written(self):
         with contextlib.suppress(BlockingIOError):
@@ -252,10 +260,11 @@ class PipeTun:
         return b""
 
 
-def make_server(datagrams, gso_error=None, **kw):
+def make_server(datagrams, gso_error=None, plain=False, **kw):
     tun = PipeTun()
     addresses = [ipaddress.IPv4Interface("10.0.0.2/24"), ipaddress.IPv6Interface("fd75:6470:746e::2/64")]
-    server = udptun.Server(tun, FakeSocket(datagrams, gso_error), addresses, udptun.ClientTable(), **kw)
+    kind = udptun.Server if plain else udptun.FastServer
+    server = kind(tun, FakeSocket(datagrams, gso_error), addresses, udptun.ClientTable(), **kw)
     return server, tun
 
 
@@ -279,16 +288,18 @@ CLIENT = ("192.0.2.20", 40000)
 
 
 def receive(forwarder):
-    """What Forwarder.run() does with arriving datagrams: check and queue
-    them, then write the queue to the TUN device."""
-    forwarder.udp_to_tun()
+    """What a turn of the loop does with datagrams that piled up (a
+    backlog): take them in through the speed layer's queue, then write the
+    queue to the TUN device."""
+    forwarder.ready_before = [forwarder.sock.fileno()]   # ready at the turn before too: a backlog
+    forwarder.udp_readable()
     forwarder.write_tun(forwarder.to_tun.pop(len(forwarder.to_tun)))
 
 
 def pass_on(forwarder):
-    """What Forwarder.run() does with packets the TUN device gives: check
-    and queue them, then send the queue."""
-    forwarder.tun_to_udp()
+    """What a turn does with packets that piled up in the TUN device: take
+    them in, then send the queue."""
+    forwarder.take_from_tun()
     forwarder.send_udp(forwarder.to_udp.pop(len(forwarder.to_udp)))
 
 
@@ -332,7 +343,7 @@ def test_server_checks_ipv6_as_it_checks_ipv4():
     assert server.table.by_ip[socket.inet_pton(socket.AF_INET6, "fd75:6470:746e::1")].addr == CLIENT
     assert server.drops == {"short": 1, "bad-source": 4, "refused": 2, "client-to-client": 1}
     reply = ipv6(src="2001:db8:203::80", dst="fd75:6470:746e::1")
-    server.read_tun = lambda: [reply, ipv6(src="2001:db8:203::80", dst="fd75:6470:746e::9")]
+    server.read_tun = lambda limit: [reply, ipv6(src="2001:db8:203::80", dst="fd75:6470:746e::9")]
     pass_on(server)
     assert server.sock.sent == [(reply, CLIENT)]
 
@@ -350,7 +361,7 @@ def test_server_sends_replies_to_the_owner_only():
     server, tun = make_server([(ipv4(src="10.0.0.1"), CLIENT)])
     receive(server)
     reply, stray = ipv4(src="203.0.113.80", dst="10.0.0.1"), ipv4(src="203.0.113.80", dst="10.0.0.9")
-    server.read_tun = lambda: [reply, stray, b"\x50" + bytes(39)]
+    server.read_tun = lambda limit: [reply, stray, b"\x50" + bytes(39)]
     pass_on(server)
     assert server.sock.sent == [(reply, CLIENT)]
     assert server.drops == {"no-client": 1, "tun-not-ip": 1}
@@ -376,7 +387,7 @@ def test_server_batches_with_gso_and_falls_back_without(gso_error):
     server, tun = make_server([(ipv4(src="10.0.0.1"), CLIENT)], gso_error=gso_error)
     receive(server)
     burst = tcp_burst()
-    server.read_tun = lambda: burst
+    server.read_tun = lambda limit: burst
     pass_on(server)
     assert server.sock.sent == [(p, CLIENT) for p in burst]
     assert server.gso == (gso_error not in (errno.EINVAL, errno.EIO))
@@ -586,7 +597,7 @@ def test_short_packets_are_written_as_they_are():
 def test_merging_falls_back_to_one_write_per_packet(monkeypatch):
     tun = PipeTun()
     tun.vnet = True
-    forwarder = udptun.Forwarder(tun, FakeSocket())
+    forwarder = udptun.FastServer(tun, FakeSocket(), [ipaddress.IPv4Interface("10.0.0.2/24")], udptun.ClientTable())
     monkeypatch.setattr(udptun.os, "writev", lambda fd, buffers: (_ for _ in ()).throw(
         OSError(errno.EINVAL, "Invalid argument")))
     segments = stream([1348] * 3) + [echo(1)] + stream([1348] * 2, seq=5000)
@@ -632,7 +643,8 @@ def test_a_full_queue_drops_from_the_fattest_flow():
     assert len(queue) == 100 and [p for p in queue.pop(100) if p[9] == 1] == [echo(1), echo(2)]
     server, tun = make_server([(ipv4(src="10.0.0.1"), CLIENT)] * 25)
     server.to_tun = udptun.FairQueue(limit=3)
-    server.udp_to_tun()   # room for 3 and 16 more: those shed from the longest flow, the rest left to the kernel
+    server.ready_before = [server.sock.fileno()]
+    server.udp_readable()   # room for 3 and 16 more: those shed from the longest flow, the rest left to the kernel
     assert len(server.to_tun) == 3 and len(server.sock.queue) == 6 and server.drops == {"queue-full": 16}
 
 

@@ -45,12 +45,13 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import gc
 import ipaddress
 import json
 import os
 import queue
 import re
-import selectors
+import select
 import shlex
 import shutil
 import signal
@@ -773,7 +774,7 @@ class Tun:
     read is always one ordinary packet behind a header of zeros.
     """
 
-    def __init__(self, name):
+    def __init__(self, name, vnet=False):
         try:
             self.fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -787,7 +788,7 @@ class Tun:
         # new device, never one that exists (a persistent one that `ip tuntap
         # add` or `openvpn --mktun` made, which we would otherwise adopt, and
         # whose addresses and routes would outlive us).
-        flags = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR | IFF_TUN_EXCL
+        flags = IFF_TUN | IFF_NO_PI | IFF_TUN_EXCL | (IFF_VNET_HDR if vnet else 0)
         try:
             ifreq = fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
         except OSError as e:
@@ -800,7 +801,19 @@ class Tun:
                 raise UserError("creating a TUN device needs root: run with sudo") from None
             raise UserError(f"cannot create TUN device {name}: {e.strerror}") from None
         self.name = ifreq[:16].rstrip(b"\0").decode()
-        self.vnet = True
+        self.vnet = vnet
+        self.skip = VNET_HDR.size if vnet else 0
+
+    def read(self):
+        """One packet, or None if there is none."""
+        try:
+            packet = os.read(self.fd, self.skip + MAX_PACKET)
+        except BlockingIOError:
+            return None
+        return packet[self.skip:] if self.skip else packet
+
+    def write(self, packet):
+        os.write(self.fd, PLAIN + packet if self.vnet else packet)
 
     def close(self):
         os.close(self.fd)
@@ -810,10 +823,9 @@ class FakeTun:
     """What --dry-run uses instead: no device, no root needed."""
 
     fd = -1
-    vnet = True   # as the real device would be, for the plan's log line
 
-    def __init__(self, name):
-        self.name = name
+    def __init__(self, name, vnet=False):
+        self.name, self.vnet = name, vnet
 
     def close(self):
         pass
@@ -846,10 +858,6 @@ def open_udp_socket(family=socket.AF_INET):
             sock.setsockopt(socket.SOL_SOCKET, forced, SOCKET_BUFFER)
         except PermissionError:   # not root (tests): as much as net.core.*mem_max allows
             sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
-    # Ask for coalesced datagrams (UDP GRO, see Forwarder.recv_udp). An older
-    # kernel refuses, and then simply hands us one datagram per receive.
-    with contextlib.suppress(OSError):
-        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
     return sock
 
 
@@ -1268,124 +1276,40 @@ def sd_notify(state):
             s.sendto(state.encode(), path)
 
 
-# ---------------------------------------------------------------- the forwarding loop
-def flow_of(packet):
-    """What tells one flow from another: the addresses, and for TCP and UDP
-    the ports too (where they follow the header at once: IPv4 without
-    options, IPv6 without extension headers). Other protocols get one flow
-    per address pair: a ping's ICMP checksum changes with every packet and
-    must not make each one a new flow."""
-    if packet[0] == 0x45:
-        return packet[12:24] if packet[9] in (TCP, UDP) else packet[12:20]
-    return packet[8:44] if packet[6] in (TCP, UDP) else packet[8:40]
-
-
-class FairQueue:
-    """Packets waiting to go on: one FIFO per flow, served round robin, flows
-    that just became active first. This is the scheduling half of fq_codel
-    (RFC 8290), done in user space. When the tunnel is busy, udptun is the
-    bottleneck, and a backlog forms in front of it. Left in the kernel (the
-    TUN device's ring, the socket's buffer) it is one FIFO, and a ping or a
-    keystroke waits behind the whole of a download: a queue of 5 ms and
-    more through this tunnel. So each turn takes in more than it passes on
-    (READ_AHEAD against BATCH): the backlog moves here, where a flow that
-    sends now and then finds its queue empty, goes to `new`, and is passed
-    on at the next turn.
-
-    The rules are RFC 8290's (section 4): a flow that still has packets
-    after its QUANTUM goes to the back of `old`; so does a flow from `new`
-    that has none left, which waits there for one more round before it is
-    forgotten. A sender cannot stay "new", and first, by keeping its queue
-    short. Over either limit (packets, bytes), packets are dropped from the
-    head of the longest flow, as fq_codel_drop() does (it measures in
-    bytes, we in packets, which len() counts for free): the flow that floods
-    loses, not everyone (the kernel counts nothing, so we do, as
-    "queue-full"). The reads take in no more than there is room for, and a
-    little more (SLACK): reading packets only to drop them would spend the
-    CPU that is the bottleneck, so past that the kernel drops, for free. There is no CoDel half: a TCP sender sets the
-    size of its own backlog, and the limits only bound it.
-    """
-
-    def __init__(self, limit=QUEUE_LIMIT, byte_limit=QUEUE_BYTES, quantum=QUANTUM):
-        self.limit, self.byte_limit, self.quantum = limit, byte_limit, quantum
-        self.flows = {}       # flow -> deque of its packets (or none: waiting in `old` to be forgotten)
-        self.new = deque()    # flows that were idle when their packet came
-        self.old = deque()    # flows that have had a turn
-        self.length = self.bytes = 0
-
-    def __len__(self):
-        return self.length
-
-    def push(self, packets):
-        """Queue packets, in order; return how many had to be dropped."""
-        flows, new = self.flows, self.new
-        for packet in packets:
-            key = flow_of(packet)
-            queue = flows.get(key)
-            if queue is None:
-                queue = flows[key] = deque()
-                new.append(key)
-            queue.append(packet)
-        self.length += len(packets)
-        self.bytes += sum(map(len, packets))
-        if self.length > self.limit or self.bytes > self.byte_limit:
-            return self.shed()
-        return 0
-
-    def shed(self):
-        """Drop from the head of the longest flow until under both limits."""
-        dropped = 0
-        while self.length > self.limit or self.bytes > self.byte_limit:
-            queue = max(self.flows.values(), key=len)
-            while queue and (self.length > self.limit or self.bytes > self.byte_limit):
-                self.bytes -= len(queue.popleft())
-                self.length -= 1
-                dropped += 1
-        return dropped
-
-    def pop(self, budget):
-        """Up to `budget` packets, in the order to write them."""
-        out = []
-        flows, new, old = self.flows, self.new, self.old
-        while len(out) < budget and (new or old):
-            from_new = bool(new)
-            key = new.popleft() if from_new else old.popleft()
-            queue = flows[key]
-            for _ in range(min(len(queue), self.quantum, budget - len(out))):
-                out.append(queue.popleft())
-            if queue or from_new:
-                old.append(key)
-            else:
-                del flows[key]
-        self.length -= len(out)
-        self.bytes -= sum(map(len, out))
-        return out
-
-
+# ---------------------------------------------------------------- the plain forwarding loop
 class Forwarder:
-    """Moves packets between the TUN device and the UDP socket.
+    """The tunnel itself: one packet in, one packet out.
 
-    `udp_to_tun()` and `tun_to_udp()`, called when the socket or the TUN
-    device is readable, check what arrives and queue it (in `to_tun` and
-    `to_udp`); `run()` passes the queues on. Subclasses provide
-    `udp_to_tun()`; `send_udp(packets)`, which sends what `to_udp` gives
-    out; `tick(now)`, called about once a second for timers; and
-    `status()`, what `udptun.py status` shows. Every step moves many
-    packets: one select() per packet would cost more than the packet itself.
+    run() sleeps until the TUN device or the UDP socket has something to
+    read, and calls its handler: tun_readable() reads one packet the kernel
+    routed into the tunnel and sends it as one datagram; udp_readable()
+    receives one datagram and writes the packet in it to the TUN device, as
+    if it had arrived on a network card. That is all a tunnel does. Once a
+    second run() calls tick(), for timers, and publishes status().
+
+    What may pass is the subclass's business (Server, Client), which fills
+    in these hooks:
+    - admit(data, addr): may this datagram from socket address `addr` go
+      into the TUN device? (It counts what it refuses, with drop().)
+    - address_for(packet): where a packet read from the TUN device goes:
+      a socket address, None for the connected peer, or False (dropped).
+    - tick(now), status(); and unreachable(error), told when the socket
+      reports an error.
+    Callers outside use run(), send_one() and replace_socket().
+
+    This loop moves about as fast as socat. The speed layer (see Batching,
+    "Going faster") mixes into a subclass and overrides the methods that do
+    I/O; --plain leaves it out, and the tunnel works the same, slower.
     """
 
     def __init__(self, tun, sock, verbose=False):
         self.tun, self.sock, self.verbose = tun, sock, verbose
         self.now = self.started = time.monotonic()
-        self.drops = {}   # reason -> count
+        self.drops = {}            # reason -> count
         self.log = LogLimit()
         self.status_path = None    # where to publish status() every second, if set
-        self.selector = None       # run()'s, once it runs
-        self.gso = True            # until the kernel says otherwise
-        self.merging = {TCP, UDP}  # protocols whose packets write_tun merges, while the kernel takes them
-        self.merged = [0, 0]       # packets merged, in how many writes
-        self.to_tun = FairQueue()  # received from the socket, for the TUN device
-        self.to_udp = FairQueue()  # read from the TUN device, for the socket
+        self.poller = None         # run()'s epoll object, once it runs
+        self.handlers = {}         # file descriptor -> the method to call when it is readable
 
     def drop(self, reason, *detail, count=1):
         """Count dropped packets. Their detail (addresses, a message) is only
@@ -1396,125 +1320,72 @@ class Forwarder:
                      self.now)
 
     def run(self):
-        self.selector = selector = selectors.DefaultSelector()
-        # The handler rides in the key's data slot: the loop just calls it.
-        selector.register(self.tun.fd, selectors.EVENT_READ, self.tun_to_udp)
-        selector.register(self.sock, selectors.EVENT_READ, self.udp_to_tun)
-        last_tick = 0
+        # epoll, level-triggered: a descriptor is reported while it has
+        # something to read. (The selectors module wraps the same call, at a
+        # cost we would pay on every wake-up.)
+        self.poller = select.epoll()
+        self.watch(self.tun.fd, self.tun_readable)
+        self.watch(self.sock.fileno(), self.udp_readable)
+        # What exists now lives until we stop: the collector need never
+        # look at it again. (A full collection walks every object, and
+        # would hold up the packets of its turn by milliseconds.)
+        gc.freeze()
+        self.next_tick = 0
         while True:
-            # A turn: take in what has arrived on either side (into the
-            # queues), write a batch to the TUN device and read at once what
-            # those writes made the kernel answer (TCP acknowledgements, echo
-            # replies), then send a batch. While packets are queued we only
-            # look, never sleep.
-            to_tun, to_udp = self.to_tun, self.to_udp
-            events = selector.select(timeout=0 if to_tun or to_udp else 1.0)
+            events = self.poller.poll(self.wait())
             self.now = time.monotonic()
-            for key, _ in events:
-                key.data()
-            if to_tun:
-                self.write_tun(to_tun.pop(BATCH))
-                self.tun_to_udp()
-            if to_udp:
-                self.send_udp(to_udp.pop(BATCH))
-            if self.now - last_tick >= 1.0:
+            self.handle(events)
+            # The timers' work (a status file, a route lookup) waits for a
+            # quiet moment, so a packet never waits for it: until nothing
+            # arrived in time, or until it is a second late on a busy tunnel.
+            if self.now >= self.next_tick and (not events or self.now >= self.next_tick + 1.0):
                 self.tick(self.now)
                 self.publish()
-                last_tick = self.now
+                self.next_tick = self.now + 1.0
 
-    def read_tun(self):
-        """Packets from the TUN device (without the vnet header): up to
-        READ_AHEAD, or what `to_udp` has room for and SLACK more (see
-        FairQueue: what does not fit waits in the device's ring, and the
-        kernel drops what does not fit there)."""
-        packets = []
-        fd, skip = self.tun.fd, VNET_HDR.size if self.tun.vnet else 0
-        for _ in range(min(READ_AHEAD, self.to_udp.limit - len(self.to_udp) + SLACK)):
-            try:
-                packet = os.read(fd, skip + MAX_PACKET)
-            except BlockingIOError:
-                break
-            packets.append(packet[skip:] if skip else packet)
-        return packets
+    def watch(self, fd, handler):
+        self.poller.register(fd, select.EPOLLIN)
+        self.handlers[fd] = handler
 
-    def recv_udp(self):
-        """(datagram, address) pairs from the socket: about READ_AHEAD, or
-        room and SLACK (see read_tun).
+    def wait(self):
+        """How long run() may sleep, in seconds: until the next tick is due."""
+        return max(0.0, self.next_tick - self.now)
 
-        With UDP GRO one receive may return many datagrams from one sender,
-        glued together; a control message gives their size (all equal but
-        the last), and we cut them apart again. Without GRO, or for a lone
-        datagram, there is no control message.
-        """
-        datagrams = []
-        room = min(READ_AHEAD, self.to_tun.limit - len(self.to_tun) + SLACK)
-        while len(datagrams) < room:
-            try:
-                data, ancillary, _, addr = self.sock.recvmsg(MAX_PACKET, GRO_CMSG_SPACE, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                # A connected UDP socket reports an ICMP error about an
-                # earlier datagram on its next call, as an errno: port
-                # unreachable is ECONNREFUSED, "administratively prohibited"
-                # EHOSTUNREACH, a parameter problem EPROTO, and so on
-                # (icmp_err_convert in net/ipv4/icmp.c). The kernel forgets
-                # it once reported. It says the peer cannot be reached now,
-                # never that we should stop. It takes a place in this turn,
-                # so a flood of them cannot keep us here.
-                self.drop("icmp-error", e.strerror)
-                self.unreachable(e)
-                room -= 1
-                continue
-            size = 0
-            for level, kind, value in ancillary:
-                if level == SOL_UDP and kind == UDP_GRO:
-                    size = struct.unpack("=i", value[:4])[0]
-            if 0 < size < len(data):
-                datagrams += [(data[i:i + size], addr) for i in range(0, len(data), size)]
-            else:
-                datagrams.append((data, addr))
-        return datagrams
+    def handle(self, events):
+        for fd, _ in events:
+            self.handlers[fd]()
 
-    def send_packets(self, packets, addr=None):
-        """Send packets to addr (None: the connected peer), batching runs of
-        equal size into one sendmsg() with UDP GSO: the kernel cuts the
-        buffer into datagrams of that size; a shorter packet may end a run."""
-        i, n = 0, len(packets)
-        while i < n:
-            size = len(packets[i])
-            j = i + 1
-            if self.gso:
-                end = min(n, i + GSO_MAX_SEGMENTS, i + GSO_MAX_BYTES // size)
-                while j < end and len(packets[j]) == size:
-                    j += 1
-                if j < end and len(packets[j]) < size:
-                    j += 1
-            if j - i == 1:
-                self.send_one(packets[i], addr)
-            else:
-                self.send_gso(packets[i:j], size, addr)
-            i = j
+    def tun_readable(self):
+        packet = self.tun.read()
+        if packet is not None and self.from_tun_ok(packet):
+            self.send_now(packet)
 
-    def send_gso(self, batch, size, addr):
-        segment = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+    def udp_readable(self):
         try:
-            if addr is None:
-                self.sock.sendmsg(batch, segment)
-            else:
-                self.sock.sendmsg(batch, segment, 0, addr)
+            data, addr = self.sock.recvfrom(MAX_PACKET)
+        except BlockingIOError:
             return
         except OSError as e:
-            if e.errno in (errno.EINVAL, errno.EIO):   # no UDP GSO here at all
-                self.gso = False
-                log(f"udptun: UDP GSO unavailable ({e.strerror}): one datagram per packet from now on")
-            elif e.errno != errno.EMSGSIZE:   # EMSGSIZE: just this batch was too big
-                self.send_failed(e, len(batch))
-                return
-        for packet in batch:
+            self.socket_error(e)
+            return
+        if self.admit(data, addr):
+            self.write_one(data)
+
+    def from_tun_ok(self, packet):
+        """What the kernel routes into the tunnel is IP; anything else (a
+        packet too short to be one) the other end could not route."""
+        if len(packet) < 20 or packet[0] >> 4 not in (4, 6):
+            self.drop("tun-not-ip")
+            return False
+        return True
+
+    def send_now(self, packet):
+        addr = self.address_for(packet)
+        if addr is not False:
             self.send_one(packet, addr)
 
     def send_one(self, packet, addr):
+        """Send one datagram to `addr` (None: the connected peer)."""
         try:
             if addr is None:
                 self.sock.send(packet)
@@ -1529,63 +1400,59 @@ class Forwarder:
         self.drop("send-error", error.strerror, count=count)
         self.unreachable(error)
 
-    def tun_to_udp(self):
-        """Packets the kernel routed into the tunnel: queue them for sending."""
-        packets = []
-        for packet in self.read_tun():
-            if len(packet) < 20 or packet[0] >> 4 not in (4, 6):
-                self.drop("tun-not-ip")   # the other end could not route it
-            else:
-                packets.append(packet)
-        self.enqueue(self.to_udp, packets)
+    def socket_error(self, error):
+        """A connected UDP socket reports an ICMP error about an earlier
+        datagram on its next call, as an errno: port unreachable is
+        ECONNREFUSED, "administratively prohibited" EHOSTUNREACH, a
+        parameter problem EPROTO, and so on (icmp_err_convert in
+        net/ipv4/icmp.c). The kernel forgets it once reported. It says the
+        peer cannot be reached now, never that we should stop."""
+        self.drop("icmp-error", error.strerror)
+        self.unreachable(error)
 
-    def enqueue(self, queue, packets):
-        refused = queue.push(packets)
-        if refused:
-            self.drop("queue-full", count=refused)
+    def write_one(self, packet):
+        try:
+            self.tun.write(packet)
+        except OSError as e:
+            self.drop("tun-write", e.strerror)   # count, never crash
 
-    def write_tun(self, packets):
-        """Write packets to the TUN device; runs of one flow's packets (see
-        mergeable) as one large packet each. The kernel then does its work
-        (routing, firewall, the receiving TCP) once per run instead of once
-        per packet, and on the server that work is most of the cost."""
-        fd = self.tun.fd
-        head = PLAIN if self.tun.vnet else b""
-        merging = self.merging if self.tun.vnet else ()
-        i, n = 0, len(packets)
-        while i < n:
-            packet = packets[i]
-            proto = packet[9] if packet[0] >> 4 == 4 else packet[6]
-            k = mergeable(packets, i) if proto in merging else 1
-            try:
-                if k == 1:
-                    os.write(fd, head + packet)
-                else:
-                    os.writev(fd, merge(packets[i:i + k]))
-                    self.merged[0] += k
-                    self.merged[1] += 1
-            except OSError as e:
-                if k == 1 or e.errno != errno.EINVAL:
-                    self.drop("tun-write", e.strerror, count=k)   # count, never crash
-                else:   # not taken here (UDP before Linux 6.2): one write per packet from now on
-                    merging.discard(proto)
-                    kind = "TCP segments" if proto == TCP else "UDP datagrams"
-                    log(f"udptun: the TUN device refused merged {kind} ({e.strerror}): "
-                        "one write per packet from now on")
-                    continue   # the same packets again, one by one
-            i += k
+    def replace_socket(self, sock):
+        """Go on with `sock` instead of the socket in use (which is closed)."""
+        if self.poller:
+            self.poller.unregister(self.sock)
+            self.handlers.pop(self.sock.fileno(), None)
+        self.sock.close()
+        self.sock = sock
+        if self.poller:
+            self.watch(sock.fileno(), self.udp_readable)
+
+    # Hooks for the subclasses (see the class's docstring).
+    def admit(self, data, addr):
+        return True
+
+    def address_for(self, packet):
+        return None
+
+    def tick(self, now):
+        pass
+
+    def status(self):
+        return {}
 
     def unreachable(self, error):
-        """A hook: the socket reported `error` (an OSError, already counted),
-        so the peer cannot be reached for now. The client says so."""
+        """The socket reported `error` (an OSError, already counted): the
+        peer cannot be reached for now. The client says so."""
+
+    def counters(self):
+        """More numbers for `status`, from the speed layer."""
+        return {}
 
     def publish(self):
         """Write status() to a file anyone may read: `udptun.py status`
         needs no privileges, and a crashed run leaves nothing listening."""
         if self.status_path:
             status = dict(self.status(), pid=os.getpid(), device=self.tun.name, time=time.time(),
-                          drops=dict(sorted(self.drops.items())),
-                          merged={"packets": self.merged[0], "writes": self.merged[1]})
+                          drops=dict(sorted(self.drops.items())), **self.counters())
             tmp = self.status_path + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(status, f)
@@ -1699,11 +1566,16 @@ def show(value):
 
 # ---------------------------------------------------------------- server and client
 class Server(Forwarder):
-    """Many clients, one UDP socket, one TUN device.
+    """The server's policy: many clients, one UDP socket, one TUN device.
 
-    `addresses` are the server's tunnel addresses (IPv4Interface, and
-    IPv6Interface when IPv6 is on): each gives a subnet from which clients
-    take theirs."""
+    A datagram goes into the TUN device if it holds a well-formed IP packet
+    whose source is a tunnel address its sender owns (see ClientTable) and,
+    unless --client-to-client, whose destination is not another client's.
+    A packet from the TUN device goes to the client that owns its
+    destination. `addresses` are the server's tunnel addresses
+    (IPv4Interface, and IPv6Interface when IPv6 is on): each gives a subnet
+    from which clients take theirs.
+    """
 
     def __init__(self, tun, sock, addresses, table, client_to_client=False, allow=None, local=(), verbose=False):
         super().__init__(tun, sock, verbose)
@@ -1725,6 +1597,50 @@ class Server(Forwarder):
         self.ip4 = next((a.ip.packed for a in addresses if a.version == 4), None)   # for probes
         self.seq = 0
 
+    def admit(self, data, addr):
+        """The checks, cheapest and most common first: a packet from the
+        address that owns its source is one dict lookup away from passing."""
+        problem = ip_problem(data)
+        if data and data[0] >> 4 == 4:   # (written out, not looked up: this runs for every packet)
+            src, dst = data[12:16], data[16:20]
+        else:
+            src, dst = data[8:24], data[24:40]
+        peer = None if problem else self.table.by_ip.get(src)
+        if peer is not None and peer.addr == addr:
+            peer.last_seen = self.now
+        else:
+            peer = self.claim(data, addr, problem, src)
+            if peer is None:
+                return False
+        if not self.client_to_client and dst not in self.own and self.in_subnet(dst):
+            self.drop("client-to-client", src, "->", dst)
+            return False
+        peer.rx_packets += 1
+        peer.rx_bytes += len(data)
+        return True
+
+    def claim(self, data, addr, problem, src):
+        """The rest of admit(), for a datagram whose sender does not own its
+        source (yet): the Peer that may send it, or None (counted)."""
+        if self.allow is not None and not self.allowed(addr[0]):
+            self.drop("not-allowed", addr)   # before looking inside at all
+            return None
+        if problem:
+            self.drop("empty" if not data else problem, addr)   # (empty: a socat peer's end of stream)
+            return None
+        if self.looped(addr[0]):
+            why = "loop"
+        elif src in self.reserved or not self.in_subnet(src):
+            why = "bad-source"
+        else:
+            peer, why = self.table.claim(src, addr, self.now)
+            if peer is not None:
+                if why == "moved" and peer.previous:
+                    self.probe(peer)
+                return peer
+        self.drop(why, src, "from", addr)
+        return None
+
     def in_subnet(self, ip):
         net, mask = self.subnets.get(len(ip), (-1, 0))
         return int.from_bytes(ip, "big") & mask == net
@@ -1740,6 +1656,11 @@ class Server(Forwarder):
         return (ip.is_loopback or ip.is_multicast or ip.is_unspecified or str(ip) in self.local
                 or self.in_subnet(ip.packed))
 
+    def allowed(self, host):
+        ip = ipaddress.ip_address(host)
+        ip = getattr(ip, "ipv4_mapped", None) or ip   # an IPv4 peer of our dual-stack socket
+        return any(ip in net for net in self.allow)
+
     def probe(self, peer):
         """Ask the address a binding just left whether it is still there: an
         echo request to the client's tunnel address (IPv4 only; an IPv6
@@ -1750,74 +1671,16 @@ class Server(Forwarder):
             self.seq = (self.seq + 1) & 0xFFFF
             self.send_one(echo_request(self.ip4, peer.ip, 0x5555, self.seq), peer.previous)
 
-    def allowed(self, host):
-        ip = ipaddress.ip_address(host)
-        ip = getattr(ip, "ipv4_mapped", None) or ip   # an IPv4 peer of our dual-stack socket
-        return any(ip in net for net in self.allow)
-
-    def udp_to_tun(self):
-        """Datagrams from clients: check them, learn who owns which tunnel IP,
-        queue them for the TUN device."""
-        last = None   # (source, address) of the previous datagram, whose verdict holds
-        last_host = looped = None   # the previous outer host, and whether it is a loop
-        last_dst = to_client = None   # the previous inner destination, and whether it is a client's
-        accepted = []
-        for data, addr in self.recv_udp():
-            if self.allow is not None and not self.allowed(addr[0]):
-                self.drop("not-allowed", addr)   # before looking inside at all
-                continue
-            if not data:
-                self.drop("empty")   # a socat peer's end of stream: nothing to forward
-                continue
-            if data[0] >> 4 == 4:   # (written out, not looked up: this runs for every packet)
-                problem, src, dst = ipv4_problem(data), data[12:16], data[16:20]
-            else:
-                problem, src, dst = ip_problem(data), data[8:24], data[24:40]
-            if problem:
-                self.drop(problem, addr)
-                continue
-            # Datagrams come in runs from one sender with one inner source (a
-            # GRO batch is one flow): judge the pair once per run.
-            if (src, addr) != last:
-                last = (src, addr)
-                if addr[0] != last_host:
-                    last_host, looped = addr[0], self.looped(addr[0])
-                if looped:
-                    peer, why = None, "loop"
-                elif src in self.reserved or not self.in_subnet(src):
-                    peer, why = None, "bad-source"
-                else:
-                    peer, why = self.table.claim(src, addr, self.now)
-                    if why == "moved" and peer.previous:
-                        self.probe(peer)
-            if peer is None:
-                self.drop(why, src, "from", addr)
-                continue
-            if dst != last_dst:
-                last_dst, to_client = dst, dst not in self.own and self.in_subnet(dst)
-            if to_client and not self.client_to_client:
-                self.drop("client-to-client", src, "->", dst)
-                continue
-            peer.rx_packets += 1
-            peer.rx_bytes += len(data)
-            accepted.append(data)
-        self.enqueue(self.to_tun, accepted)
-
-    def send_udp(self, packets):
-        """Send each packet to the client that owns its destination, in one
-        batch per client."""
-        batches = {}   # Peer -> packets, in queue order
-        for packet in packets:
-            dst = packet[16:20] if packet[0] >> 4 == 4 else packet[24:40]
-            peer = self.table.by_ip.get(dst)
-            if peer is None:
-                self.drop("no-client", dst)
-                continue
-            batches.setdefault(peer, []).append(packet)
-        for peer, packets in batches.items():
-            peer.tx_packets += len(packets)
-            peer.tx_bytes += sum(map(len, packets))
-            self.send_packets(packets, peer.addr)
+    def address_for(self, packet):
+        """The owner of the packet's destination."""
+        dst = packet[16:20] if packet[0] >> 4 == 4 else packet[24:40]
+        peer = self.table.by_ip.get(dst)
+        if peer is None:
+            self.drop("no-client", dst)
+            return False
+        peer.tx_packets += 1
+        peer.tx_bytes += len(packet)
+        return peer.addr
 
     def tick(self, now):
         self.table.expire(now)
@@ -1858,42 +1721,36 @@ class Client(Forwarder):
         self.round = 0                   # answers from an earlier outage are stale
         self.tx_packets = self.rx_packets = self.tx_bytes = self.rx_bytes = 0
 
-    def send_udp(self, packets):
-        self.tx_packets += len(packets)
-        self.tx_bytes += sum(map(len, packets))
+    def address_for(self, packet):
+        """Everything goes to the server, on the connected socket."""
+        self.tx_packets += 1
+        self.tx_bytes += len(packet)
         self.last_tx = self.now
-        self.send_packets(packets)
+        return None
 
-    def udp_to_tun(self):
-        """Datagrams from the server: only packets for our own tunnel address
-        go on. The kernel lets in only datagrams from the server's address
-        and port, but anyone who can send as that address could otherwise
-        reach this laptop's other addresses (its LAN side), other hosts or
-        a broadcast through us."""
-        received, accepted = 0, []
-        for data, _ in self.recv_udp():
-            problem = ip_problem(data)
-            if problem:
-                self.drop(problem)
-                continue
-            version = data[0] >> 4
-            dst = data[16:20] if version == 4 else data[24:40]
-            if dst not in self.mine:
-                self.drop("not-for-us", dst)
-                continue
-            received += 1
-            self.rx_bytes += len(data)
-            if version == 4 and data[9] == 1 and is_echo_reply(data, self.server_ip, self.ident):
-                continue   # the answer to our keepalive: ours, not the kernel's
-            accepted.append(data)
-        self.enqueue(self.to_tun, accepted)
-        if received:
-            self.rx_packets += received
-            self.last_rx = self.now
-            if self.alive is not True:
-                self.alive = True
-                self.round += 1
-                log("server is answering")
+    def admit(self, data, addr):
+        """Only packets for our own tunnel address go on. The kernel lets in
+        only datagrams from the server's address and port, but anyone who
+        can send as that address could otherwise reach this laptop's other
+        addresses (its LAN side), other hosts or a broadcast through us."""
+        problem = ip_problem(data)
+        if problem:
+            self.drop(problem)
+            return False
+        version = data[0] >> 4
+        dst = data[16:20] if version == 4 else data[24:40]
+        if dst not in self.mine:
+            self.drop("not-for-us", dst)
+            return False
+        self.rx_packets += 1
+        self.rx_bytes += len(data)
+        self.last_rx = self.now
+        if self.alive is not True:
+            self.alive = True
+            self.round += 1
+            log("server is answering")
+        # The answer to our keepalive is ours, not the kernel's.
+        return not (version == 4 and data[9] == 1 and is_echo_reply(data, self.server_ip, self.ident))
 
     def unreachable(self, error):
         """An ICMP error, or a send that failed. Anyone on the path can forge
@@ -1916,7 +1773,7 @@ class Client(Forwarder):
             quiet = now - self.last_tx >= k or now - self.last_rx >= k
             if quiet and now - self.last_keepalive >= k:
                 self.send_keepalive()
-            # Three keepalives unanswered: say so once; udp_to_tun says when it is back.
+            # Three keepalives unanswered: say so once; admit() says when it is back.
             if self.alive is not False and now - self.last_rx >= 3 * k and now - self.started >= 3 * k:
                 self.alive = False
                 log(f"server is not answering (nothing for {3 * k:g} s): still trying")
@@ -1946,10 +1803,8 @@ class Client(Forwarder):
         except UserError as e:
             log(f"udptun: {e}")
             return
-        self.selector.unregister(self.sock)
-        self.sock.close()
-        self.sock, self.server = sock, server
-        self.selector.register(sock, selectors.EVENT_READ, self.udp_to_tun)
+        self.replace_socket(sock)
+        self.server = server
         if self.keepalive:
             self.send_keepalive()
 
@@ -1984,6 +1839,326 @@ class Client(Forwarder):
              "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes, "answering": self.alive}]}
 
 
+# ---------------------------------------------------------------- going faster
+def flow_of(packet):
+    """What tells one flow from another: the addresses, and for TCP and UDP
+    the ports too (where they follow the header at once: IPv4 without
+    options, IPv6 without extension headers). Other protocols get one flow
+    per address pair: a ping's ICMP checksum changes with every packet and
+    must not make each one a new flow."""
+    if packet[0] == 0x45:
+        return packet[12:24] if packet[9] in (TCP, UDP) else packet[12:20]
+    return packet[8:44] if packet[6] in (TCP, UDP) else packet[8:40]
+
+
+class FairQueue:
+    """Packets waiting to go on: one FIFO per flow, served round robin, flows
+    that just became active first. This is the scheduling half of fq_codel
+    (RFC 8290), done in user space. When the tunnel is busy, udptun is the
+    bottleneck, and a backlog forms in front of it. Left in the kernel (the
+    TUN device's ring, the socket's buffer) it is one FIFO, and a ping or a
+    keystroke waits behind the whole of a download: a queue of 5 ms and
+    more through this tunnel. So each turn takes in more than it passes on
+    (READ_AHEAD against BATCH): the backlog moves here, where a flow that
+    sends now and then finds its queue empty, goes to `new`, and is passed
+    on at the next turn.
+
+    The rules are RFC 8290's (section 4): a flow that still has packets
+    after its QUANTUM goes to the back of `old`; so does a flow from `new`
+    that has none left, which waits there for one more round before it is
+    forgotten. A sender cannot stay "new", and first, by keeping its queue
+    short. Over either limit (packets, bytes), packets are dropped from the
+    head of the longest flow, as fq_codel_drop() does (it measures in
+    bytes, we in packets, which len() counts for free): the flow that floods
+    loses, not everyone (the kernel counts nothing, so we do, as
+    "queue-full"). The reads take in no more than there is room for, and a
+    little more (SLACK): reading packets only to drop them would spend the
+    CPU that is the bottleneck, so past that the kernel drops, for free. There is no CoDel half: a TCP sender sets the
+    size of its own backlog, and the limits only bound it.
+    """
+
+    def __init__(self, limit=QUEUE_LIMIT, byte_limit=QUEUE_BYTES, quantum=QUANTUM):
+        self.limit, self.byte_limit, self.quantum = limit, byte_limit, quantum
+        self.flows = {}       # flow -> deque of its packets (or none: waiting in `old` to be forgotten)
+        self.new = deque()    # flows that were idle when their packet came
+        self.old = deque()    # flows that have had a turn
+        self.length = self.bytes = 0
+
+    def __len__(self):
+        return self.length
+
+    def push(self, packets):
+        """Queue packets, in order; return how many had to be dropped."""
+        flows, new = self.flows, self.new
+        for packet in packets:
+            key = flow_of(packet)
+            queue = flows.get(key)
+            if queue is None:
+                queue = flows[key] = deque()
+                new.append(key)
+            queue.append(packet)
+        self.length += len(packets)
+        self.bytes += sum(map(len, packets))
+        if self.length > self.limit or self.bytes > self.byte_limit:
+            return self.shed()
+        return 0
+
+    def shed(self):
+        """Drop from the head of the longest flow until under both limits."""
+        dropped = 0
+        while self.length > self.limit or self.bytes > self.byte_limit:
+            queue = max(self.flows.values(), key=len)
+            while queue and (self.length > self.limit or self.bytes > self.byte_limit):
+                self.bytes -= len(queue.popleft())
+                self.length -= 1
+                dropped += 1
+        return dropped
+
+    def pop(self, budget):
+        """Up to `budget` packets, in the order to write them."""
+        out = []
+        flows, new, old = self.flows, self.new, self.old
+        while len(out) < budget and (new or old):
+            from_new = bool(new)
+            key = new.popleft() if from_new else old.popleft()
+            queue = flows[key]
+            for _ in range(min(len(queue), self.quantum, budget - len(out))):
+                out.append(queue.popleft())
+            if queue or from_new:
+                old.append(key)
+            else:
+                del flows[key]
+        self.length -= len(out)
+        self.bytes -= sum(map(len, out))
+        return out
+
+
+class Batching:
+    """The speed layer: mixed in before a policy class, as in
+    `class FastServer(Batching, Server)`, the way socketserver's
+    ThreadingMixIn is. It overrides the plain loop's I/O methods and leaves
+    the policy (admit, address_for) alone.
+
+    Python spends microseconds on each system call and each packet, where
+    the kernel spends fractions of one; a tunnel in Python is fast only if
+    it makes few calls for many packets. So, while a side has a backlog:
+    - a turn takes in up to READ_AHEAD packets, and passes on BATCH;
+    - one sendmsg() sends a run of equal-sized datagrams (UDP GSO), and
+      one recvmsg() can return many, coalesced by the kernel (UDP GRO);
+    - one write() hands the TUN device a run of one flow's packets as one
+      large packet (see mergeable and merge): the kernel's routing,
+      firewall and TCP then work once per run instead of once per packet;
+    - the backlog waits in a FairQueue per direction, where a ping or a
+      keystroke does not wait behind a download.
+    A side has a backlog when its queue holds packets, or when it was
+    ready at the previous turn too. Otherwise the first packet goes straight
+    on, as in the plain loop: an idle tunnel's round trip (ssh, a game, a
+    call) pays for none of this.
+
+    Hooks: none. Callers: as Forwarder's.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gso = True            # until the kernel says otherwise
+        self.merging = {TCP, UDP}  # protocols whose packets write_tun merges, while the kernel takes them
+        self.merged_packets = self.merged_writes = 0
+        self.to_tun = FairQueue()  # received from the socket, for the TUN device
+        self.to_udp = FairQueue()  # read from the TUN device, for the socket
+        self.ready_before = ()     # the descriptors that were ready at the previous turn
+
+    def run(self):
+        enable_gro(self.sock)
+        super().run()
+
+    def replace_socket(self, sock):
+        enable_gro(sock)
+        super().replace_socket(sock)
+
+    def wait(self):
+        # While packets are queued we only look, never sleep.
+        return 0 if self.to_tun or self.to_udp else super().wait()
+
+    def handle(self, events):
+        """A turn: take in what has arrived on either side, write a batch to
+        the TUN device and read at once what those writes made the kernel
+        answer (TCP acknowledgements, echo replies), then send a batch."""
+        super().handle(events)
+        self.ready_before = [fd for fd, _ in events]
+        if self.to_tun:
+            self.write_tun(self.to_tun.pop(BATCH))
+            self.take_from_tun()
+        if self.to_udp:
+            self.send_udp(self.to_udp.pop(BATCH))
+
+    def tun_readable(self):
+        if self.to_udp or self.tun.fd in self.ready_before:
+            self.take_from_tun()
+        else:
+            super().tun_readable()   # one packet, straight on
+
+    def udp_readable(self):
+        backlog = self.to_tun or self.sock.fileno() in self.ready_before
+        accepted = [data for data, addr in self.recv_udp(room(self.to_tun) if backlog else 1)
+                    if self.admit(data, addr)]
+        if backlog or len(accepted) > 1:
+            self.enqueue(self.to_tun, accepted)
+        elif accepted:
+            self.write_one(accepted[0])   # one packet, straight on
+
+    def take_from_tun(self):
+        self.enqueue(self.to_udp, [p for p in self.read_tun(room(self.to_udp)) if self.from_tun_ok(p)])
+
+    def enqueue(self, queue, packets):
+        refused = queue.push(packets)
+        if refused:
+            self.drop("queue-full", count=refused)
+
+    def read_tun(self, limit):
+        """Up to `limit` packets from the TUN device (without the vnet header)."""
+        packets = []
+        fd, skip = self.tun.fd, self.tun.skip
+        for _ in range(limit):
+            try:
+                packet = os.read(fd, skip + MAX_PACKET)
+            except BlockingIOError:
+                break
+            packets.append(packet[skip:] if skip else packet)
+        return packets
+
+    def recv_udp(self, limit):
+        """(datagram, address) pairs from the socket: `limit` receives at most.
+
+        With UDP GRO one receive may return many datagrams from one sender,
+        glued together; a control message gives their size (all equal but
+        the last), and we cut them apart again. Without GRO, or for a lone
+        datagram, there is no control message.
+        """
+        datagrams = []
+        while len(datagrams) < limit:
+            try:
+                data, ancillary, _, addr = self.sock.recvmsg(MAX_PACKET, GRO_CMSG_SPACE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                self.socket_error(e)
+                limit -= 1   # it takes a place in this turn: a flood of them cannot keep us here
+                continue
+            size = 0
+            for level, kind, value in ancillary:
+                if level == SOL_UDP and kind == UDP_GRO:
+                    size = struct.unpack("=i", value[:4])[0]
+            if 0 < size < len(data):
+                datagrams += [(data[i:i + size], addr) for i in range(0, len(data), size)]
+            else:
+                datagrams.append((data, addr))
+        return datagrams
+
+    def send_udp(self, packets):
+        """Send packets where address_for says, in one batch per address."""
+        batches = {}   # address -> packets, in queue order
+        for packet in packets:
+            addr = self.address_for(packet)
+            if addr is not False:
+                batches.setdefault(addr, []).append(packet)
+        for addr, batch in batches.items():
+            self.send_packets(batch, addr)
+
+    def send_packets(self, packets, addr=None):
+        """Send packets to addr (None: the connected peer), batching runs of
+        equal size into one sendmsg() with UDP GSO: the kernel cuts the
+        buffer into datagrams of that size; a shorter packet may end a run."""
+        i, n = 0, len(packets)
+        while i < n:
+            size = len(packets[i])
+            j = i + 1
+            if self.gso:
+                end = min(n, i + GSO_MAX_SEGMENTS, i + GSO_MAX_BYTES // size)
+                while j < end and len(packets[j]) == size:
+                    j += 1
+                if j < end and len(packets[j]) < size:
+                    j += 1
+            if j - i == 1:
+                self.send_one(packets[i], addr)
+            else:
+                self.send_gso(packets[i:j], size, addr)
+            i = j
+
+    def send_gso(self, batch, size, addr):
+        segment = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+        try:
+            if addr is None:
+                self.sock.sendmsg(batch, segment)
+            else:
+                self.sock.sendmsg(batch, segment, 0, addr)
+            return
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.EIO):   # no UDP GSO here at all
+                self.gso = False
+                log(f"udptun: UDP GSO unavailable ({e.strerror}): one datagram per packet from now on")
+            elif e.errno != errno.EMSGSIZE:   # EMSGSIZE: just this batch was too big
+                self.send_failed(e, len(batch))
+                return
+        for packet in batch:
+            self.send_one(packet, addr)
+
+    def write_tun(self, packets):
+        """Write packets to the TUN device; runs of one flow's packets (see
+        mergeable) as one large packet each. The kernel then does its work
+        (routing, firewall, the receiving TCP) once per run instead of once
+        per packet, and on the server that work is most of the cost."""
+        fd = self.tun.fd
+        head = PLAIN if self.tun.vnet else b""
+        merging = self.merging if self.tun.vnet else ()
+        i, n = 0, len(packets)
+        while i < n:
+            packet = packets[i]
+            proto = packet[9] if packet[0] >> 4 == 4 else packet[6]
+            k = mergeable(packets, i) if proto in merging else 1
+            try:
+                if k == 1:
+                    os.write(fd, head + packet)
+                else:
+                    os.writev(fd, merge(packets[i:i + k]))
+                    self.merged_packets += k
+                    self.merged_writes += 1
+            except OSError as e:
+                if k == 1 or e.errno != errno.EINVAL:
+                    self.drop("tun-write", e.strerror, count=k)   # count, never crash
+                else:   # not taken here (UDP before Linux 6.2): one write per packet from now on
+                    merging.discard(proto)
+                    kind = "TCP segments" if proto == TCP else "UDP datagrams"
+                    log(f"udptun: the TUN device refused merged {kind} ({e.strerror}): "
+                        "one write per packet from now on")
+                    continue   # the same packets again, one by one
+            i += k
+
+    def counters(self):
+        return {"merged": {"packets": self.merged_packets, "writes": self.merged_writes}}
+
+
+def room(queue):
+    """How many packets a turn takes in for `queue`: READ_AHEAD, or what the
+    queue has room for and SLACK more (see FairQueue: what does not fit
+    waits in the kernel, which drops what does not fit there, for free)."""
+    return min(READ_AHEAD, queue.limit - len(queue) + SLACK)
+
+
+def enable_gro(sock):
+    """Ask for coalesced datagrams (UDP GRO, see Batching.recv_udp). An older
+    kernel refuses, and then simply hands us one datagram per receive."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+
+
+class FastServer(Batching, Server):
+    """The server, with the speed layer."""
+
+
+class FastClient(Batching, Client):
+    """The client, with the speed layer."""
+
+
 def setup_tun(changes, system, args, addresses):
     """Create the TUN device, give it its addresses and bring it up. They
     belong to the device, so the kernel removes them when it closes: no undo.
@@ -2000,8 +2175,10 @@ def setup_tun(changes, system, args, addresses):
     tunnel waits in our FairQueue instead. 1000, as WireGuard's, rides out
     a few milliseconds when the scheduler runs something else.
     """
-    tun = FakeTun(args.dev) if system.dry_run else Tun(args.dev)
-    log(f"[#] open {TUN_PATH} as {tun.name} (TUNSETIFF, IFF_TUN | IFF_NO_PI | IFF_VNET_HDR | IFF_TUN_EXCL)")
+    vnet = not args.plain   # the speed layer writes merged packets behind a virtio_net_hdr
+    tun = FakeTun(args.dev, vnet) if system.dry_run else Tun(args.dev, vnet)
+    log(f"[#] open {TUN_PATH} as {tun.name} (TUNSETIFF, IFF_TUN | IFF_NO_PI | IFF_TUN_EXCL"
+        f"{' | IFF_VNET_HDR' if vnet else ''})")
     changes.defer(tun.close, f"close {tun.name}: the kernel deletes it with its address and routes")
     for address in addresses:
         if address.version == 4:
@@ -2101,7 +2278,7 @@ def run_server(args):
                              nat=not args.no_nat, client_to_client=args.client_to_client,
                              reach=[n for n in reach if n.version == address.version])
             table = ClientTable(args.client_timeout, args.rebind_after, args.max_clients, args.max_per_host)
-            server = Server(tun, sock, addresses, table, args.client_to_client, allow or None, local, args.verbose)
+            server = (Server if args.plain else FastServer)(tun, sock, addresses, table, args.client_to_client, allow or None, local, args.verbose)
             log(f"udptun server: {tun.name} {' '.join(map(str, addresses))}, listening on UDP port {args.port}"
                 f"{' (IPv4 and IPv6)' if sock.family == socket.AF_INET6 else ''}, forwarding out of {out[4]}"
                 + (f" (IPv6: {out[6]})" if out.get(6) and out[6] != out[4] else "")
@@ -2172,7 +2349,7 @@ def connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, ro
         if dns:
             set_dns(changes, tun.name, [str(a) for a in dns])
         add_client_routing(changes, tun.name, routes, table, dns)
-        client = Client(tun, sock, addresses, server_tunnel_ip, args.keepalive, table, name, family, args.verbose)
+        client = (Client if args.plain else FastClient)(tun, sock, addresses, server_tunnel_ip, args.keepalive, table, name, family, args.verbose)
         log(f"udptun client: {tun.name} {' '.join(map(str, addresses))}, server {show(server)}"
             + ("" if dns else "; DNS unchanged (--dns ADDR resolves names through the tunnel)"))
         if not args.dry_run and args.keepalive:
@@ -2216,8 +2393,9 @@ def run_status(args):
         print(f"{c['ip']:<16}{c['udp']:<22}{seen:>10}{c['rx_packets']:>10}{c['rx_bytes']:>13}"
               f"{c['tx_packets']:>10}{c['tx_bytes']:>13}")
     print("drops: " + (", ".join(f"{k} {v}" for k, v in s["drops"].items()) or "none"))
-    m = s["merged"]
-    print(f"packets merged on writing to {s['device']}: {m['packets']} in {m['writes']} writes")
+    m = s.get("merged")   # (none with --plain)
+    if m:
+        print(f"packets merged on writing to {s['device']}: {m['packets']} in {m['writes']} writes")
 
 
 # ---------------------------------------------------------------- command line
@@ -2297,6 +2475,9 @@ def parse_args(argv):
                        help="TUN device's ring in packets (1000)")
         q.add_argument("--dry-run", action="store_true", help="print every command, change nothing")
         q.add_argument("-v", "--verbose", action="store_true", help="log every dropped packet")
+        # The plain loop alone, without the speed layer (see Batching): for
+        # reading, for testing, and to tell a bug in one from the other.
+        q.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
 
     s = sub.add_parser("server", help="run the server (on the VPS)")
     common(s, "10.0.0.2/24")
