@@ -777,18 +777,6 @@ def plan(capsys, argv):
     return commands(before), commands(after)
 
 
-def undo_of(command):
-    """How a server's setup command is undone, or None when the kernel undoes it with the device."""
-    words = command.split()
-    if words[0] == "iptables":
-        words[3] = "-D"
-    elif words[0] == "sysctl":
-        words[2] = words[2].replace("=1", "=0")
-    else:
-        return None
-    return " ".join(words)
-
-
 def test_server_plan_is_exact_and_teardown_mirrors_it(canned, capsys):
     setup, teardown = plan(capsys, ["server", "--dry-run", "--out-interface", "eth9", "--firewall", "iptables"])
     assert setup == SERVER_SETUP
@@ -806,8 +794,9 @@ def test_server_keeps_router_advertisements_coming_where_it_forwards(canned, cap
     setup, teardown = plan(capsys, ["server", "--dry-run", "--firewall", "iptables"])
     assert setup[4:7] == ["sysctl -w net.ipv4.ip_forward=1", "sysctl -w net.ipv6.conf.eth9.accept_ra=2",
                           "sysctl -w net.ipv6.conf.all.forwarding=1"]
-    assert teardown[-3:] == ["sysctl -w net.ipv6.conf.all.forwarding=0", "sysctl -w net.ipv6.conf.eth9.accept_ra=1",
-                             "sysctl -w net.ipv4.ip_forward=0"]
+    assert teardown == (FIREWALL_UNDO.format(**V6) + FIREWALL_UNDO.format(**V4)).splitlines() + [
+        "sysctl -w net.ipv6.conf.all.forwarding=0", "sysctl -w net.ipv6.conf.eth9.accept_ra=1",
+        "sysctl -w net.ipv4.ip_forward=0"]
 
 
 def test_server_without_ipv6_on_the_internet_side_still_forwards_ipv6(canned, capsys, monkeypatch):
@@ -824,7 +813,15 @@ ip6tables -w -t mangle -A FORWARD -o tun0 -p tcp --tcp-flags SYN,RST SYN -m comm
 ip6tables -w -t mangle -A FORWARD -i tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss 1340
 """.splitlines()   # no NAT and no way out, but no way in or around either
     assert setup == SERVER_SETUP[:6] + FIREWALL.format(**V4).splitlines() + v6
-    assert len(teardown) == len(setup) - 4
+    assert teardown == """\
+ip6tables -w -t mangle -D FORWARD -i tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss 1340
+ip6tables -w -t mangle -D FORWARD -o tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss 1340
+ip6tables -w -t filter -D FORWARD -o tun0 -m comment --comment udptun:tun0 -j DROP
+ip6tables -w -t filter -D FORWARD -i tun0 -m comment --comment udptun:tun0 -j DROP
+ip6tables -w -t filter -D FORWARD -o tun0 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment udptun:tun0 -j ACCEPT
+ip6tables -w -t filter -D FORWARD -i tun0 -d fe80::/10 -m comment --comment udptun:tun0 -j DROP
+""".splitlines() + FIREWALL_UNDO.format(**V4).splitlines() + [
+        "sysctl -w net.ipv6.conf.all.forwarding=0", "sysctl -w net.ipv4.ip_forward=0"]
 
 
 NFT_SETUP = """\
@@ -941,14 +938,17 @@ def test_client_dns_with_systemd_resolved(canned, capsys, monkeypatch):
     assert setup == CLIENT_SETUP + ["resolvectl dns tun0 192.0.2.53", "resolvectl domain tun0 '~.'",
                                     "resolvectl default-route tun0 true"] + CLIENT_ROUTING[:4] \
         + ["ip -4 rule add to 192.0.2.53 table 5555"] + CLIENT_ROUTING[4:]
-    assert teardown[-1] == "resolvectl revert tun0"
+    assert teardown == CLIENT_TEARDOWN[:3] + ["ip -4 rule del to 192.0.2.53 table 5555"] + CLIENT_TEARDOWN[3:] \
+        + ["resolvectl revert tun0"]
 
 
 def test_client_dns_with_resolvconf(canned, capsys, monkeypatch):
     monkeypatch.setattr(udptun, "resolver_tool", lambda: "resolvconf")
     setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--dns", "192.0.2.53"])
-    assert setup[4] == "resolvconf -a tun0 -m 0 -x <<< 'nameserver 192.0.2.53'"
-    assert teardown[-1] == "resolvconf -d tun0 -f"
+    assert setup == CLIENT_SETUP + ["resolvconf -a tun0 -m 0 -x <<< 'nameserver 192.0.2.53'"] + CLIENT_ROUTING[:4] \
+        + ["ip -4 rule add to 192.0.2.53 table 5555"] + CLIENT_ROUTING[4:]
+    assert teardown == CLIENT_TEARDOWN[:3] + ["ip -4 rule del to 192.0.2.53 table 5555"] + CLIENT_TEARDOWN[3:] \
+        + ["resolvconf -d tun0 -f"]
 
 
 def test_a_machine_without_ipv6_gets_an_ipv4_tunnel(canned, capsys, monkeypatch):
@@ -995,7 +995,7 @@ def test_half_done_setup_is_undone(canned, capsys, monkeypatch):
     assert udptun.main(["server", "--dry-run", "--out-interface", "eth9", "--firewall", "iptables"]) == 1
     err = capsys.readouterr().err
     done = [l[4:] for l in err.splitlines() if l.startswith("[#] ")]
-    assert done[-4:] == [
+    assert done[1:] == SERVER_SETUP[:7] + [   # [0]: open /dev/net/tun
         "iptables -w -t nat -D POSTROUTING -s 10.0.0.0/24 -o eth9 -m comment --comment udptun:tun0 -j MASQUERADE",
         "sysctl -w net.ipv6.conf.all.forwarding=0", "sysctl -w net.ipv4.ip_forward=0",
         "close tun0: the kernel deletes it with its address and routes"]
@@ -1014,9 +1014,11 @@ def test_a_signal_during_a_command_keeps_its_undo(canned, capsys, monkeypatch):
 
     monkeypatch.setattr(udptun.System, "change", interrupted)
     assert udptun.main(["server", "--dry-run", "--out-interface", "eth9", "--firewall", "iptables"]) == 0
-    undone = [l[4:] for l in capsys.readouterr().err.splitlines() if l.startswith("[#] ")][-4:]
-    assert undone[0] == \
-        "iptables -w -t nat -D POSTROUTING -s 10.0.0.0/24 -o eth9 -m comment --comment udptun:tun0 -j MASQUERADE"
+    done = [l[4:] for l in capsys.readouterr().err.splitlines() if l.startswith("[#] ")]
+    assert done[1:] == SERVER_SETUP[:7] + [   # [0]: open /dev/net/tun; [7]: the -A that was interrupted
+        "iptables -w -t nat -D POSTROUTING -s 10.0.0.0/24 -o eth9 -m comment --comment udptun:tun0 -j MASQUERADE",
+        "sysctl -w net.ipv6.conf.all.forwarding=0", "sysctl -w net.ipv4.ip_forward=0",
+        "close tun0: the kernel deletes it with its address and routes"]
 
 
 def test_journal_replays_a_killed_run_and_only_what_udptun_writes(tmp_path, monkeypatch, capsys):
@@ -1030,7 +1032,9 @@ def test_journal_replays_a_killed_run_and_only_what_udptun_writes(tmp_path, monk
     udptun.Journal("tun0").save(undos)
     system = udptun.System(dry_run=True)
     udptun.recover(system, udptun.Journal("tun0", dry_run=True), "tun0")
-    assert system.plan == list(reversed(undos[:4]))
+    assert system.plan == [["nft", "delete", "table", "ip6", "udptun_tun0"],
+                           ["iptables", "-w", "-t", "nat", "-D", "POSTROUTING", "-j", "MASQUERADE"],
+                           ["ip", "-4", "rule", "del", "table", "main"], ["sysctl", "-w", "net.ipv4.ip_forward=0"]]
     err = capsys.readouterr().err
     assert err.count("not a command udptun writes, not run") == 6
 
