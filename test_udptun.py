@@ -1482,6 +1482,28 @@ def stop(proc, sig=signal.SIGTERM):
     return rc, proc.log.read()
 
 
+def end(proc):
+    """Kill a helper and everything it started (its own session: a shell's
+    pipeline, say), and wait for it, whether it has finished or not."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for f in (proc.stdin, proc.stdout, proc.stderr):
+        if f:
+            f.close()
+
+
+@contextlib.contextmanager
+def running(argv, **kw):
+    """A helper process (a listener, a download) for the length of a `with`:
+    killed and waited for however the block ends, a failed assert included."""
+    proc = subprocess.Popen(argv, start_new_session=True, **kw)
+    try:
+        yield proc
+    finally:
+        end(proc)
+
+
 @pytest.fixture(scope="module")
 def lab():
     need(os.geteuid() == 0, "end-to-end tests need root (network namespaces)")
@@ -1501,9 +1523,14 @@ def clean(lab):
     started and check that nothing of udptun's remains."""
     before = {n: lab.snapshot(n) for n in ("cli1", "cli2", "srv")}
     yield lab
-    for p in lab.procs:
-        if p.poll() is None:
+    # Newest first, each one whatever became of the others: politely (udptun
+    # undoes its changes), then by force.
+    for p in reversed(lab.procs):
+        try:
             stop(p)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
     lab.procs.clear()
     for n, snap in before.items():
         after = lab.snapshot(n)
@@ -1600,10 +1627,12 @@ def test_two_clients_behind_one_nat(firewall, clean):
     server, one = start_pair(lab)
     two = lab.udptun("cli2", "client", "198.51.100.10", "--address", "10.0.0.3/24")
     wait_for(lambda: lab.ping("cli2", "10.0.0.2"), "second client")
-    both = [subprocess.Popen(f"ip netns exec {lab.ns(n)} curl -sS --max-time 60 http://203.0.113.80/blob"
-                             " | sha256sum", shell=True, stdout=subprocess.PIPE, text=True)
-            for n in ("cli1", "cli2")]
-    assert [p.communicate(timeout=70)[0].split()[0] for p in both] == [lab.blob_sha] * 2
+    with contextlib.ExitStack() as helpers:
+        both = [helpers.enter_context(running(f"ip netns exec {lab.ns(n)} curl -sS --max-time 60 "
+                                              "http://203.0.113.80/blob | sha256sum", shell=True,
+                                              stdout=subprocess.PIPE, text=True))
+                for n in ("cli1", "cli2")]
+        assert [p.communicate(timeout=70)[0].split()[0] for p in both] == [lab.blob_sha] * 2
     assert lab.fetch("cli2", "/ip") == "198.51.100.10"
     _, log = stop(server)
     assert "client 10.0.0.1 joined from 192.0.2.20:" in log
@@ -1649,8 +1678,10 @@ def test_client_survives_a_server_restart(clean):
     server, client = start_pair(lab, client_args=["--keepalive", "1"])
     stop(server)
     assert not lab.ping("cli1", "10.0.0.2")
-    time.sleep(3)   # the client meets port unreachable and must keep going
-    assert client.poll() is None
+    # The client meets port unreachable, says so, and must keep going.
+    wait_for(lambda: "server is not answering" in log_of(client) or client.poll() is not None,
+             "the client to notice the server gone")
+    assert client.poll() is None, log_of(client)
     server = lab.udptun("srv", "server")
     wait_for(lambda: lab.ping("cli1", "203.0.113.80"), "the tunnel back after the restart")
     rc, log = stop(client)
@@ -1762,15 +1793,15 @@ for family, server in ((socket.AF_INET6, "2001:db8:100::10"), (socket.AF_INET, "
 def test_hostile_ipv6_datagrams_are_never_forwarded(clean):
     lab = clean
     server, client = start_pair(lab, client_args=["--keepalive", "1"])
-    listener = subprocess.Popen(["ip", "netns", "exec", lab.ns("web"), sys.executable, "-c",
-                                 LISTENER.replace("AF_INET", "AF_INET6").replace('"203.0.113.80"', '"::"'), "6"],
-                                stdout=subprocess.PIPE, text=True)
-    assert listener.stdout.readline().strip() == "ready"
-    # The real client's one datagram, through the tunnel, over IPv6 inside.
-    lab.sh("cli1", sys.executable, "-c", "import socket; socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)"
-           ".sendto(b'real', ('2001:db8:203::80', 9999))")
-    assert lab.sh("web", sys.executable, "-c", FLOOD6) == ""
-    seen = json.loads(listener.communicate(timeout=30)[0])
+    with running(["ip", "netns", "exec", lab.ns("web"), sys.executable, "-c",
+                  LISTENER.replace("AF_INET", "AF_INET6").replace('"203.0.113.80"', '"::"'), "6"],
+                 stdout=subprocess.PIPE, text=True) as listener:
+        assert listener.stdout.readline().strip() == "ready"
+        # The real client's one datagram, through the tunnel, over IPv6 inside.
+        lab.sh("cli1", sys.executable, "-c", "import socket; socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)"
+               ".sendto(b'real', ('2001:db8:203::80', 9999))")
+        assert lab.sh("web", sys.executable, "-c", FLOOD6) == ""
+        seen = json.loads(listener.communicate(timeout=30)[0])
     assert seen == {"2001:db8:100::10": 1}
     drops = status(lab)["drops"]
     print("\ndrops:", drops)
@@ -2127,7 +2158,11 @@ def test_udptun_client_with_a_socat_server(socat):
     peer.log = io.StringIO()
     client = lab.udptun("cli1", "client", "198.51.100.10", "--keepalive", "1")
     wait_for(lambda: lab.ping("cli1", "10.0.0.2"), "a ping to the socat server")
-    time.sleep(2.5)   # keepalives flowed; an empty datagram would have ended socat
+    # Keepalives flow (an empty datagram would have ended socat): wait for
+    # the answers to two of them.
+    answered = lambda: status(lab, "cli1")["clients"][0]["rx_packets"]
+    before = answered()
+    wait_for(lambda: answered() >= before + 2 or peer.poll() is not None, "two keepalives answered")
     assert peer.poll() is None
     assert lab.ping("cli1", "10.0.0.2", count=3)
     rc, log = stop(client)
@@ -2305,13 +2340,12 @@ def test_udp_bursts_are_merged_and_arrive_whole(clean):
     VPS's NIC does not): the web host must get every byte right."""
     lab = clean
     server, client = start_pair(lab)
-    receiver = subprocess.Popen(["ip", "netns", "exec", lab.ns("web"), sys.executable, "-c", UDP_RECEIVER],
-                                stdout=subprocess.PIPE, text=True)
-    assert receiver.stdout.readline().strip() == "ready"
-    before = status(lab)["merged"]["packets"]
-    lab.sh("cli1", sys.executable, "-c", UDP_SENDER)
-    got = json.loads(receiver.stdout.readline())
-    receiver.wait()
+    with running(["ip", "netns", "exec", lab.ns("web"), sys.executable, "-c", UDP_RECEIVER],
+                 stdout=subprocess.PIPE, text=True) as receiver:
+        assert receiver.stdout.readline().strip() == "ready"
+        before = status(lab)["merged"]["packets"]
+        lab.sh("cli1", sys.executable, "-c", UDP_SENDER)
+        got = json.loads(receiver.stdout.readline())
     assert got["bad"] == 0 and got["checksum_errors"] == 0 and got["good"] >= 2900, got
     wait_for(lambda: status(lab)["merged"]["packets"] - before > 1000, "merged writes in the status")
 
@@ -2601,33 +2635,32 @@ def test_a_flood_of_claims_is_bounded_and_the_client_keeps_working(clean):
     lab = clean
     server, client = start_pair(lab)
     port = nat_port(lab)
-    download = subprocess.Popen(f"ip netns exec {lab.ns('cli1')} curl -sS --max-time 60 --limit-rate 1M "
-                                "http://203.0.113.80/blob | sha256sum", shell=True, stdout=subprocess.PIPE,
-                                text=True)
-    wait_for(lambda: status(lab)["clients"][0]["tx_bytes"] > 1 << 20, "the download under way")
-    lines, rss = log_of(server).count("\n"), rss_kib(server.pid)
-    lab.sh("core", sys.executable, "-c", CLAIMS, HERE, port, timeout=120)
-    wait_for(lambda: status(lab)["drops"].get("refused", 0) > 20000, "the claims counted")
-    s = status(lab)
-    # Where the flood crowds the client's own datagrams out of the server's
-    # socket buffer for over a second, a forged port may take its binding;
-    # the client's next datagram, once the forger is quiet, takes it back.
-    owner = lambda: [c["udp"] for c in status(lab)["clients"] if c["ip"] == "10.0.0.1"]
-    try:
-        wait_for(lambda: owner() == [f"192.0.2.20:{port}"], "the client's binding on its own port")
-    except AssertionError:
-        print(log_of(server)[-3000:], status(lab), port)
-        raise
-    assert download.communicate(timeout=90)[0].split()[0] == lab.blob_sha
-    assert lab.ping("cli1", "203.0.113.80")
-    per_host = {}
-    for c in s["clients"]:
-        per_host[c["udp"].split(":")[0]] = per_host.get(c["udp"].split(":")[0], 0) + 1
-    assert max(per_host.values()) <= 16
-    added, grown = log_of(server).count("\n") - lines, rss_kib(server.pid) - rss
-    print(f"\nflood of claims: {added} log lines, RSS +{grown} KiB, {len(s['clients'])} addresses taken, "
-          f"drops {s['drops']}")
-    assert added <= 300 and grown <= 4096
+    with running(f"ip netns exec {lab.ns('cli1')} curl -sS --max-time 60 --limit-rate 1M "
+                 "http://203.0.113.80/blob | sha256sum", shell=True, stdout=subprocess.PIPE, text=True) as download:
+        wait_for(lambda: status(lab)["clients"][0]["tx_bytes"] > 1 << 20, "the download under way")
+        lines, rss = log_of(server).count("\n"), rss_kib(server.pid)
+        lab.sh("core", sys.executable, "-c", CLAIMS, HERE, port, timeout=120)
+        wait_for(lambda: status(lab)["drops"].get("refused", 0) > 20000, "the claims counted")
+        s = status(lab)
+        # Where the flood crowds the client's own datagrams out of the server's
+        # socket buffer for over a second, a forged port may take its binding;
+        # the client's next datagram, once the forger is quiet, takes it back.
+        owner = lambda: [c["udp"] for c in status(lab)["clients"] if c["ip"] == "10.0.0.1"]
+        try:
+            wait_for(lambda: owner() == [f"192.0.2.20:{port}"], "the client's binding on its own port")
+        except AssertionError:
+            print(log_of(server)[-3000:], status(lab), port)
+            raise
+        assert download.communicate(timeout=90)[0].split()[0] == lab.blob_sha
+        assert lab.ping("cli1", "203.0.113.80")
+        per_host = {}
+        for c in s["clients"]:
+            per_host[c["udp"].split(":")[0]] = per_host.get(c["udp"].split(":")[0], 0) + 1
+        assert max(per_host.values()) <= 16
+        added, grown = log_of(server).count("\n") - lines, rss_kib(server.pid) - rss
+        print(f"\nflood of claims: {added} log lines, RSS +{grown} KiB, {len(s['clients'])} addresses taken, "
+              f"drops {s['drops']}")
+        assert added <= 300 and grown <= 4096
 
 
 def test_a_thousand_clients_each_get_their_own_replies(clean):
@@ -2644,22 +2677,33 @@ def test_a_thousand_clients_each_get_their_own_replies(clean):
           f"({(after - before) * 1024 / 1000:.0f} bytes per client)")
 
 
+def tunnel_in_nat(lab):
+    """Whether the home router remembers the tunnel's UDP flow."""
+    return "dport=5555" in lab.sh("nat", "conntrack", "-L", "-p", "udp", "--dport", "5555", check=False)
+
+
 def test_keepalive_holds_a_forgetful_home_nat_open(clean):
     """The home router forgets idle UDP after 2 s. With keepalives the VPS
     can still reach the idle client; without them it cannot (the control)."""
     lab = clean
+    need(shutil.which("conntrack"), "this test needs conntrack (conntrack-tools)")
     keys = ["net.netfilter.nf_conntrack_udp_timeout", "net.netfilter.nf_conntrack_udp_timeout_stream"]
     saved = {k: lab.sh("nat", "sysctl", "-n", k).strip() for k in keys}
     for k in keys:
         lab.sh("nat", "sysctl", "-qw", f"{k}=2")
     try:
         server, client = start_pair(lab, client_args=["--keepalive", "1"])
-        time.sleep(5)
+        # Four keepalives answered: over 3 s idle but for them, longer than
+        # the router remembers.
+        answered = lambda: status(lab, "cli1")["clients"][0]["rx_packets"]
+        before = answered()
+        wait_for(lambda: answered() >= before + 4, "four keepalives answered")
+        assert tunnel_in_nat(lab)
         assert lab.ping("srv", "10.0.0.1", count=2)
         stop(client)
         client = lab.udptun("cli1", "client", "198.51.100.10", "--keepalive", "0")
         wait_for(lambda: lab.ping("cli1", "10.0.0.2"), "the client without keepalives")
-        time.sleep(5)
+        wait_for(lambda: not tunnel_in_nat(lab), "the home router to forget the tunnel")
         assert not lab.ping("srv", "10.0.0.1", count=2)
     finally:
         for k, v in saved.items():
@@ -2693,14 +2737,13 @@ def test_client_recovers_when_its_public_address_changes(clean):
 def test_server_restart_in_the_middle_of_a_download(firewall, clean):
     lab = clean
     server, client = start_pair(lab, client_args=["--keepalive", "1"])
-    download = subprocess.Popen(f"ip netns exec {lab.ns('cli1')} curl -sS --max-time 60 --limit-rate 2M "
-                                "http://203.0.113.80/blob | sha256sum", shell=True, stdout=subprocess.PIPE,
-                                text=True)
-    time.sleep(1.5)
-    rc, _ = stop(server)
-    assert rc == 0
-    lab.udptun("srv", "server")
-    assert download.communicate(timeout=90)[0].split()[0] == lab.blob_sha
+    with running(f"ip netns exec {lab.ns('cli1')} curl -sS --max-time 60 --limit-rate 2M "
+                 "http://203.0.113.80/blob | sha256sum", shell=True, stdout=subprocess.PIPE, text=True) as download:
+        wait_for(lambda: any(c["tx_bytes"] > 2 << 20 for c in status(lab)["clients"]), "the download under way")
+        rc, _ = stop(server)
+        assert rc == 0
+        lab.udptun("srv", "server")
+        assert download.communicate(timeout=90)[0].split()[0] == lab.blob_sha
 
 
 def test_status_shows_peers_and_is_world_readable(clean):
