@@ -250,7 +250,7 @@ class PipeTun:
         os.set_blocking(self.out, False)
 
     def write(self, packet):
-        os.write(self.fd, udptun.PLAIN + packet if self.vnet else packet)
+        os.write(self.fd, udptun.PLAIN_VNET_HDR + packet if self.vnet else packet)
 
     inbox = ()   # what the kernel routed into the device: read() hands it out
 
@@ -385,9 +385,9 @@ def test_server_checks_ipv6_as_it_checks_ipv4():
 
 
 def test_a_dual_stack_socket_shows_ipv4_peers_as_ipv4():
-    assert udptun.show(("::ffff:192.0.2.20", 40000, 0, 0)) == "192.0.2.20:40000"
-    assert udptun.show(("2001:db8:172::2", 40000, 0, 0)) == "[2001:db8:172::2]:40000"
-    assert udptun.show(socket.inet_pton(socket.AF_INET6, "fd75:6470:746e::1")) == "fd75:6470:746e::1"
+    assert udptun.as_text(("::ffff:192.0.2.20", 40000, 0, 0)) == "192.0.2.20:40000"
+    assert udptun.as_text(("2001:db8:172::2", 40000, 0, 0)) == "[2001:db8:172::2]:40000"
+    assert udptun.as_text(socket.inet_pton(socket.AF_INET6, "fd75:6470:746e::1")) == "fd75:6470:746e::1"
     server, _ = make_server([], allow=[ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::/32")])
     assert server.allowed("::ffff:192.0.2.20") and server.allowed("2001:db8:172::2")
     assert not server.allowed("::ffff:203.0.113.66") and not server.allowed("2001:db9::1")
@@ -627,7 +627,7 @@ def test_short_packets_are_written_as_they_are():
     tun.vnet = True
     receive(server)
     # (in flow order: the fair queue gives each flow its turn)
-    assert tun.written() == b"".join(udptun.PLAIN + p for p in [short[0]] * 2 + [short[1]] * 2)
+    assert tun.written() == b"".join(udptun.PLAIN_VNET_HDR + p for p in [short[0]] * 2 + [short[1]] * 2)
 
 
 def test_merging_falls_back_to_one_write_per_packet(monkeypatch):
@@ -639,7 +639,7 @@ def test_merging_falls_back_to_one_write_per_packet(monkeypatch):
     segments = stream([1348] * 3) + [echo(1)] + stream([1348] * 2, seq=5000)
     forwarder.write_tun(segments)
     assert forwarder.merging == {udptun.UDP}   # TCP refused: UDP is still tried
-    assert tun.written() == b"".join(udptun.PLAIN + p for p in segments)   # every one, in order
+    assert tun.written() == b"".join(udptun.PLAIN_VNET_HDR + p for p in segments)   # every one, in order
 
 
 # ================================================================ the fair queue
@@ -2818,6 +2818,8 @@ def test_keepalive_holds_a_forgetful_home_nat_open(clean):
     saved = {k: lab.sh("nat", "sysctl", "-n", k).strip() for k in keys}
     for k in keys:
         lab.sh("nat", "sysctl", "-qw", f"{k}=2")
+    # An earlier test's flow would keep the timeout it had (2 minutes): forget it.
+    lab.sh("nat", "conntrack", "-D", "-p", "udp", "--dport", "5555", check=False)
     try:
         server, client = start_pair(lab, client_args=["--keepalive", "1"])
         # Four keepalives answered: over 3 s idle but for them, longer than

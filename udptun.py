@@ -33,14 +33,35 @@ server's UDP port can send packets out through it to the internet (and
 nowhere else: see the server's firewall rules and ClientTable).
 Use WireGuard or OpenVPN when that matters.
 
-How the file reads, top to bottom: constants; plumbing (errors, running
-commands, the stack of changes and their undo); packet parsing (pure
-functions); the TUN device; system setup; the client's routing and DNS; the
-server's firewall; the forwarding loop; the server and the client; the
-command line.
+How the file reads: as a lesson, in chapters, each under a banner
+(search for "# ====="). Read 1 to 5 and you know how a tunnel works; the
+rest is what makes it safe to run, and fast.
+
+  1. What a tunnel is: this text.
+     Imports and constants.
+  2. Plumbing: UserError, log, System (the one place that runs commands),
+     Journal (what to undo after a crash), Changes (the stack of undos).
+  3. Packets: pure functions on bytes, IPv4 and IPv6 headers checked.
+  4. The TUN device and the UDP socket: Tun; open_udp_socket, listen,
+     connect_udp.
+  5. The plain forwarding loop: Forwarder. One packet in, one packet out;
+     the whole tunnel, with hooks for what may pass.
+  6. The server's policy: ClientTable (who owns a tunnel address), Server
+     (what may pass, where replies go).
+  7. The client: Client (what may come in, keepalives, a laptop whose
+     network changes), and the routing that sends everything into the
+     tunnel but the tunnel itself.
+  8. System changes and their undo: the device, sysctls, the firewall
+     (iptables or nft), the resolver; recovery after a crash.
+  9. Going faster: Batching, a layer mixed into Server and Client
+     (FastServer, FastClient) that moves many packets per system call:
+     UDP GSO and GRO, merged writes (mergeable, merge), fair queues
+     (FairQueue). `--plain` leaves it out, and the tunnel works the same.
+ 10. The command line: run_server, run_client, run_down, run_status, main.
 """
 
-# ---------------------------------------------------------------- imports
+
+# ================ Imports and constants
 import argparse
 import contextlib
 import errno
@@ -64,44 +85,26 @@ import threading
 import time
 from collections import deque
 
-# ---------------------------------------------------------------- constants
 TUN_PATH = "/dev/net/tun"
+
 # <linux/if_tun.h>: #define TUNSETIFF _IOW('T', 202, int)
 #   = direction write (1 << 30) | sizeof(int) (4 << 16) | 'T' (0x54 << 8) | 202
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001     # <linux/if_tun.h>: layer-3 device, packets start at the IP header
 IFF_NO_PI = 0x1000   # <linux/if_tun.h>: no 4-byte packet-info prefix on read()/write()
 IFNAMSIZ = 16        # <linux/if.h>: interface names are at most 15 bytes plus NUL
-IFF_VNET_HDR = 0x4000   # <linux/if_tun.h>: read() and write() start with a struct virtio_net_hdr
-IFF_TUN_EXCL = 0x8000   # <linux/if_tun.h>: fail (EBUSY) if a device of that name exists already
 
-# struct virtio_net_hdr (<linux/virtio_net.h>; host byte order on a TUN
-# device): flags, gso_type, hdr_len, gso_size, csum_start, csum_offset. It
-# lets one write() carry many packets of one flow at once (see merge).
-VNET_HDR = struct.Struct("=BBHHHH")
-VIRTIO_NET_HDR_F_NEEDS_CSUM = 1   # the kernel completes the checksum at csum_start + csum_offset
-VIRTIO_NET_HDR_GSO_TCPV4 = 1      # the packet stands for TCP segments of gso_size payload bytes
-VIRTIO_NET_HDR_GSO_TCPV6 = 4      # ... the same over IPv6
-VIRTIO_NET_HDR_GSO_UDP_L4 = 5     # ... for UDP datagrams of gso_size (TUN devices: Linux 6.2)
-PLAIN = bytes(VNET_HDR.size)      # the header of an ordinary packet: no offload, checksums done
+IFF_TUN_EXCL = 0x8000   # <linux/if_tun.h>: fail (EBUSY) if a device of that name exists already
 
 # <linux/in.h>: IP_MTU_DISCOVER and IP_PMTUDISC_DONT ("never send DF frames").
 # Python's socket module does not export them.
 IP_MTU_DISCOVER = 10
 IP_PMTUDISC_DONT = 0
 
-# Batching system calls on the UDP side (see Forwarder.send_packets and
-# recv_udp): one sendmsg() can carry many datagrams of one size (UDP GSO,
-# Linux 4.18), and one recvmsg() can return many coalesced by the kernel
-# (UDP GRO, Linux 5.0). On the wire each is still one raw IPv4 packet.
-SOL_UDP = 17            # <netinet/in.h>: IPPROTO_UDP, the level of UDP's options
-UDP_SEGMENT = 103       # <linux/udp.h>: send: cut this buffer into datagrams of N bytes
-UDP_GRO = 104           # <linux/udp.h>: receive: coalesced datagrams, with their size
-GSO_MAX_SEGMENTS = 64   # UDP_MAX_SEGMENTS in the kernel's include/linux/udp.h
-GSO_MAX_BYTES = 65507   # the largest UDP payload: 65535 - 20 (IPv4) - 8 (UDP)
 # <asm-generic/socket.h>: set buffer sizes past net.core.[rw]mem_max (needs CAP_NET_ADMIN).
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
+
 # Kernel-default socket buffers (about 200 KiB) overflow when a burst
 # arrives while we are busy with the other direction; 4 MiB absorbs it.
 SOCKET_BUFFER = 4 << 20
@@ -116,50 +119,38 @@ SOCKET_BUFFER = 4 << 20
 OUTER_OVERHEAD = 28   # over IPv6 it is 48: a 40-byte header (RFC 8200) and UDP's 8
 DEFAULT_MTU = 1400
 DEFAULT_PORT = 5555
+
 # Inside the tunnel each end also has an IPv6 address, from a unique local
 # /64 (RFC 4193: fd00::/8, then a 40-bit global ID that should be random;
 # ours spells "udptn" in ASCII, 75 64 70 74 6e). An end's IPv6 address has
 # the host number of its IPv4 one: 10.0.0.1/24 goes with fd75:6470:746e::1.
 DEFAULT_SUBNET6 = "fd75:6470:746e::/64"
 MAX_PACKET = 65535   # largest IPv4 packet (16-bit total length, RFC 791)
-BATCH = 64           # packets written or sent per turn in each direction (see Forwarder.run)
-READ_AHEAD = 4 * BATCH   # packets read or received per turn, at most: more than a turn sends
-GRO_CMSG_SPACE = socket.CMSG_SPACE(4)   # room for UDP GRO's control message (an int)
-
-# Packets wait in our own queues, one per direction and within it one per
-# flow (see FairQueue). QUEUE_LIMIT bounds a direction: 2048 full-size
-# packets are 2.8 MB, more than a TCP window through a tunnel this fast
-# needs. QUANTUM is how many packets a busy flow moves before the next
-# flow's turn (counted in packets: our scarce resource is work per packet,
-# not bytes). A whole batch, so that a flow's packets stay together for
-# merge(): 64 KiB of TCP is 46 full-size segments.
-QUEUE_LIMIT = 2048
-QUEUE_BYTES = 4 << 20   # and 4 MiB: with a large --mtu, the bytes bind first
-SLACK = 16   # read this much past a full queue, so a newcomer can still get in
-QUANTUM = 64
-TCP, UDP = 6, 17   # IP protocol numbers (IANA)
 
 # The client's keepalive interval (25 s) is WireGuard's: short enough for home NAT
 # routers that forget idle UDP mappings after 30 s (RFC 4787 asks for at
 # least 2 minutes, but many do less).
 DEFAULT_KEEPALIVE = 25
+
 # A client's binding moves to a new port of the same outer IP (a NAT
 # rebinding) only once its old port has been quiet this long (see ClientTable).
 REBIND_QUIET = 1.0
+
 # RFC 4787 REQ-5: a NAT's UDP mapping must live at least 2 minutes; we keep
 # an idle binding at least as long as a compliant NAT would.
 DEFAULT_CLIENT_TIMEOUT = 180
+
 # A different outer IP may take over a tunnel address only after its owner
 # has been silent this long. Longer protects better against a stranger
 # taking the address; shorter lets a client whose home address changed
 # (new DHCP lease, mobile network) come back sooner. 60 s is more than two
 # keepalive intervals, so one lost keepalive never opens the door.
 DEFAULT_REBIND_AFTER = 60
+
 # How many tunnel addresses one outer IP address may hold at once: a home
 # NAT with a few laptops, each with an IPv4 and an IPv6 address, not one
 # stranger taking the whole subnet.
 DEFAULT_MAX_PER_HOST = 16
-
 STATE_ROOT = "/run/udptun"
 
 # The client sends everything into the tunnel by policy routing, as wg-quick
@@ -168,13 +159,19 @@ STATE_ROOT = "/run/udptun"
 # the first one from FIRST_TABLE that no routing rule or table uses yet.
 SO_MARK = 36        # <asm-generic/socket.h>: a socket's firewall mark (needs CAP_NET_ADMIN)
 FIRST_TABLE = 5555
+
 # The metric of the "unreachable" twin of each tunnel route (see
 # add_client_routing): the largest, so it counts only once the real one is gone.
 LAST_RESORT = 4294967295
 RESOLV_CONF = "/etc/resolv.conf"
 
 
-# ---------------------------------------------------------------- plumbing
+# ================ 2. Plumbing: errors, logging, commands, and the stack of undos
+# What every other chapter leans on. An error the user can act on is a
+# UserError, printed as one line. Every change to the system goes through
+# System (the one place that runs a command, echoing it as `[#] ...`) and is
+# pushed on Changes with its undo, which the Journal keeps on disk so that a
+# run killed with -9 is undone by the next one, or by `down`.
 class UserError(Exception):
     """Something the user can fix: printed as one line, with the fix, and exit 1."""
 
@@ -528,46 +525,76 @@ def already_undone(error):
                                           "Bad rule", "Cannot find device", "No such device"))
 
 
-# ---------------------------------------------------------------- packet parsing
+def sd_notify(state):
+    """Tell systemd (Type=notify) how we are: see sd_notify(3). The protocol is
+    one datagram to the AF_UNIX socket named in $NOTIFY_SOCKET; a leading
+    '@' means the Linux abstract namespace."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        with contextlib.suppress(OSError):
+            s.sendto(state.encode(), path)
+
+
+# ================ 3. Packets
 # Pure functions on bytes, no I/O: the tests feed them hand-built packets.
-# The IPv4 header (RFC 791), offsets in bytes:
+# A tunnel needs to know little about what it carries: the version, the
+# lengths (to refuse what is malformed), and the addresses (to know whose
+# it is). Each field is read through a name below, never a bare index.
+#
+# The IPv4 header (RFC 791), 20 bytes and options, offsets in bytes:
 #    0: version (4 bits) | IHL, header length in 32-bit words (4 bits)
-#    2: total length (16 bits)          9: protocol (1 = ICMP)
-#   12: source address                 16: destination address
-
-def ipv4_problem(packet):
-    """Why `packet` is not a well-formed IPv4 packet, or None if it is."""
-    n = len(packet)
-    if n < 20:
-        return "short"
-    if packet[0] >> 4 != 4:
-        return "not-ipv4"
-    header = (packet[0] & 0x0F) * 4
-    if header < 20:
-        return "bad-ihl"      # IHL < 5 is forbidden by RFC 791
-    if header > n:
-        return "truncated"
-    if (packet[2] << 8 | packet[3]) != n:
-        return "bad-length"   # total length must match the datagram exactly
-    return None
-
-
+#    1: type of service     2: total length (16 bits)    4: identification
+#    6: flags (3 bits) | fragment offset (13 bits)       8: time to live
+#    9: protocol           10: header checksum
+#   12: source address     16: destination address
+VERSION = 0   # (in both versions: the first 4 bits of the first byte)
+IPV4_LENGTH = slice(2, 4)
+IPV4_FRAGMENT = slice(6, 8)
+IPV4_PROTOCOL = 9
+IPV4_CHECKSUM = slice(10, 12)
+IPV4_SRC, IPV4_DST = slice(12, 16), slice(16, 20)
+IPV4_HEADER = 20   # without options
 # The IPv6 header (RFC 8200) is 40 bytes, with no options (they follow as
 # extension headers) and no checksum:
 #    0: version (4 bits) | traffic class | flow label
 #    4: payload length, what follows these 40 bytes (16 bits)
 #    6: next header (6 = TCP, 17 = UDP)    7: hop limit
 #    8: source address (16 bytes)          24: destination address (16 bytes)
+IPV6_LENGTH = slice(4, 6)
+IPV6_NEXT = 6
+IPV6_SRC, IPV6_DST = slice(8, 24), slice(24, 40)
 IPV6_HEADER = 40
+TCP, UDP = 6, 17   # IP protocol numbers (IANA)
+
+
+def ipv4_problem(packet):
+    """Why `packet` is not a well-formed IPv4 packet, or None if it is."""
+    n = len(packet)
+    if n < IPV4_HEADER:
+        return "short"
+    if packet[VERSION] >> 4 != 4:
+        return "not-ipv4"
+    header = (packet[VERSION] & 0x0F) * 4
+    if header < IPV4_HEADER:
+        return "bad-ihl"      # IHL < 5 is forbidden by RFC 791
+    if header > n:
+        return "truncated"
+    if int.from_bytes(packet[IPV4_LENGTH], "big") != n:
+        return "bad-length"   # total length must match the datagram exactly
+    return None
 
 
 def ipv6_problem(packet):
     """Why `packet` is not a well-formed IPv6 packet, or None if it is."""
     if len(packet) < IPV6_HEADER:
         return "short"
-    if packet[0] >> 4 != 6:
+    if packet[VERSION] >> 4 != 6:
         return "not-ipv6"
-    if (packet[4] << 8 | packet[5]) + IPV6_HEADER != len(packet):
+    if int.from_bytes(packet[IPV6_LENGTH], "big") + IPV6_HEADER != len(packet):
         return "bad-length"   # (a jumbogram, RFC 2675, says 0 here: not over UDP)
     return None
 
@@ -576,12 +603,17 @@ def ip_problem(packet):
     """Why `packet` is neither a well-formed IPv4 nor IPv6 packet, or None.
     The version, the first 4 bits, tells them apart: the one thing our wire
     format (no header of our own) has to go on."""
-    version = packet[0] >> 4 if packet else 0
+    version = packet[VERSION] >> 4 if packet else 0
     if version == 4:
         return ipv4_problem(packet)
     if version == 6:
         return ipv6_problem(packet)
     return "short" if not packet else "not-ip"
+
+
+def destination(packet):
+    """A well-formed packet's destination address: 4 bytes, or 16."""
+    return packet[IPV4_DST] if packet[VERSION] >> 4 == 4 else packet[IPV6_DST]
 
 
 def internet_checksum(data):
@@ -592,124 +624,6 @@ def internet_checksum(data):
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
-
-
-# The TCP header (RFC 9293), offsets from its start: 4 sequence number,
-# 8 acknowledgement, 12 data offset (4 bits: header length in 32-bit words),
-# 13 flags, 14 window, 16 checksum, 18 urgent pointer, 20 options.
-TCP_OFFSET, TCP_FLAGS = 12, 13
-# A run of segments may be merged only if each carries just ACK; PSH may end a run.
-ACK, PSH = 0x10, 0x08
-
-
-def ipv4_fixed(p):
-    """The IPv4 header fields every packet of a flow shares: version and
-    header length, TOS; flags and fragment offset, TTL, protocol."""
-    return p[:2] + p[6:10]
-
-
-def ipv6_fixed(p):
-    """The IPv6 header's: version, traffic class, flow label; next header, hop limit."""
-    return p[:4] + p[6:8]
-
-
-def mergeable(packets, i):
-    """How many packets from packets[i] on the kernel may take as one large
-    packet (see merge): what its GRO would have merged had they arrived on
-    a network card (tcp_gro_receive(), udp_gro_receive() in net/ipv4/).
-
-    They must be of one flow (addresses and ports), of the first one's size
-    but a shorter last, 64 at most and 64 KiB in all, and agree on every IP
-    header field a packet of a flow may not change (IPv4: version, header
-    length, TOS, flags, TTL; IPv6: traffic class, flow label, hop limit).
-    TCP segments must also follow each other in sequence and agree on
-    acknowledgement, header length, window and options (timestamps
-    included), and carry only ACK, with PSH allowed on the last. Packets are
-    well-formed (ip_problem) already; IPv4 ones with options, fragments and
-    IPv6 ones with extension headers are never merged.
-    """
-    p = packets[i]
-    if p[0] == 0x45:   # IPv4, no options
-        if p[6] & 0xBF or p[7]:
-            return 1   # a fragment (MF, or an offset)
-        h, proto, fixed, flow_at = 20, p[9], ipv4_fixed, slice(12, 24)
-    elif p[0] >> 4 == 6:
-        h, proto, fixed, flow_at = IPV6_HEADER, p[6], ipv6_fixed, slice(8, 44)
-    else:
-        return 1
-    if len(p) < h + 20 or proto not in (TCP, UDP):
-        return 1
-    if proto == TCP:
-        end = h + (p[h + TCP_OFFSET] >> 4) * 4   # end of the TCP header
-        if p[h + TCP_FLAGS] != ACK or end < h + 20:
-            return 1
-        same_tcp = p[h + 8:h + 13] + p[h + 14:h + 16] + p[h + 18:end]   # ack, offset, window, urgent, options
-    else:
-        end = h + 8
-        if int.from_bytes(p[h + 4:h + 6], "big") != len(p) - h:
-            return 1   # the UDP length disagrees with the IP length
-    size = len(p) - end   # payload of every packet but the last
-    if size <= 0:
-        return 1   # a pure ACK, or an empty datagram
-    seq = int.from_bytes(p[h + 4:h + 8], "big") + size
-    same_ip, flow = fixed(p), p[flow_at]
-    total, j, n = len(p), i + 1, min(len(packets), i + GSO_MAX_SEGMENTS)
-    while j < n:
-        q = packets[j]
-        more = len(q) - end
-        if more <= 0 or more > size or total + more > MAX_PACKET or q[flow_at] != flow or fixed(q) != same_ip:
-            break
-        if proto == TCP:
-            if (int.from_bytes(q[h + 4:h + 8], "big") != seq & 0xFFFFFFFF
-                    or q[h + 8:h + 13] + q[h + 14:h + 16] + q[h + 18:end] != same_tcp
-                    or q[h + TCP_FLAGS] not in (ACK, ACK | PSH)):
-                break
-            seq += more
-        elif int.from_bytes(q[h + 4:h + 6], "big") != more + 8:
-            break
-        j += 1
-        total += more
-        if more < size or proto == TCP and q[h + TCP_FLAGS] & PSH:
-            break   # a short one or a push ends the run
-    return j - i
-
-
-def merge(run):
-    """The buffers of one write() that hands `run` (see mergeable) to the
-    kernel as one packet: a virtio_net_hdr saying "TCP segments (or UDP
-    datagrams) of this size", the first one's headers with the total
-    length, then every payload. The kernel takes it as if GRO had merged
-    it, and cuts it up again (GSO) where it must, each piece with its own
-    headers. The checksum is left for the kernel to finish (NEEDS_CSUM): the
-    header holds just the sum of the pseudo-header (RFC 9293, 3.1; RFC 768;
-    RFC 8200, 8.1), as a network card's driver would leave it.
-    """
-    first, last = run[0], run[-1]
-    v6 = first[0] >> 4 == 6
-    h, proto = (IPV6_HEADER, first[6]) if v6 else (20, first[9])
-    end = h + (first[h + TCP_OFFSET] >> 4) * 4 if proto == TCP else h + 8
-    total = end + sum(len(q) - end for q in run)
-    ip = bytearray(first[:h])
-    if v6:   # no header checksum; a payload length; the pseudo-header's length is 32 bits
-        ip[4:6] = (total - h).to_bytes(2, "big")
-        pseudo = first[8:40] + struct.pack("!I3xB", total - h, proto)
-    else:
-        ip[2:4] = total.to_bytes(2, "big")
-        ip[10:12] = b"\0\0"
-        ip[10:12] = internet_checksum(bytes(ip)).to_bytes(2, "big")
-        pseudo = first[12:20] + struct.pack("!BBH", 0, proto, total - h)
-    pseudo = (~internet_checksum(pseudo) & 0xFFFF).to_bytes(2, "big")   # its sum, not inverted
-    header = bytearray(first[h:end])
-    if proto == TCP:
-        header[TCP_FLAGS] |= last[h + TCP_FLAGS] & PSH
-        header[16:18] = pseudo
-        gso, check_at = (VIRTIO_NET_HDR_GSO_TCPV6 if v6 else VIRTIO_NET_HDR_GSO_TCPV4), 16
-    else:
-        header[4:6] = (total - h).to_bytes(2, "big")   # the UDP length field
-        header[6:8] = pseudo
-        gso, check_at = VIRTIO_NET_HDR_GSO_UDP_L4, 6
-    vnet = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso, end, len(first) - end, h, check_at)
-    return [vnet, ip, header] + [memoryview(q)[end:] for q in run]
 
 
 def echo_request(src, dst, ident, seq, payload=b"udptun keepalive"):
@@ -726,39 +640,30 @@ def echo_request(src, dst, ident, seq, payload=b"udptun keepalive"):
     return header + icmp
 
 
+ICMP = 1   # the protocol number (IANA)
+ICMP_ECHO_REPLY = 0   # the type, the first byte of the ICMP message (RFC 792); its identifier is at 4
+
+
 def is_echo_reply(packet, src, ident):
-    """True for the reply to one of our keepalives (well-formed packets only)."""
-    header = (packet[0] & 0x0F) * 4
-    return (packet[9] == 1 and packet[12:16] == src and len(packet) >= header + 8
-            and packet[header] == 0 and packet[header + 4:header + 6] == struct.pack("!H", ident))
+    """True for the reply to one of our keepalives (well-formed IPv4 packets only)."""
+    icmp = (packet[VERSION] & 0x0F) * 4   # where the ICMP message starts
+    return (packet[IPV4_PROTOCOL] == ICMP and packet[IPV4_SRC] == src and len(packet) >= icmp + 8
+            and packet[icmp] == ICMP_ECHO_REPLY and packet[icmp + 4:icmp + 6] == struct.pack("!H", ident))
 
 
-def parse_address(text, what, version=4):
-    """'10.0.0.1/24' (or, version 6, 'fd00::1/64') -> an IPv4Interface (or
-    IPv6Interface), or a UserError that says what is wrong."""
-    kind, example, most = ((ipaddress.IPv4Interface, "10.0.0.1/24", 30) if version == 4 else
-                           (ipaddress.IPv6Interface, "fd00::1/64", 126))
-    try:
-        iface = kind(text)
-    except ValueError:
-        raise UserError(f"{what} {text!r} is not an IPv{version} address with a prefix, like {example}") from None
-    net = iface.network
-    if net.prefixlen > most or iface.ip in (net.network_address, net.broadcast_address):
-        raise UserError(f"{what} {text}: use a host address in a /{most} or larger subnet, like {example}")
-    return iface
+def as_text(value):
+    """A 4- or 16-byte address, or a socket address (host, port, ...) -> text.
+    An IPv4 peer of a dual-stack socket shows as IPv4, not ::ffff:a.b.c.d."""
+    if isinstance(value, tuple):
+        host = value[0][7:] if value[0].startswith("::ffff:") else value[0]
+        return f"[{host}]:{value[1]}" if ":" in host else f"{host}:{value[1]}"
+    return socket.inet_ntop(socket.AF_INET if len(value) == 4 else socket.AF_INET6, value)
 
 
-def address6_for(address, given):
-    """This end's IPv6 tunnel address: --address6 if given, else the host
-    number of IPv4 `address` in DEFAULT_SUBNET6."""
-    if given:
-        return parse_address(given, "--address6", 6)
-    net = ipaddress.IPv6Network(DEFAULT_SUBNET6)
-    host = int(address.ip) - int(address.network.network_address)
-    return ipaddress.IPv6Interface((int(net.network_address) + host, net.prefixlen))
-
-
-# ---------------------------------------------------------------- the TUN device
+# ================ 4. The TUN device and the UDP socket
+# The two ends of the pipe: a TUN device, where the kernel hands us the
+# packets it routes into the tunnel and takes the ones we give it; and a
+# UDP socket, which carries them to the other end.
 class Tun:
     """A TUN device: read() gives one IP packet the kernel routed into it,
     write() hands one IP packet to the kernel as if it had arrived on it.
@@ -813,7 +718,7 @@ class Tun:
         return packet[self.skip:] if self.skip else packet
 
     def write(self, packet):
-        os.write(self.fd, PLAIN + packet if self.vnet else packet)
+        os.write(self.fd, PLAIN_VNET_HDR + packet if self.vnet else packet)
 
     def close(self):
         os.close(self.fd)
@@ -865,73 +770,640 @@ def family_of(sockaddr):
     return socket.AF_INET6 if ":" in sockaddr[0] else socket.AF_INET
 
 
-# ---------------------------------------------------------------- system setup and undo
-def tag(dev):
-    """The comment on every firewall rule we add: how a later run finds them."""
-    return f"udptun:{dev}"
-
-
-def default_interface(system, version=4):
-    """The interface of the default route: where the server's NAT goes out.
-    None if there is no IPv6 default route (a VPS without IPv6)."""
-    for line in system.query("ip", f"-{version}", "route", "show", "default").splitlines():
-        words = line.split()
-        if "dev" in words:
-            return words[words.index("dev") + 1]
-    if version == 6:
-        return None
-    raise UserError("no IPv4 default route: say which interface reaches the internet with --out-interface")
-
-
-def ipv6_available():
-    """Whether a new device gets IPv6: not where the kernel has none
-    (ipv6.disable=1) or where it is turned off (disable_ipv6)."""
+def listen(port):
+    """The server's socket: dual-stack (IPv4 and IPv6 on one socket) where
+    the machine has IPv6, else IPv4."""
     try:
-        return sysctl_value("net.ipv6.conf.default.disable_ipv6") == "0"
-    except OSError:
-        return False
+        sock = open_udp_socket(socket.AF_INET6)
+        host = "::"
+    except OSError:   # EAFNOSUPPORT: a kernel without IPv6
+        sock, host = open_udp_socket(socket.AF_INET), "0.0.0.0"
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"UDP port {port} is in use (another udptun?): stop it or pick another --port") from None
+        raise UserError(f"cannot listen on UDP port {port}: {e.strerror}") from None
+    return sock
 
 
-def check_subnet_free(system, network, dev):
-    """Refuse a tunnel subnet that overlaps a route or an address the machine
-    already has: both would claim the same addresses and one would stop working.
-    (Catch-all routes of /0 or /1, another VPN's, do not count.)"""
-    v = f"-{network.version}"
-    routes = [(line.split()[0], line)
-              for line in system.query("ip", v, "-o", "route", "show", "table", "main").splitlines()]
-    addresses = [(line.split()[3], line) for line in system.query("ip", v, "-o", "address", "show").splitlines()
-                 if len(line.split()) > 3 and line.split()[1] != dev]
-    for prefix, line in routes + addresses:
-        if prefix == "default" or f"dev {dev} " in line + " ":
-            continue
+def connect_udp(server, mark=None):
+    """The client's socket, connected to `server` (a socket address): the
+    kernel then passes us only the server's datagrams, and tells us of ICMP
+    errors about ours. `mark` is the firewall mark that keeps it out of the
+    tunnel."""
+    try:
+        sock = open_udp_socket(family_of(server))
+    except OSError as e:
+        raise UserError(f"cannot open a UDP socket: {e.strerror}") from None
+    try:
+        if mark is not None:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot mark the tunnel's socket (SO_MARK): {e.strerror}: run as root") from None
+    try:
+        sock.connect(server)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot reach server {as_text(server)}: {e.strerror}: check this machine's network") from None
+    return sock
+
+
+def resolve(name, port, family=socket.AF_UNSPEC):
+    """The socket address of server `name`: the first that getaddrinfo()
+    gives (RFC 6724's order, as ssh and curl take it), or of `family` only
+    (-4, -6). A UserError if there is none."""
+    try:
+        return socket.getaddrinfo(name, port, family, socket.SOCK_DGRAM)[0][4]
+    except (socket.gaierror, UnicodeError):
+        kind = {socket.AF_INET: "IPv4 ", socket.AF_INET6: "IPv6 "}.get(family, "")
+        raise UserError(f"cannot resolve server {name!r} to an {kind}address: check the name, "
+                        "or give its address") from None
+
+
+# ================ 5. The plain forwarding loop
+class Forwarder:
+    """The tunnel itself: one packet in, one packet out.
+
+    run() sleeps until the TUN device or the UDP socket has something to
+    read, and calls its handler: tun_readable() reads one packet the kernel
+    routed into the tunnel and sends it as one datagram; udp_readable()
+    receives one datagram and writes the packet in it to the TUN device, as
+    if it had arrived on a network card. That is all a tunnel does. Once a
+    second run() calls tick(), for timers, and publishes status().
+
+    What may pass is the subclass's business (Server, Client), which fills
+    in these hooks:
+    - admit(data, addr): may this datagram from socket address `addr` go
+      into the TUN device? (It counts what it refuses, with drop().)
+    - address_for(packet): where a packet read from the TUN device goes:
+      a socket address, None for the connected peer, or False (dropped).
+    - tick(now), status(); and unreachable(error), told when the socket
+      reports an error.
+    Callers outside use run(), send_one() and replace_socket().
+
+    This loop moves about as fast as socat. The speed layer (see Batching,
+    "Going faster") mixes into a subclass and overrides the methods that do
+    I/O; --plain leaves it out, and the tunnel works the same, slower.
+    """
+
+    def __init__(self, tun, sock, verbose=False):
+        self.tun, self.sock, self.verbose = tun, sock, verbose
+        self.now = self.started = time.monotonic()
+        self.drops = {}            # reason -> count
+        self.log = LogLimit()
+        self.status_path = None    # where to publish status() every second, if set
+        self.poller = None         # run()'s epoll object, once it runs
+        self.handlers = {}         # file descriptor -> the method to call when it is readable
+
+    def drop(self, reason, *detail, count=1):
+        """Count dropped packets. Their detail (addresses, a message) is only
+        formatted with -v: a flood must not cost a log line's work each."""
+        self.drops[reason] = self.drops.get(reason, 0) + count
+        if self.verbose:
+            self.log("drop", f"drop {reason} " + " ".join(d if isinstance(d, str) else as_text(d) for d in detail),
+                     self.now)
+
+    def run(self):
+        # epoll, level-triggered: a descriptor is reported while it has
+        # something to read. (The selectors module wraps the same call, at a
+        # cost we would pay on every wake-up.)
+        self.poller = select.epoll()
+        self.watch(self.tun.fd, self.tun_readable)
+        self.watch(self.sock.fileno(), self.udp_readable)
+        # What exists now lives until we stop: the collector need never
+        # look at it again. (A full collection walks every object, and
+        # would hold up the packets of its turn by milliseconds.)
+        gc.freeze()
+        self.next_tick = 0
+        while True:
+            events = self.poller.poll(self.wait())
+            self.now = time.monotonic()
+            self.handle(events)
+            # The timers' work (a status file, a route lookup) waits for a
+            # quiet moment, so a packet never waits for it: until nothing
+            # arrived in time, or until it is a second late on a busy tunnel.
+            if self.now >= self.next_tick and (not events or self.now >= self.next_tick + 1.0):
+                self.tick(self.now)
+                self.publish()
+                self.next_tick = self.now + 1.0
+
+    def watch(self, fd, handler):
+        self.poller.register(fd, select.EPOLLIN)
+        self.handlers[fd] = handler
+
+    def wait(self):
+        """How long run() may sleep, in seconds: until the next tick is due."""
+        return max(0.0, self.next_tick - self.now)
+
+    def handle(self, events):
+        for fd, _ in events:
+            self.handlers[fd]()
+
+    def tun_readable(self):
+        packet = self.tun.read()
+        if packet is not None and self.from_tun_ok(packet):
+            self.send_now(packet)
+
+    def udp_readable(self):
         try:
-            existing = ipaddress.ip_network(prefix, strict=False)
-        except ValueError:
-            continue
-        if existing.prefixlen > 1 and existing.overlaps(network):
-            option = "--address" if network.version == 4 else "--address6"
-            raise UserError(f"the tunnel subnet {network} overlaps '{' '.join(line.split()[:6])}' "
-                            f"on this machine: pick another {option}, like "
-                            + ("10.99.0.1/24" if network.version == 4 else "fd00:99::1/64"))
+            data, addr = self.sock.recvfrom(MAX_PACKET)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self.socket_error(e)
+            return
+        if self.admit(data, addr):
+            self.write_one(data)
+
+    def from_tun_ok(self, packet):
+        """What the kernel routes into the tunnel is IP; anything else (a
+        packet too short to be one) the other end could not route."""
+        if len(packet) < IPV4_HEADER or packet[VERSION] >> 4 not in (4, 6):
+            self.drop("tun-not-ip")
+            return False
+        return True
+
+    def send_now(self, packet):
+        addr = self.address_for(packet)
+        if addr is not False:
+            self.send_one(packet, addr)
+
+    def send_one(self, packet, addr):
+        """Send one datagram to `addr` (None: the connected peer)."""
+        try:
+            if addr is None:
+                self.sock.send(packet)
+            else:
+                self.sock.sendto(packet, addr)
+        except OSError as e:
+            self.send_failed(e, 1)
+
+    def send_failed(self, error, count):
+        """Sending failed (no route now, or an ICMP error reported late):
+        count it and keep going, the network may come back."""
+        self.drop("send-error", error.strerror, count=count)
+        self.unreachable(error)
+
+    def socket_error(self, error):
+        """A connected UDP socket reports an ICMP error about an earlier
+        datagram on its next call, as an errno: port unreachable is
+        ECONNREFUSED, "administratively prohibited" EHOSTUNREACH, a
+        parameter problem EPROTO, and so on (icmp_err_convert in
+        net/ipv4/icmp.c). The kernel forgets it once reported. It says the
+        peer cannot be reached now, never that we should stop."""
+        self.drop("icmp-error", error.strerror)
+        self.unreachable(error)
+
+    def write_one(self, packet):
+        try:
+            self.tun.write(packet)
+        except OSError as e:
+            self.drop("tun-write", e.strerror)   # count, never crash
+
+    def replace_socket(self, sock):
+        """Go on with `sock` instead of the socket in use (which is closed)."""
+        if self.poller:
+            self.poller.unregister(self.sock)
+            self.handlers.pop(self.sock.fileno(), None)
+        self.sock.close()
+        self.sock = sock
+        if self.poller:
+            self.watch(sock.fileno(), self.udp_readable)
+
+    # Hooks for the subclasses (see the class's docstring).
+    def admit(self, data, addr):
+        return True
+
+    def address_for(self, packet):
+        return None
+
+    def tick(self, now):
+        pass
+
+    def status(self):
+        return {}
+
+    def unreachable(self, error):
+        """The socket reported `error` (an OSError, already counted): the
+        peer cannot be reached for now. The client says so."""
+
+    def counters(self):
+        """More numbers for `status`, from the speed layer."""
+        return {}
+
+    def publish(self):
+        """Write status() to a file anyone may read: `udptun.py status`
+        needs no privileges, and a crashed run leaves nothing listening."""
+        if self.status_path:
+            status = dict(self.status(), pid=os.getpid(), device=self.tun.name, time=time.time(),
+                          drops=dict(sorted(self.drops.items())), **self.counters())
+            tmp = self.status_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(status, f)
+            os.replace(tmp, self.status_path)
 
 
-def sysctl_value(key):
-    """A sysctl's value now: net.ipv4.ip_forward is /proc/sys/net/ipv4/ip_forward."""
-    # (A key naming an interface with a dot in its name, eth0.100, is given
-    # with slashes, as sysctl(8) also takes it.)
-    with open("/proc/sys/" + (key if "/" in key else key.replace(".", "/"))) as f:
-        return f.read().strip()
+# ================ 6. The server's policy: who owns a tunnel address, what may pass
+# Anyone can send the server a datagram: there is no key. So it trusts an
+# outer address (and port) only for the tunnel address it claimed first,
+# and lets a packet through only from the address that owns its source.
+class Peer:
+    """One client of the server: the UDP address that owns a tunnel IP."""
+
+    __slots__ = ("ip", "addr", "last_seen", "since", "previous", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes")
+
+    def __init__(self, ip, addr, now):
+        self.ip, self.addr, self.last_seen, self.since = ip, addr, now, now
+        self.previous = None   # the address it moved from, if that one had held it long
+        self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
 
 
-def set_sysctl(changes, key, value):
-    """Set a sysctl, only if it differs (as wg-quick does), and restore the
-    value found, not a default."""
-    found = sysctl_value(key)
-    if found != value:
-        changes.make(["sysctl", "-w", f"{key}={value}"], undo=["sysctl", "-w", f"{key}={found}"])
+def host_of(addr):
+    """Who sends from socket address `addr`, for --max-per-host: its IP, or
+    for IPv6 its /64 (one home or one VPS has a whole /64 to send from)."""
+    host = addr[0]
+    if ":" not in host or host.startswith("::ffff:"):
+        return host
+    return ipaddress.IPv6Address(host.split("%")[0]).packed[:8]
 
 
-# ---------------------------------------------------------------- the client's routing and DNS
+class ClientTable:
+    """Which UDP address owns each tunnel IP. Lookups are one dict access.
+
+    The rules, in order, for a packet from UDP address `addr` whose inner
+    source is tunnel IP `ip`:
+    - owner is `addr`: the packet is theirs (the fast path).
+    - nobody owns `ip` (or the owner expired): first claim wins, while the
+      table has room and `addr`'s IP holds fewer than `max_per_host`
+      addresses (so one host cannot take the subnet).
+    - same outer IP, new port: a NAT rebinding. The binding moves once the
+      owner's port has been quiet for REBIND_QUIET: a NAT gives a new port
+      to a flow that went idle, or to a laptop that changed networks, never
+      to one that is busy. And it moves back at once if the port it left
+      speaks again, if that one had held it for REBIND_QUIET too: a NAT's
+      old port never speaks again, so the new one was a forger who can send
+      as the client's IP. The server asks the old port at once (see
+      Server.probe), and a forger, who held the binding only until the
+      answer came, is not trusted so.
+    - another outer IP: refused and counted, until the owner has been silent
+      for `rebind_after` seconds; then it moves (a client whose home address
+      changed comes back).
+    Bindings idle for `timeout` seconds expire. Every log line goes through
+    a LogLimit: a flood of claims writes a few lines, not one each.
+    """
+
+    def __init__(self, timeout=DEFAULT_CLIENT_TIMEOUT, rebind_after=DEFAULT_REBIND_AFTER,
+                 max_clients=1000, max_per_host=DEFAULT_MAX_PER_HOST):
+        self.by_ip = {}
+        self.per_host = {}   # outer IP -> how many tunnel addresses it holds
+        self.timeout, self.rebind_after = timeout, rebind_after
+        self.max_clients, self.max_per_host = max_clients, max_per_host
+        self.log = LogLimit()
+
+    def claim(self, ip, addr, now):
+        """(the Peer that may send as `ip` from `addr`, None or "moved"), or
+        (None, why not)."""
+        peer = self.by_ip.get(ip)
+        if peer is not None and peer.addr == addr:
+            peer.last_seen = now
+            return peer, None
+        host = host_of(addr)
+        if peer is None:
+            if len(self.by_ip) >= self.max_clients:
+                return None, "table-full"
+            if self.per_host.get(host, 0) >= self.max_per_host:
+                return None, "host-limit"
+            peer = self.by_ip[ip] = Peer(ip, addr, now)
+            self.per_host[host] = self.per_host.get(host, 0) + 1
+            self.log("join", f"client {as_text(ip)} joined from {as_text(addr)}", now)
+            return peer, None
+        quiet = now - peer.last_seen
+        if addr[0] == peer.addr[0] and (quiet >= REBIND_QUIET or addr == peer.previous) or quiet >= self.rebind_after:
+            if host != host_of(peer.addr):
+                if self.per_host.get(host, 0) >= self.max_per_host:
+                    return None, "host-limit"
+                self.forget(host_of(peer.addr))
+                self.per_host[host] = self.per_host.get(host, 0) + 1
+            self.log("move", f"client {as_text(ip)} moved from {as_text(peer.addr)} to {as_text(addr)}", now)
+            peer.previous = peer.addr if now - peer.since >= REBIND_QUIET else None
+            peer.addr, peer.last_seen, peer.since = addr, now, now
+            return peer, "moved"
+        self.log("refuse", f"client {as_text(ip)}: refused claim from {as_text(addr)} "
+                           f"(owned by {as_text(peer.addr)})", now)
+        return None, "refused"
+
+    def forget(self, host):
+        left = self.per_host.pop(host) - 1
+        if left:
+            self.per_host[host] = left
+
+    def expire(self, now):
+        for ip in [ip for ip, p in self.by_ip.items() if now - p.last_seen >= self.timeout]:
+            peer = self.by_ip.pop(ip)
+            self.forget(host_of(peer.addr))
+            self.log("expire", f"client {as_text(ip)} expired (silent since {now - peer.last_seen:.0f} s)", now)
+
+
+class Server(Forwarder):
+    """The server's policy: many clients, one UDP socket, one TUN device.
+
+    A datagram goes into the TUN device if it holds a well-formed IP packet
+    whose source is a tunnel address its sender owns (see ClientTable) and,
+    unless --client-to-client, whose destination is not another client's.
+    A packet from the TUN device goes to the client that owns its
+    destination. `addresses` are the server's tunnel addresses
+    (IPv4Interface, and IPv6Interface when IPv6 is on): each gives a subnet
+    from which clients take theirs.
+    """
+
+    def __init__(self, tun, sock, addresses, table, client_to_client=False, allow=None, local=(), verbose=False):
+        super().__init__(tun, sock, verbose)
+        self.local = set(local)   # this machine's addresses
+        self.table = table
+        self.client_to_client = client_to_client
+        self.subnets = {}    # address length (4 or 16) -> (network, netmask) as integers
+        self.own = set()     # the server's own tunnel addresses
+        self.reserved = set()
+        for a in addresses:
+            net = a.network
+            self.subnets[len(a.ip.packed)] = (int(net.network_address), int(net.netmask))
+            self.own.add(a.ip.packed)
+            # A client may not claim the server's address, nor the subnet's
+            # first (IPv4's network address, IPv6's subnet-router anycast,
+            # RFC 4291) or last (IPv4's broadcast) address.
+            self.reserved |= {a.ip.packed, net.network_address.packed, net.broadcast_address.packed}
+        self.allow = allow   # --allow: outer networks that may use us, or None: anyone
+        self.ip4 = next((a.ip.packed for a in addresses if a.version == 4), None)   # for probes
+        self.seq = 0
+
+    def admit(self, data, addr):
+        """The checks, cheapest and most common first: a packet from the
+        address that owns its source is one dict lookup away from passing."""
+        problem = ip_problem(data)
+        if data and data[VERSION] >> 4 == 4:   # (written out: this runs for every packet)
+            src, dst = data[IPV4_SRC], data[IPV4_DST]
+        else:
+            src, dst = data[IPV6_SRC], data[IPV6_DST]
+        peer = None if problem else self.table.by_ip.get(src)
+        if peer is not None and peer.addr == addr:
+            peer.last_seen = self.now
+        else:
+            peer = self.claim(data, addr, problem, src)
+            if peer is None:
+                return False
+        if not self.client_to_client and dst not in self.own and self.in_subnet(dst):
+            self.drop("client-to-client", src, "->", dst)
+            return False
+        peer.rx_packets += 1
+        peer.rx_bytes += len(data)
+        return True
+
+    def claim(self, data, addr, problem, src):
+        """The rest of admit(), for a datagram whose sender does not own its
+        source (yet): the Peer that may send it, or None (counted)."""
+        if self.allow is not None and not self.allowed(addr[0]):
+            self.drop("not-allowed", addr)   # before looking inside at all
+            return None
+        if problem:
+            self.drop("empty" if not data else problem, addr)   # (empty: a socat peer's end of stream)
+            return None
+        if self.looped(addr[0]):
+            why = "loop"
+        elif src in self.reserved or not self.in_subnet(src):
+            why = "bad-source"
+        else:
+            peer, why = self.table.claim(src, addr, self.now)
+            if peer is not None:
+                if why == "moved" and peer.previous:
+                    self.probe(peer)
+                return peer
+        self.drop(why, src, "from", addr)
+        return None
+
+    def in_subnet(self, ip):
+        net, mask = self.subnets.get(len(ip), (-1, 0))
+        return int.from_bytes(ip, "big") & mask == net
+
+    def looped(self, host):
+        """Whether a datagram's outer source cannot be a client's: loopback,
+        multicast, unspecified, one of this machine's own addresses, or
+        inside the tunnel. The last is a packet we wrote to the TUN device
+        that came back to our own port (a client's packet to 10.0.0.2:5555):
+        so it is never parsed as a tunnel datagram, and cannot loop."""
+        ip = ipaddress.ip_address(host.split("%")[0])
+        ip = getattr(ip, "ipv4_mapped", None) or ip
+        return (ip.is_loopback or ip.is_multicast or ip.is_unspecified or str(ip) in self.local
+                or self.in_subnet(ip.packed))
+
+    def allowed(self, host):
+        ip = ipaddress.ip_address(host)
+        ip = getattr(ip, "ipv4_mapped", None) or ip   # an IPv4 peer of our dual-stack socket
+        return any(ip in net for net in self.allow)
+
+    def probe(self, peer):
+        """Ask the address a binding just left whether it is still there: an
+        echo request to the client's tunnel address (IPv4 only; an IPv6
+        binding waits for the client's next packet). A live client's kernel
+        answers through the tunnel, from that address, and takes its binding
+        back (see ClientTable.claim); one that really moved never answers."""
+        if len(peer.ip) == 4 and self.ip4:
+            self.seq = (self.seq + 1) & 0xFFFF
+            self.send_one(echo_request(self.ip4, peer.ip, 0x5555, self.seq), peer.previous)
+
+    def address_for(self, packet):
+        """The owner of the packet's destination."""
+        dst = destination(packet)
+        peer = self.table.by_ip.get(dst)
+        if peer is None:
+            self.drop("no-client", dst)
+            return False
+        peer.tx_packets += 1
+        peer.tx_bytes += len(packet)
+        return peer.addr
+
+    def tick(self, now):
+        self.table.expire(now)
+
+    def status(self):
+        return {"role": "server", "clients": [
+            {"ip": as_text(p.ip), "udp": as_text(p.addr), "idle": round(self.now - p.last_seen, 1),
+             "rx_packets": p.rx_packets, "rx_bytes": p.rx_bytes,
+             "tx_packets": p.tx_packets, "tx_bytes": p.tx_bytes}
+            for p in self.table.by_ip.values()]}
+
+
+def local_addresses(system):
+    """The machine's own addresses, as text: a datagram claiming to come
+    from one of them is a loop, or a forgery (see Server.looped)."""
+    return {line.split()[3].split("/")[0] for line in system.query("ip", "-o", "address", "show").splitlines()
+            if len(line.split()) > 3}
+
+
+# ================ 7. The client: its routing, and a laptop's life
+# The client sends everything into the tunnel, except the tunnel's own
+# datagrams, which must go out the way they always did: policy routing, as
+# wg-quick does it. And a laptop sleeps, changes networks, and loses its
+# server for a while; the client follows.
+class Client(Forwarder):
+    """One server, one connected UDP socket, keepalives and liveness logs,
+    and a laptop's life: its network changes, and the server's address may
+    change too.
+
+    `server` is its (address, port); `name` the host name the user gave, if
+    any, looked up again while the server is not answering; `mark` the
+    firewall mark of the socket (see add_client_routing).
+    """
+
+    def __init__(self, tun, sock, addresses, server_tunnel_ip, keepalive, mark, name=None, family=socket.AF_UNSPEC,
+                 verbose=False):
+        super().__init__(tun, sock, verbose)
+        self.my_ip = addresses[0].ip.packed   # where keepalives come from
+        self.mine = {a.ip.packed for a in addresses}   # what we let in
+        self.server_ip = server_tunnel_ip.packed
+        self.server = sock.getpeername()
+        self.name, self.mark, self.family = name, mark, family   # family: -4, -6, or either
+        self.keepalive = keepalive
+        self.ident = os.getpid() & 0xFFFF
+        self.seq = 0
+        self.last_tx = self.last_rx = self.last_keepalive = self.last_lookup = float("-inf")
+        self.alive = None   # unknown until the first reply or timeout
+        self.lookup = None               # the lookup thread, while one runs
+        self.answers = queue.SimpleQueue()   # what lookups found: (round, address or None)
+        self.round = 0                   # answers from an earlier outage are stale
+        self.tx_packets = self.rx_packets = self.tx_bytes = self.rx_bytes = 0
+
+    def address_for(self, packet):
+        """Everything goes to the server, on the connected socket."""
+        self.tx_packets += 1
+        self.tx_bytes += len(packet)
+        self.last_tx = self.now
+        return None
+
+    def admit(self, data, addr):
+        """Only packets for our own tunnel address go on. The kernel lets in
+        only datagrams from the server's address and port, but anyone who
+        can send as that address could otherwise reach this laptop's other
+        addresses (its LAN side), other hosts or a broadcast through us."""
+        problem = ip_problem(data)
+        if problem:
+            self.drop(problem)
+            return False
+        dst = destination(data)
+        if dst not in self.mine:
+            self.drop("not-for-us", dst)
+            return False
+        self.rx_packets += 1
+        self.rx_bytes += len(data)
+        self.last_rx = self.now
+        if self.alive is not True:
+            self.alive = True
+            self.round += 1
+            log("server is answering")
+        # The answer to our keepalive is ours, not the kernel's.
+        return not (len(dst) == 4 and is_echo_reply(data, self.server_ip, self.ident))
+
+    def unreachable(self, error):
+        """An ICMP error, or a send that failed. Anyone on the path can forge
+        the first, so it counts only when the server has been quiet for a
+        while: then a flood of forged errors logs a line at most per
+        keepalive, and never hides a server that answers."""
+        if self.alive is not False and self.now - self.last_rx >= 0.5:
+            self.alive = False
+            log(f"server is not answering ({error.strerror}): still trying")
+
+    def send_keepalive(self):
+        self.seq = (self.seq + 1) & 0xFFFF
+        self.send_one(echo_request(self.my_ip, self.server_ip, self.ident, self.seq), None)
+        self.last_keepalive = self.now
+
+    def tick(self, now):
+        self.follow_network()
+        k = self.keepalive
+        if k:
+            quiet = now - self.last_tx >= k or now - self.last_rx >= k
+            if quiet and now - self.last_keepalive >= k:
+                self.send_keepalive()
+            # Three keepalives unanswered: say so once; admit() says when it is back.
+            if self.alive is not False and now - self.last_rx >= 3 * k and now - self.started >= 3 * k:
+                self.alive = False
+                log(f"server is not answering (nothing for {3 * k:g} s): still trying")
+        if self.name and self.alive is False:
+            self.look_up_again(now, 3 * k if k else 30)
+
+    def follow_network(self):
+        """Start over on a new socket when the laptop's address changes.
+
+        A connected UDP socket keeps the source address the kernel chose
+        at connect(). After a move to another network that address is gone,
+        and every send fails. So once a second we ask which source the
+        kernel would choose now, and if it changed, we reconnect. The routes
+        need nothing: policy routing already sends our datagrams by whatever
+        default route the laptop has now (see add_client_routing).
+        """
+        source = source_for(self.server, self.mark)
+        if source and source != self.sock.getsockname()[0]:
+            log(f"the network changed: reaching the server from {source} now")
+            self.reconnect(self.server)
+
+    def reconnect(self, server):
+        """Swap in a socket connected to `server` from the current source,
+        and say hello at once, so the server learns our new outer address."""
+        try:
+            sock = connect_udp(server, self.mark)
+        except UserError as e:
+            log(f"udptun: {e}")
+            return
+        self.replace_socket(sock)
+        self.server = server
+        if self.keepalive:
+            self.send_keepalive()
+
+    def look_up_again(self, now, every):
+        """The server was given by name and does not answer: its address may
+        have changed (a VPS behind dynamic DNS). Look the name up again, every
+        `every` seconds, in a thread: a lookup can take seconds, and packets
+        must keep moving meanwhile. One lookup at a time; the answer comes
+        back through a queue, the one safe way to hand it over."""
+        while not self.answers.empty():
+            round, address = self.answers.get()
+            if round == self.round and address and address != self.server:
+                log(f"server {self.name} is at {as_text(address)} now")
+                self.reconnect(address)
+        if now - self.last_lookup < every or self.lookup and self.lookup.is_alive():
+            return
+        self.last_lookup = now
+
+        def lookup(name=self.name, port=self.server[1], family=self.family, round=self.round):
+            try:
+                self.answers.put((round, resolve(name, port, family)))
+            except UserError:
+                self.answers.put((round, None))
+        self.lookup = threading.Thread(target=lookup, daemon=True)
+        self.lookup.start()
+
+    def status(self):
+        return {"role": "client", "clients": [
+            {"ip": as_text(self.server_ip), "udp": as_text(self.server),
+             "idle": round(self.now - self.last_rx, 1) if self.rx_packets else None,   # None: never heard
+             "rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
+             "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes, "answering": self.alive}]}
+
+
+def source_for(server, mark):
+    """The address the kernel would send from to `server` now, or None with
+    no route. A UDP connect() sends nothing: it only looks up the route."""
+    try:
+        with socket.socket(family_of(server), socket.SOCK_DGRAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            probe.connect(server)
+            return probe.getsockname()[0]
+    except OSError:
+        return None
+
+
 def free_table(system, versions):
     """A number that no routing rule (as a table or a mark) and no routing
     table uses yet, from FIRST_TABLE on: the client's routing table and mark."""
@@ -998,95 +1470,107 @@ def strict_reverse_path_filters():
         return []
 
 
-def resolver_tool():
-    """Who keeps the system's resolver configuration: systemd-resolved (when
-    /etc/resolv.conf points at its stub), resolvconf, or nobody (the file)."""
-    try:
-        with open(RESOLV_CONF, "rb") as f:
-            stub = b"127.0.0.53" in f.read() or os.path.realpath(RESOLV_CONF).startswith("/run/systemd/")
-    except OSError:
-        stub = False
-    if stub and shutil.which("resolvectl"):
-        return "resolvectl"
-    return "resolvconf" if shutil.which("resolvconf") else "file"
+# ================ 8. System changes and their undo
+# Everything udptun changes outside itself, each change paired with its
+# undo: the TUN device's addresses, sysctls, the server's firewall and NAT,
+# the client's resolver; and recovery from what a killed run left behind.
+def setup_tun(changes, system, args, addresses):
+    """Create the TUN device, give it its addresses and bring it up. They
+    belong to the device, so the kernel removes them when it closes: no undo.
+
+    The IPv6 address needs no duplicate address detection (`nodad`: no other
+    host shares the device), and the device no link-local address
+    (`addrgenmode none`): it would only send router solicitations and
+    multicast reports to the other end, which has no use for them.
+
+    txqueuelen is the length of the ring where the kernel leaves packets for
+    us to read(), a FIFO out of reach of qdiscs such as fq_codel (the
+    device drops what does not fit; it never pushes back). It only has to
+    hold what arrives in one turn of the loop: the backlog of a busy
+    tunnel waits in our FairQueue instead. 1000, as WireGuard's, rides out
+    a few milliseconds when the scheduler runs something else.
+    """
+    vnet = not args.plain   # the speed layer writes merged packets behind a virtio_net_hdr
+    tun = FakeTun(args.dev, vnet) if system.dry_run else Tun(args.dev, vnet)
+    log(f"[#] open {TUN_PATH} as {tun.name} (TUNSETIFF, IFF_TUN | IFF_NO_PI | IFF_TUN_EXCL"
+        f"{' | IFF_VNET_HDR' if vnet else ''})")
+    changes.defer(tun.close, f"close {tun.name}: the kernel deletes it with its address and routes")
+    for address in addresses:
+        if address.version == 4:
+            changes.make(["ip", "address", "add", str(address), "dev", tun.name])
+        else:
+            changes.make(["ip", "-6", "address", "add", str(address), "dev", tun.name, "nodad"])
+            changes.make(["ip", "link", "set", "dev", tun.name, "addrgenmode", "none"])
+    changes.make(["ip", "link", "set", "dev", tun.name, "mtu", str(args.mtu),
+                  "txqueuelen", str(args.txqueuelen), "up"])
+    return tun
 
 
-def set_dns(changes, dev, servers):
-    """Resolve names through `servers` while the tunnel is up, each way with its undo."""
-    tool = resolver_tool()
-    text = "".join(f"nameserver {a}\n" for a in servers)
-    if tool == "resolvectl":
-        # systemd-resolved keeps DNS servers per link: ours, for every domain
-        # ("~."), and the default route for names no other link claims.
-        # `revert` undoes all three (and the link's deletion would too).
-        changes.make(["resolvectl", "dns", dev, *servers], undo=["resolvectl", "revert", dev])
-        changes.make(["resolvectl", "domain", dev, "~."])
-        changes.make(["resolvectl", "default-route", dev, "true"])
-    elif tool == "resolvconf":
-        # A record of our own, first (-m 0) and alone (-x, exclusive).
-        changes.make(["resolvconf", "-a", dev, "-m", "0", "-x"], undo=["resolvconf", "-d", dev, "-f"],
-                     input=text)
-    else:
-        try:
-            with open(RESOLV_CONF, "rb") as f:
-                found = f.read().decode("latin-1")
-        except OSError as e:
-            raise UserError(f"cannot read {RESOLV_CONF}: {e.strerror}") from None
-        # Our servers; the search domains and options stay as they were.
-        keep = "".join(line + "\n" for line in found.splitlines()
-                       if line.split()[:1] in (["search"], ["domain"], ["options"]))
-        ours = f"# udptun ({dev}): the file as it was comes back when udptun stops\n" + text + keep
-        changes.make(["write", RESOLV_CONF, ours], undo=["write", RESOLV_CONF, found, ours])
+def tag(dev):
+    """The comment on every firewall rule we add: how a later run finds them."""
+    return f"udptun:{dev}"
 
 
-def connect_udp(server, mark=None):
-    """The client's socket, connected to `server` (a socket address): the
-    kernel then passes us only the server's datagrams, and tells us of ICMP
-    errors about ours. `mark` is the firewall mark that keeps it out of the
-    tunnel."""
-    try:
-        sock = open_udp_socket(family_of(server))
-    except OSError as e:
-        raise UserError(f"cannot open a UDP socket: {e.strerror}") from None
-    try:
-        if mark is not None:
-            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
-    except OSError as e:
-        sock.close()
-        raise UserError(f"cannot mark the tunnel's socket (SO_MARK): {e.strerror}: run as root") from None
-    try:
-        sock.connect(server)
-    except OSError as e:
-        sock.close()
-        raise UserError(f"cannot reach server {show(server)}: {e.strerror}: check this machine's network") from None
-    return sock
-
-
-def source_for(server, mark):
-    """The address the kernel would send from to `server` now, or None with
-    no route. A UDP connect() sends nothing: it only looks up the route."""
-    try:
-        with socket.socket(family_of(server), socket.SOCK_DGRAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
-            probe.connect(server)
-            return probe.getsockname()[0]
-    except OSError:
+def default_interface(system, version=4):
+    """The interface of the default route: where the server's NAT goes out.
+    None if there is no IPv6 default route (a VPS without IPv6)."""
+    for line in system.query("ip", f"-{version}", "route", "show", "default").splitlines():
+        words = line.split()
+        if "dev" in words:
+            return words[words.index("dev") + 1]
+    if version == 6:
         return None
+    raise UserError("no IPv4 default route: say which interface reaches the internet with --out-interface")
 
 
-def resolve(name, port, family=socket.AF_UNSPEC):
-    """The socket address of server `name`: the first that getaddrinfo()
-    gives (RFC 6724's order, as ssh and curl take it), or of `family` only
-    (-4, -6). A UserError if there is none."""
+def ipv6_available():
+    """Whether a new device gets IPv6: not where the kernel has none
+    (ipv6.disable=1) or where it is turned off (disable_ipv6)."""
     try:
-        return socket.getaddrinfo(name, port, family, socket.SOCK_DGRAM)[0][4]
-    except (socket.gaierror, UnicodeError):
-        kind = {socket.AF_INET: "IPv4 ", socket.AF_INET6: "IPv6 "}.get(family, "")
-        raise UserError(f"cannot resolve server {name!r} to an {kind}address: check the name, "
-                        "or give its address") from None
+        return sysctl_value("net.ipv6.conf.default.disable_ipv6") == "0"
+    except OSError:
+        return False
 
 
-# ---------------------------------------------------------------- the server's firewall
+def check_subnet_free(system, network, dev):
+    """Refuse a tunnel subnet that overlaps a route or an address the machine
+    already has: both would claim the same addresses and one would stop working.
+    (Catch-all routes of /0 or /1, another VPN's, do not count.)"""
+    v = f"-{network.version}"
+    routes = [(line.split()[0], line)
+              for line in system.query("ip", v, "-o", "route", "show", "table", "main").splitlines()]
+    addresses = [(line.split()[3], line) for line in system.query("ip", v, "-o", "address", "show").splitlines()
+                 if len(line.split()) > 3 and line.split()[1] != dev]
+    for prefix, line in routes + addresses:
+        if prefix == "default" or f"dev {dev} " in line + " ":
+            continue
+        try:
+            existing = ipaddress.ip_network(prefix, strict=False)
+        except ValueError:
+            continue
+        if existing.prefixlen > 1 and existing.overlaps(network):
+            option = "--address" if network.version == 4 else "--address6"
+            raise UserError(f"the tunnel subnet {network} overlaps '{' '.join(line.split()[:6])}' "
+                            f"on this machine: pick another {option}, like "
+                            + ("10.99.0.1/24" if network.version == 4 else "fd00:99::1/64"))
+
+
+def sysctl_value(key):
+    """A sysctl's value now: net.ipv4.ip_forward is /proc/sys/net/ipv4/ip_forward."""
+    # (A key naming an interface with a dot in its name, eth0.100, is given
+    # with slashes, as sysctl(8) also takes it.)
+    with open("/proc/sys/" + (key if "/" in key else key.replace(".", "/"))) as f:
+        return f.read().strip()
+
+
+def set_sysctl(changes, key, value):
+    """Set a sysctl, only if it differs (as wg-quick does), and restore the
+    value found, not a default."""
+    found = sysctl_value(key)
+    if found != value:
+        changes.make(["sysctl", "-w", f"{key}={value}"], undo=["sysctl", "-w", f"{key}={found}"])
+
+
 def choose_firewall(wanted):
     """iptables where it exists (its rules share the chains that a DROP
     policy lives in, so they can open the way); else nft."""
@@ -1237,6 +1721,47 @@ def remove_tagged_rules(system, dev):
                 system.change("nft", "delete", "table", family, nft_table(dev), check=False)
 
 
+def resolver_tool():
+    """Who keeps the system's resolver configuration: systemd-resolved (when
+    /etc/resolv.conf points at its stub), resolvconf, or nobody (the file)."""
+    try:
+        with open(RESOLV_CONF, "rb") as f:
+            stub = b"127.0.0.53" in f.read() or os.path.realpath(RESOLV_CONF).startswith("/run/systemd/")
+    except OSError:
+        stub = False
+    if stub and shutil.which("resolvectl"):
+        return "resolvectl"
+    return "resolvconf" if shutil.which("resolvconf") else "file"
+
+
+def set_dns(changes, dev, servers):
+    """Resolve names through `servers` while the tunnel is up, each way with its undo."""
+    tool = resolver_tool()
+    text = "".join(f"nameserver {a}\n" for a in servers)
+    if tool == "resolvectl":
+        # systemd-resolved keeps DNS servers per link: ours, for every domain
+        # ("~."), and the default route for names no other link claims.
+        # `revert` undoes all three (and the link's deletion would too).
+        changes.make(["resolvectl", "dns", dev, *servers], undo=["resolvectl", "revert", dev])
+        changes.make(["resolvectl", "domain", dev, "~."])
+        changes.make(["resolvectl", "default-route", dev, "true"])
+    elif tool == "resolvconf":
+        # A record of our own, first (-m 0) and alone (-x, exclusive).
+        changes.make(["resolvconf", "-a", dev, "-m", "0", "-x"], undo=["resolvconf", "-d", dev, "-f"],
+                     input=text)
+    else:
+        try:
+            with open(RESOLV_CONF, "rb") as f:
+                found = f.read().decode("latin-1")
+        except OSError as e:
+            raise UserError(f"cannot read {RESOLV_CONF}: {e.strerror}") from None
+        # Our servers; the search domains and options stay as they were.
+        keep = "".join(line + "\n" for line in found.splitlines()
+                       if line.split()[:1] in (["search"], ["domain"], ["options"]))
+        ours = f"# udptun ({dev}): the file as it was comes back when udptun stops\n" + text + keep
+        changes.make(["write", RESOLV_CONF, ours], undo=["write", RESOLV_CONF, found, ours])
+
+
 def recover(system, journal, dev):
     """Take the device's lock, then undo whatever an earlier run on `dev`
     left behind (killed with -9, or the machine lost power mid-run): replay
@@ -1262,593 +1787,221 @@ def recover(system, journal, dev):
     return failed
 
 
-def sd_notify(state):
-    """Tell systemd (Type=notify) how we are: see sd_notify(3). The protocol is
-    one datagram to the AF_UNIX socket named in $NOTIFY_SOCKET; a leading
-    '@' means the Linux abstract namespace."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        with contextlib.suppress(OSError):
-            s.sendto(state.encode(), path)
+def lock_and_recover(args):
+    """What both sides do first: check root, take the device's lock and
+    undo what an earlier run left. Returns the Changes to make the run's
+    changes on, as a `with` block that undoes them (and lets go of the lock)."""
+    system = System(dry_run=args.dry_run)
+    if not args.dry_run and os.geteuid() != 0:
+        raise UserError(f"must run as root: sudo python3 {sys.argv[0]} {args.command} ...")
+    journal = Journal(args.dev, dry_run=args.dry_run)
+    if args.dry_run and journal.held():
+        raise UserError(f"udptun is already running on {args.dev} here: its plan would not be this one")
+    try:
+        leftovers = recover(system, journal, args.dev)
+    except BaseException:   # an error, or a signal: let go of the lock all the same
+        journal.release()
+        raise
+    return Changes(system, journal, leftovers)
 
 
-# ---------------------------------------------------------------- the plain forwarding loop
-class Forwarder:
-    """The tunnel itself: one packet in, one packet out.
+# ================ 9. Going faster
+# The plain loop makes a few system calls per packet, and in Python each
+# costs microseconds: it moves about as much as socat does. This chapter
+# moves many packets per call. Nothing in it changes what passes, only how
+# fast: `--plain` leaves it out, and every test passes both ways.
+IFF_VNET_HDR = 0x4000   # <linux/if_tun.h>: read() and write() start with a struct virtio_net_hdr
 
-    run() sleeps until the TUN device or the UDP socket has something to
-    read, and calls its handler: tun_readable() reads one packet the kernel
-    routed into the tunnel and sends it as one datagram; udp_readable()
-    receives one datagram and writes the packet in it to the TUN device, as
-    if it had arrived on a network card. That is all a tunnel does. Once a
-    second run() calls tick(), for timers, and publishes status().
+# struct virtio_net_hdr (<linux/virtio_net.h>; host byte order on a TUN
+# device): flags, gso_type, hdr_len, gso_size, csum_start, csum_offset. It
+# lets one write() carry many packets of one flow at once (see merge).
+VNET_HDR = struct.Struct("=BBHHHH")
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1   # the kernel completes the checksum at csum_start + csum_offset
+VIRTIO_NET_HDR_GSO_TCPV4 = 1      # the packet stands for TCP segments of gso_size payload bytes
+VIRTIO_NET_HDR_GSO_TCPV6 = 4      # ... the same over IPv6
+VIRTIO_NET_HDR_GSO_UDP_L4 = 5     # ... for UDP datagrams of gso_size (TUN devices: Linux 6.2)
+PLAIN_VNET_HDR = bytes(VNET_HDR.size)      # the header of an ordinary packet: no offload, checksums done
 
-    What may pass is the subclass's business (Server, Client), which fills
-    in these hooks:
-    - admit(data, addr): may this datagram from socket address `addr` go
-      into the TUN device? (It counts what it refuses, with drop().)
-    - address_for(packet): where a packet read from the TUN device goes:
-      a socket address, None for the connected peer, or False (dropped).
-    - tick(now), status(); and unreachable(error), told when the socket
-      reports an error.
-    Callers outside use run(), send_one() and replace_socket().
+# Batching system calls on the UDP side (see Batching.send_packets and
+# recv_udp): one sendmsg() can carry many datagrams of one size (UDP GSO,
+# Linux 4.18), and one recvmsg() can return many coalesced by the kernel
+# (UDP GRO, Linux 5.0). On the wire each is still one raw IPv4 packet.
+SOL_UDP = 17            # <netinet/in.h>: IPPROTO_UDP, the level of UDP's options
+UDP_SEGMENT = 103       # <linux/udp.h>: send: cut this buffer into datagrams of N bytes
+UDP_GRO = 104           # <linux/udp.h>: receive: coalesced datagrams, with their size
+GSO_MAX_SEGMENTS = 64   # UDP_MAX_SEGMENTS in the kernel's include/linux/udp.h
+GSO_MAX_BYTES = 65507   # the largest UDP payload: 65535 - 20 (IPv4) - 8 (UDP)
 
-    This loop moves about as fast as socat. The speed layer (see Batching,
-    "Going faster") mixes into a subclass and overrides the methods that do
-    I/O; --plain leaves it out, and the tunnel works the same, slower.
+BATCH = 64           # packets written or sent per turn in each direction (see Batching.handle)
+READ_AHEAD = 4 * BATCH   # packets read or received per turn, at most: more than a turn sends
+GRO_CMSG_SPACE = socket.CMSG_SPACE(4)   # room for UDP GRO's control message (an int)
+
+# Packets wait in our own queues, one per direction and within it one per
+# flow (see FairQueue). QUEUE_LIMIT bounds a direction: 2048 full-size
+# packets are 2.8 MB, more than a TCP window through a tunnel this fast
+# needs. QUANTUM is how many packets a busy flow moves before the next
+# flow's turn (counted in packets: our scarce resource is work per packet,
+# not bytes). A whole batch, so that a flow's packets stay together for
+# merge(): 64 KiB of TCP is 46 full-size segments.
+QUEUE_LIMIT = 2048
+QUEUE_BYTES = 4 << 20   # and 4 MiB: with a large --mtu, the bytes bind first
+SLACK = 16   # read this much past a full queue, so a newcomer can still get in
+QUANTUM = 64
+
+# The TCP header (RFC 9293) and the UDP header (RFC 768), offsets from
+# their start. A TCP header is 20 bytes and options, its length in the
+# high 4 bits of the data offset byte; a UDP header is 8 bytes.
+TCP_SEQ, TCP_ACK = 4, 8            # sequence and acknowledgement numbers (32 bits each)
+TCP_OFFSET, TCP_FLAGS = 12, 13     # data offset; flags
+TCP_WINDOW, TCP_CHECKSUM, TCP_URGENT = 14, 16, 18   # (16 bits each; options from 20)
+TCP_HEADER = 20
+UDP_LENGTH, UDP_CHECKSUM = 4, 6    # (16 bits each: the length counts the header)
+UDP_HEADER = 8
+ACK, PSH = 0x10, 0x08   # a run may be merged only if each carries just ACK; PSH may end one
+# What tells one flow from another: the addresses, then (TCP, UDP) the ports.
+IPV4_ADDRESSES, IPV4_FLOW = slice(12, 20), slice(12, 24)
+IPV6_ADDRESSES, IPV6_FLOW = slice(8, 40), slice(8, 44)
+
+
+def same_in_a_flow(p):
+    """The IP header fields, and the addresses and ports, that every packet
+    of a run must share. IPv4: version and header length, TOS; flags and
+    fragment offset, TTL, protocol (not the length, ID or checksum). IPv6:
+    version, traffic class, flow label; next header, hop limit."""
+    if p[VERSION] == 0x45:
+        return p[:IPV4_LENGTH.start] + p[IPV4_FRAGMENT.start:IPV4_CHECKSUM.start] + p[IPV4_FLOW]
+    return p[:IPV6_LENGTH.start] + p[IPV6_NEXT:IPV6_SRC.start] + p[IPV6_FLOW]
+
+
+def mergeable(packets, i):
+    """How many packets from packets[i] on the kernel may take as one large
+    packet (see merge): what its GRO would have merged had they arrived on
+    a network card (tcp_gro_receive(), udp_gro_receive() in net/ipv4/).
+
+    They must be of one flow, agree on every IP header field a packet of a
+    flow may not change (same_in_a_flow), be of the first one's size but a
+    shorter last, and be 64 at most and 64 KiB in all; tcp_run() and
+    udp_run() add what each protocol needs. Packets are well-formed
+    (ip_problem) already; IPv4 ones with options, fragments, and IPv6 ones
+    with extension headers are never merged.
     """
-
-    def __init__(self, tun, sock, verbose=False):
-        self.tun, self.sock, self.verbose = tun, sock, verbose
-        self.now = self.started = time.monotonic()
-        self.drops = {}            # reason -> count
-        self.log = LogLimit()
-        self.status_path = None    # where to publish status() every second, if set
-        self.poller = None         # run()'s epoll object, once it runs
-        self.handlers = {}         # file descriptor -> the method to call when it is readable
-
-    def drop(self, reason, *detail, count=1):
-        """Count dropped packets. Their detail (addresses, a message) is only
-        formatted with -v: a flood must not cost a log line's work each."""
-        self.drops[reason] = self.drops.get(reason, 0) + count
-        if self.verbose:
-            self.log("drop", f"drop {reason} " + " ".join(d if isinstance(d, str) else show(d) for d in detail),
-                     self.now)
-
-    def run(self):
-        # epoll, level-triggered: a descriptor is reported while it has
-        # something to read. (The selectors module wraps the same call, at a
-        # cost we would pay on every wake-up.)
-        self.poller = select.epoll()
-        self.watch(self.tun.fd, self.tun_readable)
-        self.watch(self.sock.fileno(), self.udp_readable)
-        # What exists now lives until we stop: the collector need never
-        # look at it again. (A full collection walks every object, and
-        # would hold up the packets of its turn by milliseconds.)
-        gc.freeze()
-        self.next_tick = 0
-        while True:
-            events = self.poller.poll(self.wait())
-            self.now = time.monotonic()
-            self.handle(events)
-            # The timers' work (a status file, a route lookup) waits for a
-            # quiet moment, so a packet never waits for it: until nothing
-            # arrived in time, or until it is a second late on a busy tunnel.
-            if self.now >= self.next_tick and (not events or self.now >= self.next_tick + 1.0):
-                self.tick(self.now)
-                self.publish()
-                self.next_tick = self.now + 1.0
-
-    def watch(self, fd, handler):
-        self.poller.register(fd, select.EPOLLIN)
-        self.handlers[fd] = handler
-
-    def wait(self):
-        """How long run() may sleep, in seconds: until the next tick is due."""
-        return max(0.0, self.next_tick - self.now)
-
-    def handle(self, events):
-        for fd, _ in events:
-            self.handlers[fd]()
-
-    def tun_readable(self):
-        packet = self.tun.read()
-        if packet is not None and self.from_tun_ok(packet):
-            self.send_now(packet)
-
-    def udp_readable(self):
-        try:
-            data, addr = self.sock.recvfrom(MAX_PACKET)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            self.socket_error(e)
-            return
-        if self.admit(data, addr):
-            self.write_one(data)
-
-    def from_tun_ok(self, packet):
-        """What the kernel routes into the tunnel is IP; anything else (a
-        packet too short to be one) the other end could not route."""
-        if len(packet) < 20 or packet[0] >> 4 not in (4, 6):
-            self.drop("tun-not-ip")
-            return False
-        return True
-
-    def send_now(self, packet):
-        addr = self.address_for(packet)
-        if addr is not False:
-            self.send_one(packet, addr)
-
-    def send_one(self, packet, addr):
-        """Send one datagram to `addr` (None: the connected peer)."""
-        try:
-            if addr is None:
-                self.sock.send(packet)
-            else:
-                self.sock.sendto(packet, addr)
-        except OSError as e:
-            self.send_failed(e, 1)
-
-    def send_failed(self, error, count):
-        """Sending failed (no route now, or an ICMP error reported late):
-        count it and keep going, the network may come back."""
-        self.drop("send-error", error.strerror, count=count)
-        self.unreachable(error)
-
-    def socket_error(self, error):
-        """A connected UDP socket reports an ICMP error about an earlier
-        datagram on its next call, as an errno: port unreachable is
-        ECONNREFUSED, "administratively prohibited" EHOSTUNREACH, a
-        parameter problem EPROTO, and so on (icmp_err_convert in
-        net/ipv4/icmp.c). The kernel forgets it once reported. It says the
-        peer cannot be reached now, never that we should stop."""
-        self.drop("icmp-error", error.strerror)
-        self.unreachable(error)
-
-    def write_one(self, packet):
-        try:
-            self.tun.write(packet)
-        except OSError as e:
-            self.drop("tun-write", e.strerror)   # count, never crash
-
-    def replace_socket(self, sock):
-        """Go on with `sock` instead of the socket in use (which is closed)."""
-        if self.poller:
-            self.poller.unregister(self.sock)
-            self.handlers.pop(self.sock.fileno(), None)
-        self.sock.close()
-        self.sock = sock
-        if self.poller:
-            self.watch(sock.fileno(), self.udp_readable)
-
-    # Hooks for the subclasses (see the class's docstring).
-    def admit(self, data, addr):
-        return True
-
-    def address_for(self, packet):
-        return None
-
-    def tick(self, now):
-        pass
-
-    def status(self):
-        return {}
-
-    def unreachable(self, error):
-        """The socket reported `error` (an OSError, already counted): the
-        peer cannot be reached for now. The client says so."""
-
-    def counters(self):
-        """More numbers for `status`, from the speed layer."""
-        return {}
-
-    def publish(self):
-        """Write status() to a file anyone may read: `udptun.py status`
-        needs no privileges, and a crashed run leaves nothing listening."""
-        if self.status_path:
-            status = dict(self.status(), pid=os.getpid(), device=self.tun.name, time=time.time(),
-                          drops=dict(sorted(self.drops.items())), **self.counters())
-            tmp = self.status_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(status, f)
-            os.replace(tmp, self.status_path)
+    p = packets[i]
+    if p[VERSION] == 0x45:   # IPv4, no options
+        if int.from_bytes(p[IPV4_FRAGMENT], "big") & 0xBFFF:
+            return 1   # a fragment (more fragments, or an offset; don't-fragment, 0x4000, is fine)
+        start, proto = IPV4_HEADER, p[IPV4_PROTOCOL]
+    elif p[VERSION] >> 4 == 6:
+        start, proto = IPV6_HEADER, p[IPV6_NEXT]
+    else:
+        return 1
+    if len(p) < start + TCP_HEADER:
+        return 1
+    if proto == TCP:
+        return tcp_run(packets, i, start)
+    if proto == UDP:
+        return udp_run(packets, i, start)
+    return 1
 
 
-class Peer:
-    """One client of the server: the UDP address that owns a tunnel IP."""
+def tcp_run(packets, i, t):
+    """mergeable() for TCP segments, whose header starts at `t`: they must
+    also follow each other in sequence, agree on acknowledgement, header
+    length, window and options (timestamps included), and carry only ACK,
+    with PSH allowed on the last."""
+    p = packets[i]
+    end = t + (p[t + TCP_OFFSET] >> 4) * 4   # where the payload starts
+    size = len(p) - end   # of every segment but the last
+    if p[t + TCP_FLAGS] != ACK or end < t + TCP_HEADER or size <= 0:
+        return 1   # a SYN, a FIN, a pure ACK...
 
-    __slots__ = ("ip", "addr", "last_seen", "since", "previous", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes")
+    def same(q):   # ack, data offset, window, urgent pointer, options
+        return (same_in_a_flow(q) + q[t + TCP_ACK:t + TCP_FLAGS] + q[t + TCP_WINDOW:t + TCP_CHECKSUM]
+                + q[t + TCP_URGENT:end])
 
-    def __init__(self, ip, addr, now):
-        self.ip, self.addr, self.last_seen, self.since = ip, addr, now, now
-        self.previous = None   # the address it moved from, if that one had held it long
-        self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
+    key, seq = same(p), int.from_bytes(p[t + TCP_SEQ:t + TCP_ACK], "big") + size
+    total, j, n = len(p), i + 1, min(len(packets), i + GSO_MAX_SEGMENTS)
+    while j < n:
+        q = packets[j]
+        more = len(q) - end
+        if (more <= 0 or more > size or total + more > MAX_PACKET or same(q) != key
+                or int.from_bytes(q[t + TCP_SEQ:t + TCP_ACK], "big") != seq & 0xFFFFFFFF
+                or q[t + TCP_FLAGS] not in (ACK, ACK | PSH)):
+            break
+        seq, total, j = seq + more, total + more, j + 1
+        if more < size or q[t + TCP_FLAGS] & PSH:
+            break   # a short one or a push ends the run
+    return j - i
 
 
-def host_of(addr):
-    """Who sends from socket address `addr`, for --max-per-host: its IP, or
-    for IPv6 its /64 (one home or one VPS has a whole /64 to send from)."""
-    host = addr[0]
-    if ":" not in host or host.startswith("::ffff:"):
-        return host
-    return ipaddress.IPv6Address(host.split("%")[0]).packed[:8]
+def udp_run(packets, i, u):
+    """mergeable() for UDP datagrams, whose header starts at `u`: each
+    one's UDP length must agree with its IP length."""
+    p = packets[i]
+    end = u + UDP_HEADER
+    size = len(p) - end
+    if int.from_bytes(p[u + UDP_LENGTH:u + UDP_CHECKSUM], "big") != len(p) - u or size <= 0:
+        return 1   # the lengths disagree, or an empty datagram
+    key = same_in_a_flow(p)
+    total, j, n = len(p), i + 1, min(len(packets), i + GSO_MAX_SEGMENTS)
+    while j < n:
+        q = packets[j]
+        more = len(q) - end
+        if (more <= 0 or more > size or total + more > MAX_PACKET or same_in_a_flow(q) != key
+                or int.from_bytes(q[u + UDP_LENGTH:u + UDP_CHECKSUM], "big") != more + UDP_HEADER):
+            break
+        total, j = total + more, j + 1
+        if more < size:
+            break   # a short one ends the run
+    return j - i
 
 
-class ClientTable:
-    """Which UDP address owns each tunnel IP. Lookups are one dict access.
-
-    The rules, in order, for a packet from UDP address `addr` whose inner
-    source is tunnel IP `ip`:
-    - owner is `addr`: the packet is theirs (the fast path).
-    - nobody owns `ip` (or the owner expired): first claim wins, while the
-      table has room and `addr`'s IP holds fewer than `max_per_host`
-      addresses (so one host cannot take the subnet).
-    - same outer IP, new port: a NAT rebinding. The binding moves once the
-      owner's port has been quiet for REBIND_QUIET: a NAT gives a new port
-      to a flow that went idle, or to a laptop that changed networks, never
-      to one that is busy. And it moves back at once if the port it left
-      speaks again, if that one had held it for REBIND_QUIET too: a NAT's
-      old port never speaks again, so the new one was a forger who can send
-      as the client's IP. The server asks the old port at once (see
-      Server.probe), and a forger, who held the binding only until the
-      answer came, is not trusted so.
-    - another outer IP: refused and counted, until the owner has been silent
-      for `rebind_after` seconds; then it moves (a client whose home address
-      changed comes back).
-    Bindings idle for `timeout` seconds expire. Every log line goes through
-    a LogLimit: a flood of claims writes a few lines, not one each.
+def merge(run):
+    """The buffers of one write() that hands `run` (see mergeable) to the
+    kernel as one packet: a virtio_net_hdr saying "TCP segments (or UDP
+    datagrams) of this size", the first one's headers with the total
+    length, then every payload. The kernel takes it as if GRO had merged
+    it, and cuts it up again (GSO) where it must, each piece with its own
+    headers. The checksum is left for the kernel to finish (NEEDS_CSUM): the
+    header holds just the sum of the pseudo-header (RFC 9293, 3.1; RFC 768;
+    RFC 8200, 8.1), as a network card's driver would leave it.
     """
-
-    def __init__(self, timeout=DEFAULT_CLIENT_TIMEOUT, rebind_after=DEFAULT_REBIND_AFTER,
-                 max_clients=1000, max_per_host=DEFAULT_MAX_PER_HOST):
-        self.by_ip = {}
-        self.per_host = {}   # outer IP -> how many tunnel addresses it holds
-        self.timeout, self.rebind_after = timeout, rebind_after
-        self.max_clients, self.max_per_host = max_clients, max_per_host
-        self.log = LogLimit()
-
-    def claim(self, ip, addr, now):
-        """(the Peer that may send as `ip` from `addr`, None or "moved"), or
-        (None, why not)."""
-        peer = self.by_ip.get(ip)
-        if peer is not None and peer.addr == addr:
-            peer.last_seen = now
-            return peer, None
-        host = host_of(addr)
-        if peer is None:
-            if len(self.by_ip) >= self.max_clients:
-                return None, "table-full"
-            if self.per_host.get(host, 0) >= self.max_per_host:
-                return None, "host-limit"
-            peer = self.by_ip[ip] = Peer(ip, addr, now)
-            self.per_host[host] = self.per_host.get(host, 0) + 1
-            self.log("join", f"client {show(ip)} joined from {show(addr)}", now)
-            return peer, None
-        quiet = now - peer.last_seen
-        if addr[0] == peer.addr[0] and (quiet >= REBIND_QUIET or addr == peer.previous) or quiet >= self.rebind_after:
-            if host != host_of(peer.addr):
-                if self.per_host.get(host, 0) >= self.max_per_host:
-                    return None, "host-limit"
-                self.forget(host_of(peer.addr))
-                self.per_host[host] = self.per_host.get(host, 0) + 1
-            self.log("move", f"client {show(ip)} moved from {show(peer.addr)} to {show(addr)}", now)
-            peer.previous = peer.addr if now - peer.since >= REBIND_QUIET else None
-            peer.addr, peer.last_seen, peer.since = addr, now, now
-            return peer, "moved"
-        self.log("refuse", f"client {show(ip)}: refused claim from {show(addr)} (owned by {show(peer.addr)})", now)
-        return None, "refused"
-
-    def forget(self, host):
-        left = self.per_host.pop(host) - 1
-        if left:
-            self.per_host[host] = left
-
-    def expire(self, now):
-        for ip in [ip for ip, p in self.by_ip.items() if now - p.last_seen >= self.timeout]:
-            peer = self.by_ip.pop(ip)
-            self.forget(host_of(peer.addr))
-            self.log("expire", f"client {show(ip)} expired (silent since {now - peer.last_seen:.0f} s)", now)
+    first, last = run[0], run[-1]
+    v6 = first[VERSION] >> 4 == 6
+    h, proto = (IPV6_HEADER, first[IPV6_NEXT]) if v6 else (IPV4_HEADER, first[IPV4_PROTOCOL])
+    end = h + (first[h + TCP_OFFSET] >> 4) * 4 if proto == TCP else h + UDP_HEADER
+    total = end + sum(len(q) - end for q in run)
+    ip = bytearray(first[:h])
+    if v6:   # no header checksum; a payload length; the pseudo-header's length is 32 bits
+        ip[IPV6_LENGTH] = (total - h).to_bytes(2, "big")
+        pseudo = first[IPV6_SRC.start:IPV6_DST.stop] + struct.pack("!I3xB", total - h, proto)
+    else:
+        ip[IPV4_LENGTH] = total.to_bytes(2, "big")
+        ip[IPV4_CHECKSUM] = b"\0\0"
+        ip[IPV4_CHECKSUM] = internet_checksum(bytes(ip)).to_bytes(2, "big")
+        pseudo = first[IPV4_ADDRESSES] + struct.pack("!BBH", 0, proto, total - h)
+    pseudo = (~internet_checksum(pseudo) & 0xFFFF).to_bytes(2, "big")   # its sum, not inverted
+    header = bytearray(first[h:end])
+    if proto == TCP:
+        header[TCP_FLAGS] |= last[h + TCP_FLAGS] & PSH
+        header[TCP_CHECKSUM:TCP_CHECKSUM + 2] = pseudo
+        gso, check_at = (VIRTIO_NET_HDR_GSO_TCPV6 if v6 else VIRTIO_NET_HDR_GSO_TCPV4), TCP_CHECKSUM
+    else:
+        header[UDP_LENGTH:UDP_CHECKSUM] = (total - h).to_bytes(2, "big")
+        header[UDP_CHECKSUM:UDP_HEADER] = pseudo
+        gso, check_at = VIRTIO_NET_HDR_GSO_UDP_L4, UDP_CHECKSUM
+    vnet = VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso, end, len(first) - end, h, check_at)
+    return [vnet, ip, header] + [memoryview(q)[end:] for q in run]
 
 
-def show(value):
-    """A 4- or 16-byte address, or a socket address (host, port, ...) -> text.
-    An IPv4 peer of a dual-stack socket shows as IPv4, not ::ffff:a.b.c.d."""
-    if isinstance(value, tuple):
-        host = value[0][7:] if value[0].startswith("::ffff:") else value[0]
-        return f"[{host}]:{value[1]}" if ":" in host else f"{host}:{value[1]}"
-    return socket.inet_ntop(socket.AF_INET if len(value) == 4 else socket.AF_INET6, value)
-
-
-# ---------------------------------------------------------------- server and client
-class Server(Forwarder):
-    """The server's policy: many clients, one UDP socket, one TUN device.
-
-    A datagram goes into the TUN device if it holds a well-formed IP packet
-    whose source is a tunnel address its sender owns (see ClientTable) and,
-    unless --client-to-client, whose destination is not another client's.
-    A packet from the TUN device goes to the client that owns its
-    destination. `addresses` are the server's tunnel addresses
-    (IPv4Interface, and IPv6Interface when IPv6 is on): each gives a subnet
-    from which clients take theirs.
-    """
-
-    def __init__(self, tun, sock, addresses, table, client_to_client=False, allow=None, local=(), verbose=False):
-        super().__init__(tun, sock, verbose)
-        self.local = set(local)   # this machine's addresses
-        self.table = table
-        self.client_to_client = client_to_client
-        self.subnets = {}    # address length (4 or 16) -> (network, netmask) as integers
-        self.own = set()     # the server's own tunnel addresses
-        self.reserved = set()
-        for a in addresses:
-            net = a.network
-            self.subnets[len(a.ip.packed)] = (int(net.network_address), int(net.netmask))
-            self.own.add(a.ip.packed)
-            # A client may not claim the server's address, nor the subnet's
-            # first (IPv4's network address, IPv6's subnet-router anycast,
-            # RFC 4291) or last (IPv4's broadcast) address.
-            self.reserved |= {a.ip.packed, net.network_address.packed, net.broadcast_address.packed}
-        self.allow = allow   # --allow: outer networks that may use us, or None: anyone
-        self.ip4 = next((a.ip.packed for a in addresses if a.version == 4), None)   # for probes
-        self.seq = 0
-
-    def admit(self, data, addr):
-        """The checks, cheapest and most common first: a packet from the
-        address that owns its source is one dict lookup away from passing."""
-        problem = ip_problem(data)
-        if data and data[0] >> 4 == 4:   # (written out, not looked up: this runs for every packet)
-            src, dst = data[12:16], data[16:20]
-        else:
-            src, dst = data[8:24], data[24:40]
-        peer = None if problem else self.table.by_ip.get(src)
-        if peer is not None and peer.addr == addr:
-            peer.last_seen = self.now
-        else:
-            peer = self.claim(data, addr, problem, src)
-            if peer is None:
-                return False
-        if not self.client_to_client and dst not in self.own and self.in_subnet(dst):
-            self.drop("client-to-client", src, "->", dst)
-            return False
-        peer.rx_packets += 1
-        peer.rx_bytes += len(data)
-        return True
-
-    def claim(self, data, addr, problem, src):
-        """The rest of admit(), for a datagram whose sender does not own its
-        source (yet): the Peer that may send it, or None (counted)."""
-        if self.allow is not None and not self.allowed(addr[0]):
-            self.drop("not-allowed", addr)   # before looking inside at all
-            return None
-        if problem:
-            self.drop("empty" if not data else problem, addr)   # (empty: a socat peer's end of stream)
-            return None
-        if self.looped(addr[0]):
-            why = "loop"
-        elif src in self.reserved or not self.in_subnet(src):
-            why = "bad-source"
-        else:
-            peer, why = self.table.claim(src, addr, self.now)
-            if peer is not None:
-                if why == "moved" and peer.previous:
-                    self.probe(peer)
-                return peer
-        self.drop(why, src, "from", addr)
-        return None
-
-    def in_subnet(self, ip):
-        net, mask = self.subnets.get(len(ip), (-1, 0))
-        return int.from_bytes(ip, "big") & mask == net
-
-    def looped(self, host):
-        """Whether a datagram's outer source cannot be a client's: loopback,
-        multicast, unspecified, one of this machine's own addresses, or
-        inside the tunnel. The last is a packet we wrote to the TUN device
-        that came back to our own port (a client's packet to 10.0.0.2:5555):
-        so it is never parsed as a tunnel datagram, and cannot loop."""
-        ip = ipaddress.ip_address(host.split("%")[0])
-        ip = getattr(ip, "ipv4_mapped", None) or ip
-        return (ip.is_loopback or ip.is_multicast or ip.is_unspecified or str(ip) in self.local
-                or self.in_subnet(ip.packed))
-
-    def allowed(self, host):
-        ip = ipaddress.ip_address(host)
-        ip = getattr(ip, "ipv4_mapped", None) or ip   # an IPv4 peer of our dual-stack socket
-        return any(ip in net for net in self.allow)
-
-    def probe(self, peer):
-        """Ask the address a binding just left whether it is still there: an
-        echo request to the client's tunnel address (IPv4 only; an IPv6
-        binding waits for the client's next packet). A live client's kernel
-        answers through the tunnel, from that address, and takes its binding
-        back (see ClientTable.claim); one that really moved never answers."""
-        if len(peer.ip) == 4 and self.ip4:
-            self.seq = (self.seq + 1) & 0xFFFF
-            self.send_one(echo_request(self.ip4, peer.ip, 0x5555, self.seq), peer.previous)
-
-    def address_for(self, packet):
-        """The owner of the packet's destination."""
-        dst = packet[16:20] if packet[0] >> 4 == 4 else packet[24:40]
-        peer = self.table.by_ip.get(dst)
-        if peer is None:
-            self.drop("no-client", dst)
-            return False
-        peer.tx_packets += 1
-        peer.tx_bytes += len(packet)
-        return peer.addr
-
-    def tick(self, now):
-        self.table.expire(now)
-
-    def status(self):
-        return {"role": "server", "clients": [
-            {"ip": show(p.ip), "udp": show(p.addr), "idle": round(self.now - p.last_seen, 1),
-             "rx_packets": p.rx_packets, "rx_bytes": p.rx_bytes,
-             "tx_packets": p.tx_packets, "tx_bytes": p.tx_bytes}
-            for p in self.table.by_ip.values()]}
-
-
-class Client(Forwarder):
-    """One server, one connected UDP socket, keepalives and liveness logs,
-    and a laptop's life: its network changes, and the server's address may
-    change too.
-
-    `server` is its (address, port); `name` the host name the user gave, if
-    any, looked up again while the server is not answering; `mark` the
-    firewall mark of the socket (see add_client_routing).
-    """
-
-    def __init__(self, tun, sock, addresses, server_tunnel_ip, keepalive, mark, name=None, family=socket.AF_UNSPEC,
-                 verbose=False):
-        super().__init__(tun, sock, verbose)
-        self.my_ip = addresses[0].ip.packed   # where keepalives come from
-        self.mine = {a.ip.packed for a in addresses}   # what we let in
-        self.server_ip = server_tunnel_ip.packed
-        self.server = sock.getpeername()
-        self.name, self.mark, self.family = name, mark, family   # family: -4, -6, or either
-        self.keepalive = keepalive
-        self.ident = os.getpid() & 0xFFFF
-        self.seq = 0
-        self.last_tx = self.last_rx = self.last_keepalive = self.last_lookup = float("-inf")
-        self.alive = None   # unknown until the first reply or timeout
-        self.lookup = None               # the lookup thread, while one runs
-        self.answers = queue.SimpleQueue()   # what lookups found: (round, address or None)
-        self.round = 0                   # answers from an earlier outage are stale
-        self.tx_packets = self.rx_packets = self.tx_bytes = self.rx_bytes = 0
-
-    def address_for(self, packet):
-        """Everything goes to the server, on the connected socket."""
-        self.tx_packets += 1
-        self.tx_bytes += len(packet)
-        self.last_tx = self.now
-        return None
-
-    def admit(self, data, addr):
-        """Only packets for our own tunnel address go on. The kernel lets in
-        only datagrams from the server's address and port, but anyone who
-        can send as that address could otherwise reach this laptop's other
-        addresses (its LAN side), other hosts or a broadcast through us."""
-        problem = ip_problem(data)
-        if problem:
-            self.drop(problem)
-            return False
-        version = data[0] >> 4
-        dst = data[16:20] if version == 4 else data[24:40]
-        if dst not in self.mine:
-            self.drop("not-for-us", dst)
-            return False
-        self.rx_packets += 1
-        self.rx_bytes += len(data)
-        self.last_rx = self.now
-        if self.alive is not True:
-            self.alive = True
-            self.round += 1
-            log("server is answering")
-        # The answer to our keepalive is ours, not the kernel's.
-        return not (version == 4 and data[9] == 1 and is_echo_reply(data, self.server_ip, self.ident))
-
-    def unreachable(self, error):
-        """An ICMP error, or a send that failed. Anyone on the path can forge
-        the first, so it counts only when the server has been quiet for a
-        while: then a flood of forged errors logs a line at most per
-        keepalive, and never hides a server that answers."""
-        if self.alive is not False and self.now - self.last_rx >= 0.5:
-            self.alive = False
-            log(f"server is not answering ({error.strerror}): still trying")
-
-    def send_keepalive(self):
-        self.seq = (self.seq + 1) & 0xFFFF
-        self.send_one(echo_request(self.my_ip, self.server_ip, self.ident, self.seq), None)
-        self.last_keepalive = self.now
-
-    def tick(self, now):
-        self.follow_network()
-        k = self.keepalive
-        if k:
-            quiet = now - self.last_tx >= k or now - self.last_rx >= k
-            if quiet and now - self.last_keepalive >= k:
-                self.send_keepalive()
-            # Three keepalives unanswered: say so once; admit() says when it is back.
-            if self.alive is not False and now - self.last_rx >= 3 * k and now - self.started >= 3 * k:
-                self.alive = False
-                log(f"server is not answering (nothing for {3 * k:g} s): still trying")
-        if self.name and self.alive is False:
-            self.look_up_again(now, 3 * k if k else 30)
-
-    def follow_network(self):
-        """Start over on a new socket when the laptop's address changes.
-
-        A connected UDP socket keeps the source address the kernel chose
-        at connect(). After a move to another network that address is gone,
-        and every send fails. So once a second we ask which source the
-        kernel would choose now, and if it changed, we reconnect. The routes
-        need nothing: policy routing already sends our datagrams by whatever
-        default route the laptop has now (see add_client_routing).
-        """
-        source = source_for(self.server, self.mark)
-        if source and source != self.sock.getsockname()[0]:
-            log(f"the network changed: reaching the server from {source} now")
-            self.reconnect(self.server)
-
-    def reconnect(self, server):
-        """Swap in a socket connected to `server` from the current source,
-        and say hello at once, so the server learns our new outer address."""
-        try:
-            sock = connect_udp(server, self.mark)
-        except UserError as e:
-            log(f"udptun: {e}")
-            return
-        self.replace_socket(sock)
-        self.server = server
-        if self.keepalive:
-            self.send_keepalive()
-
-    def look_up_again(self, now, every):
-        """The server was given by name and does not answer: its address may
-        have changed (a VPS behind dynamic DNS). Look the name up again, every
-        `every` seconds, in a thread: a lookup can take seconds, and packets
-        must keep moving meanwhile. One lookup at a time; the answer comes
-        back through a queue, the one safe way to hand it over."""
-        while not self.answers.empty():
-            round, address = self.answers.get()
-            if round == self.round and address and address != self.server:
-                log(f"server {self.name} is at {show(address)} now")
-                self.reconnect(address)
-        if now - self.last_lookup < every or self.lookup and self.lookup.is_alive():
-            return
-        self.last_lookup = now
-
-        def lookup(name=self.name, port=self.server[1], family=self.family, round=self.round):
-            try:
-                self.answers.put((round, resolve(name, port, family)))
-            except UserError:
-                self.answers.put((round, None))
-        self.lookup = threading.Thread(target=lookup, daemon=True)
-        self.lookup.start()
-
-    def status(self):
-        return {"role": "client", "clients": [
-            {"ip": show(self.server_ip), "udp": show(self.server),
-             "idle": round(self.now - self.last_rx, 1) if self.rx_packets else None,   # None: never heard
-             "rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
-             "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes, "answering": self.alive}]}
-
-
-# ---------------------------------------------------------------- going faster
 def flow_of(packet):
     """What tells one flow from another: the addresses, and for TCP and UDP
     the ports too (where they follow the header at once: IPv4 without
     options, IPv6 without extension headers). Other protocols get one flow
     per address pair: a ping's ICMP checksum changes with every packet and
     must not make each one a new flow."""
-    if packet[0] == 0x45:
-        return packet[12:24] if packet[9] in (TCP, UDP) else packet[12:20]
-    return packet[8:44] if packet[6] in (TCP, UDP) else packet[8:40]
+    if packet[VERSION] == 0x45:
+        return packet[IPV4_FLOW] if packet[IPV4_PROTOCOL] in (TCP, UDP) else packet[IPV4_ADDRESSES]
+    return packet[IPV6_FLOW] if packet[IPV6_NEXT] in (TCP, UDP) else packet[IPV6_ADDRESSES]
 
 
 class FairQueue:
@@ -2108,12 +2261,12 @@ class Batching:
         (routing, firewall, the receiving TCP) once per run instead of once
         per packet, and on the server that work is most of the cost."""
         fd = self.tun.fd
-        head = PLAIN if self.tun.vnet else b""
+        head = PLAIN_VNET_HDR if self.tun.vnet else b""
         merging = self.merging if self.tun.vnet else ()
         i, n = 0, len(packets)
         while i < n:
             packet = packets[i]
-            proto = packet[9] if packet[0] >> 4 == 4 else packet[6]
+            proto = packet[IPV4_PROTOCOL] if packet[VERSION] >> 4 == 4 else packet[IPV6_NEXT]
             k = mergeable(packets, i) if proto in merging else 1
             try:
                 if k == 1:
@@ -2159,38 +2312,9 @@ class FastClient(Batching, Client):
     """The client, with the speed layer."""
 
 
-def setup_tun(changes, system, args, addresses):
-    """Create the TUN device, give it its addresses and bring it up. They
-    belong to the device, so the kernel removes them when it closes: no undo.
-
-    The IPv6 address needs no duplicate address detection (`nodad`: no other
-    host shares the device), and the device no link-local address
-    (`addrgenmode none`): it would only send router solicitations and
-    multicast reports to the other end, which has no use for them.
-
-    txqueuelen is the length of the ring where the kernel leaves packets for
-    us to read(), a FIFO out of reach of qdiscs such as fq_codel (the
-    device drops what does not fit; it never pushes back). It only has to
-    hold what arrives in one turn of Forwarder.run(): the backlog of a busy
-    tunnel waits in our FairQueue instead. 1000, as WireGuard's, rides out
-    a few milliseconds when the scheduler runs something else.
-    """
-    vnet = not args.plain   # the speed layer writes merged packets behind a virtio_net_hdr
-    tun = FakeTun(args.dev, vnet) if system.dry_run else Tun(args.dev, vnet)
-    log(f"[#] open {TUN_PATH} as {tun.name} (TUNSETIFF, IFF_TUN | IFF_NO_PI | IFF_TUN_EXCL"
-        f"{' | IFF_VNET_HDR' if vnet else ''})")
-    changes.defer(tun.close, f"close {tun.name}: the kernel deletes it with its address and routes")
-    for address in addresses:
-        if address.version == 4:
-            changes.make(["ip", "address", "add", str(address), "dev", tun.name])
-        else:
-            changes.make(["ip", "-6", "address", "add", str(address), "dev", tun.name, "nodad"])
-            changes.make(["ip", "link", "set", "dev", tun.name, "addrgenmode", "none"])
-    changes.make(["ip", "link", "set", "dev", tun.name, "mtu", str(args.mtu),
-                  "txqueuelen", str(args.txqueuelen), "up"])
-    return tun
-
-
+# ================ 10. The command line
+# What the user types, checked before anything changes; then the server's
+# and the client's setup, in order, each change pushed on the undo stack.
 def tunnel_addresses(args):
     """This end's tunnel addresses: IPv4, and IPv6 where the machine has it."""
     address = parse_address(args.address, "--address")
@@ -2203,47 +2327,36 @@ def tunnel_addresses(args):
     return [address, address6_for(address, args.address6)]
 
 
-def prepare(args):
-    """What both sides do first: check root, take the device's lock and
-    undo what an earlier run left. Returns the Changes to make the run's
-    changes on, as a `with` block that undoes them (and lets go of the lock)."""
-    system = System(dry_run=args.dry_run)
-    if not args.dry_run and os.geteuid() != 0:
-        raise UserError(f"must run as root: sudo python3 {sys.argv[0]} {args.command} ...")
-    journal = Journal(args.dev, dry_run=args.dry_run)
-    if args.dry_run and journal.held():
-        raise UserError(f"udptun is already running on {args.dev} here: its plan would not be this one")
+def parse_address(text, what, version=4):
+    """'10.0.0.1/24' (or, version 6, 'fd00::1/64') -> an IPv4Interface (or
+    IPv6Interface), or a UserError that says what is wrong."""
+    kind, example, most = ((ipaddress.IPv4Interface, "10.0.0.1/24", 30) if version == 4 else
+                           (ipaddress.IPv6Interface, "fd00::1/64", 126))
     try:
-        leftovers = recover(system, journal, args.dev)
-    except BaseException:   # an error, or a signal: let go of the lock all the same
-        journal.release()
-        raise
-    return Changes(system, journal, leftovers)
+        iface = kind(text)
+    except ValueError:
+        raise UserError(f"{what} {text!r} is not an IPv{version} address with a prefix, like {example}") from None
+    net = iface.network
+    if net.prefixlen > most or iface.ip in (net.network_address, net.broadcast_address):
+        raise UserError(f"{what} {text}: use a host address in a /{most} or larger subnet, like {example}")
+    return iface
 
 
-def listen(port):
-    """The server's socket: dual-stack (IPv4 and IPv6 on one socket) where
-    the machine has IPv6, else IPv4."""
-    try:
-        sock = open_udp_socket(socket.AF_INET6)
-        host = "::"
-    except OSError:   # EAFNOSUPPORT: a kernel without IPv6
-        sock, host = open_udp_socket(socket.AF_INET), "0.0.0.0"
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:
-            raise UserError(f"UDP port {port} is in use (another udptun?): stop it or pick another --port") from None
-        raise UserError(f"cannot listen on UDP port {port}: {e.strerror}") from None
-    return sock
+def address6_for(address, given):
+    """This end's IPv6 tunnel address: --address6 if given, else the host
+    number of IPv4 `address` in DEFAULT_SUBNET6."""
+    if given:
+        return parse_address(given, "--address6", 6)
+    net = ipaddress.IPv6Network(DEFAULT_SUBNET6)
+    host = int(address.ip) - int(address.network.network_address)
+    return ipaddress.IPv6Interface((int(net.network_address) + host, net.prefixlen))
 
 
 def run_server(args):
     allow = [parse_network(n, "--allow") for n in args.allow]
     reach = [parse_network(n, "--reach") for n in args.reach]
     addresses = tunnel_addresses(args)
-    with prepare(args) as changes:
+    with lock_and_recover(args) as changes:
         system = changes.system
         firewall = choose_firewall(args.firewall)
         if args.out_interface and not system.query("ip", "-o", "link", "show", "dev", args.out_interface,
@@ -2278,7 +2391,8 @@ def run_server(args):
                              nat=not args.no_nat, client_to_client=args.client_to_client,
                              reach=[n for n in reach if n.version == address.version])
             table = ClientTable(args.client_timeout, args.rebind_after, args.max_clients, args.max_per_host)
-            server = (Server if args.plain else FastServer)(tun, sock, addresses, table, args.client_to_client, allow or None, local, args.verbose)
+            kind = Server if args.plain else FastServer
+            server = kind(tun, sock, addresses, table, args.client_to_client, allow or None, local, args.verbose)
             log(f"udptun server: {tun.name} {' '.join(map(str, addresses))}, listening on UDP port {args.port}"
                 f"{' (IPv4 and IPv6)' if sock.family == socket.AF_INET6 else ''}, forwarding out of {out[4]}"
                 + (f" (IPv6: {out[6]})" if out.get(6) and out[6] != out[4] else "")
@@ -2287,11 +2401,53 @@ def run_server(args):
             forward(server, changes, args)
 
 
-def local_addresses(system):
-    """The machine's own addresses, as text: a datagram claiming to come
-    from one of them is a loop, or a forgery (see Server.looped)."""
-    return {line.split()[3].split("/")[0] for line in system.query("ip", "-o", "address", "show").splitlines()
-            if len(line.split()) > 3}
+def run_client(args):
+    addresses = tunnel_addresses(args)
+    server_tunnel_ip = parse_ip(args.server_tunnel_ip, "--server-tunnel-ip", 4)
+    dns = list(dict.fromkeys(parse_ip(a, "--dns") for a in args.dns))   # each once, in order
+    versions = sorted({a.version for a in addresses})
+    # Everything by default, IPv6 too, whether the server carries it or not:
+    # never around the tunnel (a machine without IPv6 has none to send).
+    routes = ([parse_network(r, "--route") for r in args.route]
+              or [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")])
+    # Queries to a --dns server go through the tunnel, even with --route.
+    routes += [ipaddress.ip_network(a) for a in dns if not any(a in r for r in routes if r.version == a.version)]
+    routes = list(dict.fromkeys(r for r in routes if r.version in versions))
+    family = {"4": socket.AF_INET, "6": socket.AF_INET6}.get(args.family, socket.AF_UNSPEC)
+    # Undo what a killed run left first: its --dns may be why names do not resolve.
+    with lock_and_recover(args) as changes:
+        connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, routes, family)
+
+
+def connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, routes, family):
+    """The client's part after lock_and_recover(): find the server, set up, forward."""
+    system = changes.system
+    server = resolve(args.server, args.port, family)
+    name = None if is_address(args.server) else args.server
+    for address in addresses:
+        check_subnet_free(system, address.network, args.dev)
+    strict = strict_reverse_path_filters()
+    if strict:
+        log(f"udptun: warning: strict reverse-path filtering (rp_filter 1) on {', '.join(strict)} drops the "
+            "server's replies there: make it loose, as Debian and Ubuntu do: "
+            "sysctl -w net.ipv4.conf.all.rp_filter=2 " + " ".join(f"net.ipv4.conf.{n}.rp_filter=2" for n in strict))
+    table = free_table(system, versions)
+    # In a dry run, maybe not as root: no mark (it needs CAP_NET_ADMIN), no ICMP.
+    with connect_udp(server, None if args.dry_run else table) as sock:
+        tun = setup_tun(changes, system, args, addresses)
+        if dns:
+            set_dns(changes, tun.name, [str(a) for a in dns])
+        add_client_routing(changes, tun.name, routes, table, dns)
+        kind = Client if args.plain else FastClient
+        client = kind(tun, sock, addresses, server_tunnel_ip, args.keepalive, table, name, family, args.verbose)
+        log(f"udptun client: {tun.name} {' '.join(map(str, addresses))}, server {as_text(server)}"
+            + ("" if dns else "; DNS unchanged (--dns ADDR resolves names through the tunnel)"))
+        if not args.dry_run and args.keepalive:
+            client.send_keepalive()   # so the server learns our address right away
+        try:
+            forward(client, changes, args)
+        finally:
+            client.sock.close()   # the one in use now: follow_network may have replaced it
 
 
 def forward(forwarder, changes, args):
@@ -2310,54 +2466,6 @@ def forward(forwarder, changes, args):
     finally:
         sd_notify("STOPPING=1")
         log(f"udptun: stopping; drops {json.dumps(forwarder.drops, sort_keys=True)}")
-
-
-def run_client(args):
-    addresses = tunnel_addresses(args)
-    server_tunnel_ip = parse_ip(args.server_tunnel_ip, "--server-tunnel-ip", 4)
-    dns = list(dict.fromkeys(parse_ip(a, "--dns") for a in args.dns))   # each once, in order
-    versions = sorted({a.version for a in addresses})
-    # Everything by default, IPv6 too, whether the server carries it or not:
-    # never around the tunnel (a machine without IPv6 has none to send).
-    routes = ([parse_network(r, "--route") for r in args.route]
-              or [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")])
-    # Queries to a --dns server go through the tunnel, even with --route.
-    routes += [ipaddress.ip_network(a) for a in dns if not any(a in r for r in routes if r.version == a.version)]
-    routes = list(dict.fromkeys(r for r in routes if r.version in versions))
-    family = {"4": socket.AF_INET, "6": socket.AF_INET6}.get(args.family, socket.AF_UNSPEC)
-    # Undo what a killed run left first: its --dns may be why names do not resolve.
-    with prepare(args) as changes:
-        connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, routes, family)
-
-
-def connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, routes, family):
-    """The client's part after prepare(): find the server, set up, forward."""
-    system = changes.system
-    server = resolve(args.server, args.port, family)
-    name = None if is_address(args.server) else args.server
-    for address in addresses:
-        check_subnet_free(system, address.network, args.dev)
-    strict = strict_reverse_path_filters()
-    if strict:
-        log(f"udptun: warning: strict reverse-path filtering (rp_filter 1) on {', '.join(strict)} drops the "
-            "server's replies there: make it loose, as Debian and Ubuntu do: "
-            "sysctl -w net.ipv4.conf.all.rp_filter=2 " + " ".join(f"net.ipv4.conf.{n}.rp_filter=2" for n in strict))
-    table = free_table(system, versions)
-    # In a dry run, maybe not as root: no mark (it needs CAP_NET_ADMIN), no ICMP.
-    with connect_udp(server, None if args.dry_run else table) as sock:
-        tun = setup_tun(changes, system, args, addresses)
-        if dns:
-            set_dns(changes, tun.name, [str(a) for a in dns])
-        add_client_routing(changes, tun.name, routes, table, dns)
-        client = (Client if args.plain else FastClient)(tun, sock, addresses, server_tunnel_ip, args.keepalive, table, name, family, args.verbose)
-        log(f"udptun client: {tun.name} {' '.join(map(str, addresses))}, server {show(server)}"
-            + ("" if dns else "; DNS unchanged (--dns ADDR resolves names through the tunnel)"))
-        if not args.dry_run and args.keepalive:
-            client.send_keepalive()   # so the server learns our address right away
-        try:
-            forward(client, changes, args)
-        finally:
-            client.sock.close()   # the one in use now: follow_network may have replaced it
 
 
 def run_down(args):
@@ -2398,7 +2506,6 @@ def run_status(args):
         print(f"packets merged on writing to {s['device']}: {m['packets']} in {m['writes']} writes")
 
 
-# ---------------------------------------------------------------- command line
 def parse_ip(text, what, version=None):
     try:
         ip = ipaddress.ip_address(text)
