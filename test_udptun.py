@@ -214,7 +214,7 @@ class FakeSocket:
         ancillary = [(udptun.SOL_UDP, udptun.UDP_GRO, struct.pack("=i", gro[0]))] if gro else []
         return data, ancillary, 0, addr
 
-    def recvfrom(self, bufsize):
+    def recvfrom(self, bufsize, flags=0):
         data, addr, *gro = self.queue.pop(0)
         assert not gro, "the plain loop never turns UDP GRO on"
         return data, addr
@@ -295,7 +295,7 @@ def receive(forwarder):
     backlog): take them in through the speed layer's queue, then write the
     queue to the TUN device."""
     forwarder.ready_before = [forwarder.sock.fileno()]   # ready at the turn before too: a backlog
-    forwarder.udp_readable()
+    forwarder.udp_to_tun()
     forwarder.write_tun(forwarder.to_tun.pop(len(forwarder.to_tun)))
 
 
@@ -311,16 +311,16 @@ def test_the_plain_loop_moves_one_packet_per_call():
     device) and passes it on at once, through the same policy."""
     mine, garbage = ipv4(src="10.0.0.1", payload=b"a" * 20), b"\x00" * 20
     server, tun = make_server([(mine, CLIENT), (garbage, CLIENT), (mine, CLIENT)], plain=True)
-    server.udp_readable()
+    server.udp_to_tun()
     assert tun.written() == mine and len(server.sock.queue) == 2
-    server.udp_readable()
-    server.udp_readable()
+    server.udp_to_tun()
+    server.udp_to_tun()
     assert tun.written() == mine and server.drops == {"not-ip": 1}
     reply, stray = ipv4(src="203.0.113.80", dst="10.0.0.1"), ipv4(src="203.0.113.80", dst="10.0.0.9")
     tun.inbox = [reply, stray]
-    server.tun_readable()
-    server.tun_readable()
-    server.tun_readable()   # nothing left: nothing happens
+    server.tun_to_udp()
+    server.tun_to_udp()
+    server.tun_to_udp()   # nothing left: nothing happens
     assert server.sock.sent == [(reply, CLIENT)] and server.drops == {"not-ip": 1, "no-client": 1}
 
 
@@ -331,7 +331,7 @@ def test_without_a_backlog_a_packet_goes_straight_on():
     taken in bulk through the queue."""
     a, b, c = (ipv4(src="10.0.0.1", payload=bytes([n]) * 20) for n in range(3))
     server, tun = make_server([(a, CLIENT), (b, CLIENT), (c, CLIENT)])
-    server.handlers = {-1: server.udp_readable}
+    server.handlers = {-1: server.udp_to_tun}
     server.read_tun = lambda limit: []   # (what the writes made the kernel answer: nothing here)
     server.handle([(-1, select.EPOLLIN)])
     assert tun.written() == a and len(server.sock.queue) == 2 and not server.to_tun
@@ -680,7 +680,7 @@ def test_a_full_queue_drops_from_the_fattest_flow():
     server, tun = make_server([(ipv4(src="10.0.0.1"), CLIENT)] * 25)
     server.to_tun = udptun.FairQueue(limit=3)
     server.ready_before = [server.sock.fileno()]
-    server.udp_readable()   # room for 3 and 16 more: those shed from the longest flow, the rest left to the kernel
+    server.udp_to_tun()   # room for 3 and 16 more: those shed from the longest flow, the rest left to the kernel
     assert len(server.to_tun) == 3 and len(server.sock.queue) == 6 and server.drops == {"queue-full": 16}
 
 
@@ -1173,10 +1173,14 @@ def test_sd_notify_sends_ready(tmp_path, monkeypatch):
         assert listener.recv(100) == b"READY=1"
 
 
-def test_readme_test_command_is_what_ci_runs():
+def test_readme_test_commands_are_what_ci_runs():
+    """Both of "Test it"'s commands (the speed layer, then the plain loop),
+    and no other test run."""
     readme = open(os.path.join(HERE, "README.md")).read()
-    command = re.search(r"^\s*(python3 -m pytest[^\n]*)$", readme, re.M).group(1).strip()
-    assert command in open(os.path.join(HERE, ".ci", "run")).read()
+    commands = re.findall(r"^((?:\w+=\S+ )*python3 -m pytest test_udptun.py -m \"not bench\"[^\n]*)$", readme, re.M)
+    ci = open(os.path.join(HERE, ".ci", "run")).read()
+    assert commands == [line for line in ci.splitlines() if "-m pytest" in line]
+    assert commands[1] == "UDPTUN_PLAIN=1 " + commands[0]
 
 
 # ================================================================ parsing and merging, fuzzed
