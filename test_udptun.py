@@ -263,8 +263,9 @@ class PipeTun:
         return b""
 
 
-def make_server(datagrams, gso_error=None, plain=False, **kw):
+def make_server(datagrams, gso_error=None, plain=False, vnet=False, **kw):
     tun = PipeTun()
+    tun.vnet = vnet   # (the speed layer's device: every write starts with a virtio_net_hdr)
     addresses = [ipaddress.IPv4Interface("10.0.0.2/24"), ipaddress.IPv6Interface("fd75:6470:746e::2/64")]
     kind = udptun.Server if plain else udptun.FastServer
     server = kind(tun, FakeSocket(datagrams, gso_error), addresses, udptun.ClientTable(), **kw)
@@ -2709,8 +2710,7 @@ def test_short_packets_are_written_as_they_are():
     """A client may send anything that is IPv4: a TCP packet too short to
     hold a TCP header must reach the kernel (which drops it), not crash us."""
     short = [ipv4(src="10.0.0.1", proto=6, payload=b"abcd"), ipv4(src="10.0.0.1", proto=17, payload=b"ab")]
-    server, tun = make_server([(p, CLIENT) for p in short + short])
-    tun.vnet = True
+    server, tun = make_server([(p, CLIENT) for p in short + short], vnet=True)
     receive(server)
     # (in flow order: the fair queue gives each flow its turn)
     assert tun.written() == b"".join(udptun.PLAIN_VNET_HDR + p for p in [short[0]] * 2 + [short[1]] * 2)
@@ -2718,13 +2718,13 @@ def test_short_packets_are_written_as_they_are():
 
 def test_merging_falls_back_to_one_write_per_packet(monkeypatch):
     tun = PipeTun()
-    tun.vnet = True
+    tun.vnet = True   # (before the forwarder: its writer asks once)
     forwarder = udptun.FastServer(tun, FakeSocket(), [ipaddress.IPv4Interface("10.0.0.2/24")], udptun.ClientTable())
     monkeypatch.setattr(udptun.os, "writev", lambda fd, buffers: (_ for _ in ()).throw(
         OSError(errno.EINVAL, "Invalid argument")))
     segments = stream([1348] * 3) + [echo(1)] + stream([1348] * 2, seq=5000)
     forwarder.write_tun(segments)
-    assert forwarder.merging == {udptun.UDP}   # TCP refused: UDP is still tried
+    assert forwarder.writer.merging == {udptun.UDP}   # TCP refused: UDP is still tried
     assert tun.written() == b"".join(udptun.PLAIN_VNET_HDR + p for p in segments)   # every one, in order
 
 

@@ -55,8 +55,9 @@ rest is what makes it safe to run, and fast.
      (iptables or nft), the resolver; recovery after a crash.
   9. Going faster: Batching, a layer mixed into Server and Client
      (FastServer, FastClient) that moves many packets per system call:
-     UDP GSO and GRO, merged writes (mergeable, merge), fair queues
-     (FairQueue). `--plain` leaves it out, and the tunnel works the same.
+     UDP GSO and GRO, merged writes (MergingWriter, with mergeable and
+     merge), fair queues (FairQueue). `--plain` leaves it out, and the
+     tunnel works the same.
  10. The command line: the checks of what the user typed; run_server,
      run_client (with connect_client and forward), run_down, run_status;
      main.
@@ -2153,8 +2154,8 @@ class Batching:
     - one sendmsg() sends a run of equal-sized datagrams (UDP GSO), and
       one recvmsg() can return many, coalesced by the kernel (UDP GRO);
     - one write() hands the TUN device a run of one flow's packets as one
-      large packet (see mergeable and merge): the kernel's routing,
-      firewall and TCP then work once per run instead of once per packet;
+      large packet (see MergingWriter): the kernel's routing, firewall and
+      TCP then work once per run instead of once per packet;
     - the backlog waits in a FairQueue per direction, where a ping or a
       keystroke does not wait behind a download.
     A side has a backlog when its queue holds packets, or when it was
@@ -2168,8 +2169,7 @@ class Batching:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.gso = True            # until the kernel says otherwise
-        self.merging = {TCP, UDP}  # protocols whose packets write_tun merges, while the kernel takes them
-        self.merged_packets = self.merged_writes = 0
+        self.writer = MergingWriter(self.tun, self.drop)
         self.to_tun = FairQueue()  # received from the socket, for the TUN device
         self.to_udp = FairQueue()  # read from the TUN device, for the socket
         self.ready_before = ()     # the descriptors that were ready at the previous turn
@@ -2318,13 +2318,31 @@ class Batching:
             self.send_one(packet, addr)
 
     def write_tun(self, packets):
-        """Write packets to the TUN device; runs of one flow's packets (see
-        mergeable) as one large packet each. The kernel then does its work
-        (routing, firewall, the receiving TCP) once per run instead of once
-        per packet, and on the server that work is most of the cost."""
-        fd = self.tun.fd
-        head = PLAIN_VNET_HDR if self.tun.vnet else b""
-        merging = self.merging if self.tun.vnet else ()
+        self.writer.write(packets)
+
+    def counters(self):
+        return {"merged": {"packets": self.writer.packets, "writes": self.writer.writes}}
+
+
+class MergingWriter:
+    """Writes packets to a TUN device, a run of one flow's packets (see
+    mergeable) as one large packet. The kernel then does its work (routing,
+    the firewall, NAT, the receiving TCP) once per run instead of once per
+    packet, and on the server that work is most of the cost.
+
+    A kernel that refuses a merged packet of a protocol (UDP before Linux
+    6.2) gets that protocol's packets one by one from then on. `drop` is
+    the forwarder's, to count what could not be written.
+    """
+
+    def __init__(self, tun, drop):
+        self.fd, self.drop = tun.fd, drop
+        self.head = PLAIN_VNET_HDR if tun.vnet else b""
+        self.merging = {TCP, UDP} if tun.vnet else set()   # what the kernel takes merged, as far as we know
+        self.packets = self.writes = 0   # packets merged, and in how many writes
+
+    def write(self, packets):
+        fd, head, merging = self.fd, self.head, self.merging
         i, n = 0, len(packets)
         while i < n:
             packet = packets[i]
@@ -2335,21 +2353,18 @@ class Batching:
                     os.write(fd, head + packet)
                 else:
                     os.writev(fd, merge(packets[i:i + run]))
-                    self.merged_packets += run
-                    self.merged_writes += 1
+                    self.packets += run
+                    self.writes += 1
             except OSError as e:
                 if run == 1 or e.errno != errno.EINVAL:
                     self.drop("tun-write", e.strerror, count=run)   # count, never crash
-                else:   # not taken here (UDP before Linux 6.2): one write per packet from now on
+                else:   # not taken here: one write per packet from now on
                     merging.discard(proto)
                     kind = "TCP segments" if proto == TCP else "UDP datagrams"
                     log(f"udptun: the TUN device refused merged {kind} ({e.strerror}): "
                         "one write per packet from now on")
                     continue   # the same packets again, one by one
             i += run
-
-    def counters(self):
-        return {"merged": {"packets": self.merged_packets, "writes": self.merged_writes}}
 
 
 def cut_apart(data, ancillary):
