@@ -58,6 +58,17 @@ PLAIN = os.environ.get("UDPTUN_PLAIN") == "1"
 CI = os.environ.get("CI") == "true"
 
 
+@pytest.fixture(autouse=True)
+def signal_handlers():
+    """udptun.main() installs its own (SIGINT, SIGTERM and SIGHUP stop it):
+    put pytest's back after each test, or Ctrl-C would fail one test and
+    go on instead of stopping the run (and cleaning up)."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
 # ================================================================ packet parsing
 def ipv4(src="10.0.0.1", dst="203.0.113.80", payload=b"x" * 20, ihl=5, proto=17, total=None):
     """A hand-built IPv4 packet; options (ihl > 5) are zero bytes."""
