@@ -874,9 +874,9 @@ class Forwarder:
     Callers: run(); and, for the subclasses, send_one() (a keepalive, a
     probe) and replace_socket() (the client's, when its network changes).
 
-    This loop is about as fast as socat (which does the same in C): a
-    little faster with small packets, slower with TCP, whose full-size
-    packets each cost the kernel a trip through its stack. The speed layer
+    This loop is about as fast as socat (which does the same in C) with
+    small packets, and slower with TCP, whose full-size packets each cost
+    the kernel a trip through its stack. The speed layer
     (see Batching, "Going faster") mixes into a subclass and overrides the
     methods that do I/O; --plain leaves it out, and the tunnel works the
     same, slower.
