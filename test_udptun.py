@@ -2702,6 +2702,32 @@ def test_a_run_stops_where_the_kernel_would_stop_merging():
     assert udptun.mergeable(syn, 0) == 1
 
 
+def test_a_run_needs_every_header_byte_equal_but_those_a_flow_changes():
+    """Change any one byte of the second packet's headers and the run
+    ends there, unless it is one that changes from packet to packet in a
+    flow: the IP ID and checksums, or PSH. (The length fields would make
+    the packet malformed, which ip_problem catches first: not tried.)"""
+    tcp4, tcp6 = stream([1348] * 2), [tcp_packet6(1000, bytes(1340)), tcp_packet6(2340, bytes(1340))]
+    udp4, udp6 = datagrams([500] * 2), [udp_packet6(bytes(500))] * 2
+    cases = [(tcp4, 20, {2, 3}, {4, 5, 10, 11, 20 + 16, 20 + 17}),
+             (tcp6, 40, {4, 5}, {40 + 16, 40 + 17}),
+             (udp4, 20, {2, 3, 24, 25}, {4, 5, 10, 11, 26, 27}),
+             (udp6, 40, {4, 5, 44, 45}, {46, 47})]
+    for first_two, h, lengths, free in cases:
+        p = first_two[0]
+        end = h + ((p[h + 12] >> 4) * 4 if p[9 if h == 20 else 6] == 6 else 8)   # TCP's data offset, or UDP's 8
+        assert udptun.mergeable(first_two, 0) == 2
+        for at in set(range(end)) - lengths:
+            for change in (0x01, 0x80):
+                q = bytearray(first_two[1])
+                q[at] ^= change
+                want = 2 if at in free else 1
+                assert udptun.mergeable([first_two[0], bytes(q)], 0) == want, (h, at, change)
+    pushed = bytearray(tcp4[1])
+    pushed[20 + udptun.TCP_FLAGS] |= udptun.PSH
+    assert udptun.mergeable([tcp4[0], bytes(pushed)], 0) == 2   # PSH may end a run
+
+
 def test_udp_datagrams_of_a_flow_are_written_as_one_and_cut_back_the_same():
     flow = datagrams([500] * 70 + [300])
     assert udptun.mergeable(flow, 0) == 64                        # 64 datagrams at most

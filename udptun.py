@@ -69,6 +69,7 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import functools
 import gc
 import ipaddress
 import json
@@ -1913,14 +1914,28 @@ IPV6_ADDRESSES = slice(IPV6_SRC.start, IPV6_DST.stop)
 IPV6_FLOW = slice(IPV6_SRC.start, IPV6_DST.stop + 4)
 
 
-def same_in_a_flow(p):
-    """The IP header fields, and the addresses and ports, that every packet
-    of a run must share. IPv4: version and header length, TOS; flags and
-    fragment offset, TTL, protocol (not the length, ID or checksum). IPv6:
-    version, traffic class, flow label; next header, hop limit."""
-    if p[VERSION] == IPV4_NO_OPTIONS:
-        return p[:IPV4_LENGTH.start] + p[IPV4_FRAGMENT.start:IPV4_CHECKSUM.start] + p[IPV4_FLOW]
-    return p[:IPV6_LENGTH.start] + p[IPV6_NEXT:IPV6_SRC.start] + p[IPV6_FLOW]
+# Every byte of the headers must be the same in each packet of a run, but
+# those a flow changes from packet to packet: IPv4's length, ID and header
+# checksum, IPv6's payload length, TCP's sequence number, PSH and checksum,
+# and UDP's length and checksum (RFC 791, 8200, 9293, 768). tcp_run() and
+# udp_run() compare all the rest at once: each packet's headers read as one
+# big number, with those bytes masked out. (A comparison per field, in
+# Python, cost more than the kernel's work that merging saves.)
+VARYING_IPV4 = {2: 0xFF, 3: 0xFF, 4: 0xFF, 5: 0xFF, 10: 0xFF, 11: 0xFF}   # length, ID, checksum
+VARYING_IPV6 = {4: 0xFF, 5: 0xFF}   # payload length
+VARYING_TCP = {4: 0xFF, 5: 0xFF, 6: 0xFF, 7: 0xFF, TCP_FLAGS: PSH, 16: 0xFF, 17: 0xFF}   # seq, PSH, checksum
+VARYING_UDP = {4: 0xFF, 5: 0xFF, 6: 0xFF, 7: 0xFF}   # length, checksum
+
+
+@functools.lru_cache(maxsize=None)
+def header_mask(start, end, proto):
+    """The mask for headers of `end` bytes whose TCP (or UDP) header begins
+    at `start`: all ones but the bits that may vary in a run."""
+    mask = bytearray(b"\xff" * end)
+    ip = VARYING_IPV4 if start == IPV4_HEADER else VARYING_IPV6
+    for at, bits in [*ip.items(), *((start + k, b) for k, b in (VARYING_TCP if proto == TCP else VARYING_UDP).items())]:
+        mask[at] &= ~bits
+    return int.from_bytes(mask, "big")
 
 
 def mergeable(packets, i):
@@ -1928,8 +1943,8 @@ def mergeable(packets, i):
     packet (see merge): what its GRO would have merged had they arrived on
     a network card (tcp_gro_receive(), udp_gro_receive() in net/ipv4/).
 
-    They must be of one flow, agree on every IP header field a packet of a
-    flow may not change (same_in_a_flow), be of the first one's size but a
+    They must be of one flow, agree on every header byte a packet of a flow
+    may not change (see header_mask), be of the first one's size but a
     shorter last, and be 64 at most and 64 KiB in all; tcp_run() and
     udp_run() add what each protocol needs. Packets are well-formed
     (ip_problem) already; IPv4 ones with options, fragments, and IPv6 ones
@@ -1955,30 +1970,28 @@ def mergeable(packets, i):
 
 def tcp_run(packets, i, t):
     """mergeable() for TCP segments, whose header starts at `t`: they must
-    also follow each other in sequence, agree on acknowledgement, header
-    length, window and options (timestamps included), and carry only ACK,
-    with PSH allowed on the last."""
+    also follow each other in sequence, and carry only ACK, with PSH allowed
+    on the last. (The mask compares the rest: acknowledgement, header
+    length, window, options with their timestamps.)"""
     p = packets[i]
     end = t + (p[t + TCP_OFFSET] >> 4) * 4   # where the payload starts
     size = len(p) - end   # of every segment but the last
     if p[t + TCP_FLAGS] != ACK or end < t + TCP_HEADER or size <= 0:
         return 1   # a SYN, a FIN, a pure ACK...
-
-    def same(q):   # ack, data offset, window, urgent pointer, options
-        return (same_in_a_flow(q) + q[t + TCP_ACK:t + TCP_FLAGS] + q[t + TCP_WINDOW:t + TCP_CHECKSUM]
-                + q[t + TCP_URGENT:end])
-
-    key, seq = same(p), int.from_bytes(p[t + TCP_SEQ:t + TCP_ACK], "big") + size
+    mask = header_mask(t, end, TCP)
+    key = int.from_bytes(p[:end], "big") & mask
+    at_seq, at_flags = (end - t - TCP_ACK) * 8, (end - t - TCP_FLAGS - 1) * 8   # bits from the right
+    seq = int.from_bytes(p[t + TCP_SEQ:t + TCP_ACK], "big") + size
     total, j, n = len(p), i + 1, min(len(packets), i + GSO_MAX_SEGMENTS)
     while j < n:
         q = packets[j]
         more = len(q) - end
-        if (more <= 0 or more > size or total + more > MAX_PACKET or same(q) != key
-                or int.from_bytes(q[t + TCP_SEQ:t + TCP_ACK], "big") != seq & 0xFFFFFFFF
-                or q[t + TCP_FLAGS] not in (ACK, ACK | PSH)):
+        h = int.from_bytes(q[:end], "big")
+        if (more <= 0 or more > size or total + more > MAX_PACKET or h & mask != key
+                or h >> at_seq & 0xFFFFFFFF != seq & 0xFFFFFFFF):
             break
         seq, total, j = seq + more, total + more, j + 1
-        if more < size or q[t + TCP_FLAGS] & PSH:
+        if more < size or h >> at_flags & PSH:
             break   # a short one or a push ends the run
     return j - i
 
@@ -1991,13 +2004,16 @@ def udp_run(packets, i, u):
     size = len(p) - end
     if int.from_bytes(p[u + UDP_LENGTH:u + UDP_CHECKSUM], "big") != len(p) - u or size <= 0:
         return 1   # the lengths disagree, or an empty datagram
-    key = same_in_a_flow(p)
+    mask = header_mask(u, end, UDP)
+    key = int.from_bytes(p[:end], "big") & mask
+    at_length = (UDP_HEADER - UDP_CHECKSUM) * 8   # bits from the right
     total, j, n = len(p), i + 1, min(len(packets), i + GSO_MAX_SEGMENTS)
     while j < n:
         q = packets[j]
         more = len(q) - end
-        if (more <= 0 or more > size or total + more > MAX_PACKET or same_in_a_flow(q) != key
-                or int.from_bytes(q[u + UDP_LENGTH:u + UDP_CHECKSUM], "big") != more + UDP_HEADER):
+        h = int.from_bytes(q[:end], "big")
+        if (more <= 0 or more > size or total + more > MAX_PACKET or h & mask != key
+                or h >> at_length & 0xFFFF != more + UDP_HEADER):
             break
         total, j = total + more, j + 1
         if more < size:
