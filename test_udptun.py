@@ -98,6 +98,24 @@ def test_bad_packets_are_named(packet, reason):
     assert udptun.ipv4_problem(packet) == reason
 
 
+def test_the_checksum_is_rfc_1071s_sum_of_words():
+    """internet_checksum adds the words as one number mod 0xFFFF; checked
+    against the sum word by word with end-around carries, where the two
+    ways could differ: no words, zero words, words that sum to 0xFFFF or a
+    multiple of it, an odd length."""
+    def by_words(data):
+        data += b"\0" * (len(data) % 2)
+        total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+        while total >> 16:
+            total = (total & 0xFFFF) + (total >> 16)
+        return ~total & 0xFFFF
+    rng = random.Random(5)
+    cases = [b"", b"\0", bytes(20), b"\xff\xff", b"\xff" * 40, b"\x00\x01\xff\xfe", b"\x80\x00" * 2, b"\xff"]
+    cases += [bytes(rng.choice((0, 0xFF, rng.getrandbits(8))) for _ in range(rng.randint(0, 60))) for _ in range(3000)]
+    for data in cases:
+        assert udptun.internet_checksum(data) == by_words(data), data
+
+
 def test_keepalive_is_a_valid_echo_request():
     src, dst = socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2")
     packet = udptun.echo_request(src, dst, ident=0x1234, seq=7)
