@@ -2556,6 +2556,9 @@ def test_status_shows_peers_and_is_world_readable(clean):
     assert "udptun server on tun0" in text and "10.0.0.1" in text and "drops:" in text
     path = f"/run/udptun/netns-{lab.ns('srv')}/tun0.status"
     assert os.stat(path).st_mode & 0o777 == 0o644
+    # Each end publishes its own file about once a second, at a quiet
+    # moment: the client's may not show the download yet.
+    wait_for(lambda: status(lab, "cli1")["clients"][0]["rx_bytes"] > 8 << 20, "the download in the client's status")
     (peer,) = status(lab, "cli1")["clients"]
     assert peer["udp"] == "198.51.100.10:5555" and peer["rx_bytes"] > 8 << 20 and peer["answering"]
     stop(server)
