@@ -2127,7 +2127,8 @@ class FairQueue:
         """Queue packets, in order; return how many had to be dropped."""
         flows, new, last = self.flows, self.new, None
         for packet in packets:
-            # flow_of(packet), its common case written out: a call per packet costs more than the rest of this loop
+            # flow_of(packet), its common case written out: a call per
+            # packet costs more than the rest of this loop
             key = (packet[IPV4_FLOW] if packet[VERSION] == IPV4_NO_OPTIONS and packet[IPV4_PROTOCOL] in (TCP, UDP)
                    else flow_of(packet))
             if key != last:   # (mostly the same flow as the packet before: one lookup per run)
@@ -2225,8 +2226,8 @@ class Batching:
         enable_gro(sock)
         super().replace_socket(sock)
 
-    # (The queues' `length`, not len(): a method of ours, called on every
-    # wake-up, costs a lone packet's round trip microseconds.)
+    # (The queues' `length`, not len(), which would call a method of ours:
+    # a lone packet's wake-up should run as few steps as it can.)
     def wait(self):
         # While packets are queued we only look, never sleep.
         return 0 if self.to_tun.length or self.to_udp.length else super().wait()
