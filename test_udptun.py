@@ -476,6 +476,105 @@ def test_gro_datagrams_are_cut_apart_and_checked_one_by_one():
     assert server.table.by_ip[A].rx_packets == 5
 
 
+def test_a_datagram_glued_among_a_clients_is_judged_alone():
+    """UDP GRO glues a sender's datagrams together, and the speed layer
+    admits those that agree on what admit() reads with one call. A forged
+    datagram among them must still be judged on its own."""
+    def tcp(src="10.0.0.1", dst="203.0.113.80", size=1400, **kw):
+        return ipv4(src=src, dst=dst, proto=6, payload=bytes(size - 20), **kw)
+    glued = [tcp(), tcp(),
+             tcp(src="198.51.100.7"),          # a source the client does not own
+             tcp(),
+             tcp(total=1399),                  # its length field lies
+             ipv4(proto=1, payload=bytes(1380)),   # ICMP: admit() reads more of it, judged alone (and passes)
+             tcp(dst="10.0.0.3"),              # to another client
+             tcp(),
+             tcp(size=100)]                    # the last one, shorter
+    passed = [glued[i] for i in (0, 1, 3, 5, 7, 8)]
+    server, tun = make_server([(b"".join(glued), CLIENT, 1400)])
+    receive(server)
+    assert sorted(ipv4_packets(tun.written())) == sorted(passed)   # (the fair queue may put the ping first)
+    assert server.drops == {"bad-source": 1, "bad-length": 1, "client-to-client": 1}
+    assert server.table.by_ip[A].rx_packets == 6 and server.table.by_ip[A].rx_bytes == 5 * 1400 + 100
+    # A forged first datagram: the rest are judged without it.
+    server, tun = make_server([(b"".join([tcp(src="198.51.100.7")] + [tcp()] * 5), CLIENT, 1400)])
+    receive(server)
+    assert tun.written() == tcp() * 5
+    assert server.drops == {"bad-source": 1}
+    # From a stranger, a whole run claiming the client's address: refused, each one.
+    server, tun = make_server([(tcp(size=60), CLIENT), (tcp() * 6, ("203.0.113.66", 9), 1400)])
+    receive(server)
+    assert tun.written() == tcp(size=60)
+    assert server.drops == {"refused": 6}
+
+
+def ipv4_packets(stream):
+    """The IPv4 packets written one after another into `stream`."""
+    packets = []
+    while stream:
+        length = max(struct.unpack_from("!H", stream, 2)[0], 20) if len(stream) >= 20 else len(stream)
+        packets.append(stream[:length])
+        stream = stream[length:]
+    return packets
+
+
+def make_client(datagrams):
+    """A client with the speed layer, connected to a server at 192.0.2.1."""
+    class Connected(FakeSocket):
+        def getpeername(self):
+            return ("192.0.2.1", 5555)
+    addresses = [ipaddress.IPv4Interface("10.0.0.1/24"), ipaddress.IPv6Interface("fd75:6470:746e::1/64")]
+    client = udptun.FastClient(PipeTun(), Connected(datagrams), addresses, ipaddress.IPv4Address("10.0.0.2"),
+                               keepalive=0, mark=None)
+    return client, client.tun
+
+
+def test_the_client_judges_glued_datagrams_that_differ_alone():
+    def tcp(dst="10.0.0.1", size=1400):
+        return ipv4(src="203.0.113.80", dst=dst, proto=6, payload=bytes(size - 20))
+    client, tun = make_client([])
+    answer = ipv4(src="10.0.0.2", dst="10.0.0.1", proto=1,   # the answer to our keepalive: ours, not the kernel's
+                  payload=udptun.ICMP_ECHO.pack(udptun.ICMP_ECHO_REPLY, 0, 0, client.ident, 1) + bytes(1372))
+    glued = [tcp(), tcp(), tcp(dst="10.0.0.9"), tcp(), answer, tcp(), tcp(dst="198.51.100.1"), tcp()]
+    client.sock.queue.append((b"".join(glued), ("192.0.2.1", 5555), 1400))
+    receive(client)
+    assert tun.written() == tcp() * 5
+    assert client.drops == {"not-for-us": 2}
+    assert client.rx_packets == 6 and client.alive   # (the answer counts as received, and says the server is there)
+
+
+@pytest.mark.parametrize("kind", ["server", "client"])
+def test_admit_reads_no_byte_of_a_tcp_or_udp_packet_but_those_it_names(kind):
+    """What admit() says of a TCP or UDP packet must not change with any
+    byte outside those its class names (ADMIT_READS): the speed layer lets
+    in glued datagrams that agree on those with one call."""
+    v6 = socket.inet_pton(socket.AF_INET6, "fd75:6470:746e::1")
+    if kind == "server":
+        forwarder, _ = make_server([(ipv4(src="10.0.0.1"), CLIENT), (ipv6(), CLIENT)])
+        receive(forwarder)   # the client owns its addresses
+        packets = [ipv4(src="10.0.0.1", proto=6, payload=bytes(40)), ipv4(src="10.0.0.1"),
+                   ipv4(src="10.0.0.9"), ipv4(src="10.0.0.1", dst="10.0.0.3"), ipv4(src="198.51.100.7"),
+                   ipv6(), ipv6(next_header=6), ipv6(src="fd75:6470:746e::9"), ipv6(dst="fd75:6470:746e::3")]
+        addr = CLIENT
+    else:
+        forwarder, _ = make_client([])
+        packets = [ipv4(src="203.0.113.80", dst="10.0.0.1", proto=6, payload=bytes(40)),
+                   ipv4(src="10.0.0.2", dst="10.0.0.1"), ipv4(dst="10.0.0.9"),
+                   ipv6(src="2001:db8::1", dst="fd75:6470:746e::1"), ipv6(dst="fd75:6470:746e::9", next_header=6)]
+        addr = forwarder.server
+    verdicts = set()
+    for packet in packets:
+        verdict = forwarder.admit(packet, addr)
+        verdicts.add(verdict)
+        columns = forwarder.admit_columns[packet[0] >> 4]
+        for at in set(range(len(packet))) - set(columns):
+            for value in (packet[at] ^ 0xFF, 0):
+                changed = packet[:at] + bytes([value]) + packet[at + 1:]
+                assert forwarder.admit(changed, addr) == verdict, (packet, at, value)
+    assert verdicts == {True, False}
+    assert v6   # (the server's client owns its IPv6 address too)
+
+
 # ================================================================ the plan (--dry-run)
 TUN_SETUP = """\
 ip address add {v4} dev tun0
