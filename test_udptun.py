@@ -427,10 +427,12 @@ def test_server_sends_replies_to_the_owner_only():
     server, tun = make_server([(ipv4(src="10.0.0.1"), CLIENT)])
     receive(server)
     reply, stray = ipv4(src="203.0.113.80", dst="10.0.0.1"), ipv4(src="203.0.113.80", dst="10.0.0.9")
-    server.read_tun = lambda limit: [reply, stray, b"\x50" + bytes(39)]
+    server.read_tun = lambda limit: [reply, stray, b"\x50" + bytes(39), reply, stray]
     pass_on(server)
-    assert server.sock.sent == [(reply, CLIENT)]
-    assert server.drops == {"no-client": 1, "tun-not-ip": 1}
+    assert server.sock.sent == [(reply, CLIENT)] * 2
+    assert server.drops == {"no-client": 2, "tun-not-ip": 1}
+    peer = server.table.by_ip[A]
+    assert (peer.tx_packets, peer.tx_bytes) == (2, 2 * len(reply))
 
 
 def test_allow_list_drops_other_senders_before_parsing():
@@ -2880,7 +2882,7 @@ def test_merging_falls_back_to_one_write_per_packet(monkeypatch):
     monkeypatch.setattr(udptun.os, "writev", lambda fd, buffers: (_ for _ in ()).throw(
         OSError(errno.EINVAL, "Invalid argument")))
     segments = stream([1348] * 3) + [echo(1)] + stream([1348] * 2, seq=5000)
-    forwarder.write_tun(segments)
+    forwarder.writer.write(segments)
     assert forwarder.writer.merging == {udptun.UDP}   # TCP refused: UDP is still tried
     assert tun.written() == b"".join(udptun.PLAIN_VNET_HDR + p for p in segments)   # every one, in order
 
@@ -2895,13 +2897,18 @@ def echo(seq):
     return udptun.echo_request(A, socket.inet_aton("10.0.0.2"), 7, seq)
 
 
+def popped(queue, *budgets):
+    """The packets queue.pop() hands out, run after run."""
+    return [p for run in queue.pop(*budgets) for p in run]
+
+
 def test_a_ping_overtakes_a_download_backlog():
     queue = udptun.FairQueue(limit=1000, quantum=4)
     for _ in range(500):
         assert queue.push([segment(40000)]) == 0
-    assert queue.pop(8) == [segment(40000)] * 8
+    assert popped(queue, 8) == [segment(40000)] * 8
     queue.push([echo(1)])
-    assert queue.pop(5) == [echo(1)] + [segment(40000)] * 4   # not after 492 others
+    assert popped(queue, 5) == [echo(1)] + [segment(40000)] * 4   # not after 492 others
     assert len(queue) == 488
 
 
@@ -2909,8 +2916,8 @@ def test_busy_flows_take_turns_of_one_quantum():
     queue = udptun.FairQueue(limit=1000, quantum=3)
     a, b = segment(1), segment(2)
     queue.push([a] * 10 + [b] * 10)
-    assert queue.pop(12) == [a] * 3 + [b] * 3 + [a] * 3 + [b] * 3
-    assert queue.pop(100) == [a] * 3 + [b] * 3 + [a, b] and len(queue) == 0 and not queue.flows
+    assert queue.pop(12) == [[a] * 3, [b] * 3, [a] * 3, [b] * 3]   # a run per turn: one flow's packets
+    assert popped(queue, 100) == [a] * 3 + [b] * 3 + [a, b] and len(queue) == 0 and not queue.flows
 
 
 def test_a_full_queue_drops_from_the_fattest_flow():
@@ -2919,7 +2926,7 @@ def test_a_full_queue_drops_from_the_fattest_flow():
     queue = udptun.FairQueue(limit=100)
     assert queue.push([segment(1)] * 100) == 0
     assert queue.push([echo(1), echo(2)]) == 2
-    assert len(queue) == 100 and [p for p in queue.pop(100) if p[9] == 1] == [echo(1), echo(2)]
+    assert len(queue) == 100 and [p for p in popped(queue, 100) if p[9] == 1] == [echo(1), echo(2)]
     server, tun = make_server([(ipv4(src="10.0.0.1"), CLIENT)] * 25)
     server.to_tun = udptun.FairQueue(limit=3)
     server.ready_before = [server.sock.fileno()]
@@ -2932,8 +2939,8 @@ def test_a_turn_stops_at_its_byte_budget():
     length is the delay a ping waits through a busy tunnel."""
     queue = udptun.FairQueue(limit=1000)
     queue.push([segment(1)] * 100 + [segment(2, size=100)] * 100)
-    assert queue.pop(64, 10 * 1400) == [segment(1)] * 10            # the tenth reaches the budget
-    assert queue.pop(64, 10 * 1400) == [segment(2, size=100)] * 64   # small ones: the count binds
+    assert popped(queue, 64, 10 * 1400) == [segment(1)] * 10            # the tenth reaches the budget
+    assert popped(queue, 64, 10 * 1400) == [segment(2, size=100)] * 64   # small ones: the count binds
     assert len(queue) == 200 - 74 and queue.bytes == 90 * 1400 + 36 * 100
 
 
@@ -2941,7 +2948,7 @@ def test_a_queue_is_bounded_in_bytes_too():
     queue = udptun.FairQueue(limit=1000, byte_limit=10 * 1400)
     assert queue.push([segment(1)] * 10) == 0
     assert queue.push([segment(2, size=100)]) == 1
-    assert queue.bytes == 9 * 1400 + 100 and queue.pop(100)[-1] == segment(2, size=100)
+    assert queue.bytes == 9 * 1400 + 100 and popped(queue, 100)[-1] == segment(2, size=100)
 
 
 def test_a_flow_that_keeps_its_queue_short_does_not_stay_first():
@@ -2950,11 +2957,11 @@ def test_a_flow_that_keeps_its_queue_short_does_not_stay_first():
     first, every time, ahead of flows that had waited."""
     queue = udptun.FairQueue(limit=1000, quantum=4)
     queue.push([segment(1)] * 100)
-    assert queue.pop(4) == [segment(1)] * 4       # the bulk flow had its turn: now old
+    assert popped(queue, 4) == [segment(1)] * 4       # the bulk flow had its turn: now old
     queue.push([echo(1)])
-    assert queue.pop(1) == [echo(1)]              # a newcomer goes first once...
+    assert popped(queue, 1) == [echo(1)]              # a newcomer goes first once...
     queue.push([echo(2)])
-    assert queue.pop(5) == [segment(1)] * 4 + [echo(2)]   # ...then waits its turn
+    assert popped(queue, 5) == [segment(1)] * 4 + [echo(2)]   # ...then waits its turn
 
 
 def test_flows_are_told_apart_by_addresses_and_ports():

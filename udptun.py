@@ -881,8 +881,11 @@ class Forwarder:
       `addr` go into the TUN device? (It counts what it refuses, with
       drop(), and what it lets in, `count` times: the speed layer asks once
       for datagrams that are alike, see Batching.admit_glued.)
-    - address_for(packet): where a packet read from the TUN device goes:
-      a socket address, None for the connected peer, or False (dropped).
+    - address_for(packet, count=1, length=None): where a packet read from
+      the TUN device goes: a socket address, None for the connected peer,
+      or False (dropped). Its answer depends on the destination alone: the
+      speed layer asks once for a run of `count` packets of one flow,
+      `length` bytes in all.
     - tick(now), status(); and unreachable(error), told when the socket
       reports an error.
     Callers: run(); and, for the subclasses, send_one() (a keepalive, a
@@ -1028,7 +1031,7 @@ class Forwarder:
     def admit(self, data, addr, count=1):
         return True
 
-    def address_for(self, packet):
+    def address_for(self, packet, count=1, length=None):
         return None
 
     def tick(self, now):
@@ -1286,15 +1289,15 @@ class Server(Forwarder):
             self.seq = (self.seq + 1) & 0xFFFF
             self.send_one(echo_request(self.ip4, peer.ip, 0x5555, self.seq), peer.previous)
 
-    def address_for(self, packet):
+    def address_for(self, packet, count=1, length=None):
         """The owner of the packet's destination."""
         dst = packet[IPV4_DST] if packet[VERSION] >> 4 == 4 else packet[IPV6_DST]   # (destination(), written out)
         peer = self.table.by_ip.get(dst)
         if peer is None:
-            self.drop("no-client", dst)
+            self.drop("no-client", dst, count=count)
             return False
-        peer.tx_packets += 1
-        peer.tx_bytes += len(packet)
+        peer.tx_packets += count
+        peer.tx_bytes += len(packet) if length is None else length
         return peer.addr
 
     def tick(self, now):
@@ -1348,10 +1351,10 @@ class Client(Forwarder):
         self.round = 0                   # answers from an earlier outage are stale
         self.tx_packets = self.rx_packets = self.tx_bytes = self.rx_bytes = 0
 
-    def address_for(self, packet):
+    def address_for(self, packet, count=1, length=None):
         """Everything goes to the server, on the connected socket."""
-        self.tx_packets += 1
-        self.tx_bytes += len(packet)
+        self.tx_packets += count
+        self.tx_bytes += len(packet) if length is None else length
         self.last_tx = self.now
         return None
 
@@ -2174,29 +2177,32 @@ class FairQueue:
 
     def pop(self, budget, byte_budget=QUEUE_BYTES):
         """Up to `budget` packets, and about `byte_budget` bytes (the packet
-        that reaches it is the last), in the order to write them."""
-        out, size = [], 0
+        that reaches it is the last), in the order to write them: as runs,
+        a list of one flow's packets each (what is done per flow, such as
+        finding where its packets go, is then done once per run)."""
+        runs, count, size = [], 0, 0
         flows, new, old = self.flows, self.new, self.old
-        while len(out) < budget and size < byte_budget and (new or old):
+        while count < budget and size < byte_budget and (new or old):
             from_new = bool(new)
             key = new.popleft() if from_new else old.popleft()
             queue = flows[key]
             # This flow's turn: up to a quantum, cut where the bytes reach
             # the budget. (Slices and sums, not a step per packet: this
             # runs for every packet of a download.)
-            k = min(len(queue), self.quantum, budget - len(out))
-            ends = list(accumulate(map(len, queue[:k]), initial=size))   # the size after each packet
-            k = min(k, bisect.bisect_left(ends, byte_budget, 1))
-            out += queue[:k]
-            del queue[:k]
-            size = ends[k]
+            k = min(len(queue), self.quantum, budget - count)
+            if k:
+                ends = list(accumulate(map(len, queue[:k]), initial=size))   # the size after each packet
+                k = min(k, bisect.bisect_left(ends, byte_budget, 1))
+                runs.append(queue[:k])
+                del queue[:k]
+                count, size = count + k, ends[k]
             if queue or from_new:
                 old.append(key)
             else:
                 del flows[key]
-        self.length -= len(out)
+        self.length -= count
         self.bytes -= size
-        return out
+        return runs
 
 
 class Batching:
@@ -2372,20 +2378,20 @@ class Batching:
             packets += [d for d in datagrams[full:] if admit(d, addr)]
         return packets
 
-    def send_udp(self, packets):
-        """Send packets where address_for says, in one batch per address."""
+    def send_udp(self, runs):
+        """Send runs of one flow's packets (see FairQueue.pop) where
+        address_for says, in one batch per address."""
         batches = {}   # address -> packets, in queue order
-        address_for, last = self.address_for, False
-        for packet in packets:
-            addr = address_for(packet)
+        address_for = self.address_for
+        for run in runs:
+            addr = address_for(run[0], len(run), sum(map(len, run)))   # (one flow: one destination)
             if addr is False:
                 continue
-            if addr != last:   # (mostly the same as the packet before: one lookup per run)
-                batch = batches.get(addr)
-                if batch is None:
-                    batch = batches[addr] = []
-                last = addr
-            batch.append(packet)
+            batch = batches.get(addr)
+            if batch is None:
+                batches[addr] = run
+            else:
+                batch += run
         for addr, batch in batches.items():
             self.send_packets(batch, addr)
 
@@ -2427,8 +2433,9 @@ class Batching:
         for packet in batch:
             self.send_one(packet, addr)
 
-    def write_tun(self, packets):
-        self.writer.write(packets)
+    def write_tun(self, runs):
+        for run in runs:
+            self.writer.write(run)
 
     def counters(self):
         return {"merged": {"packets": self.writer.packets, "writes": self.writer.writes}}
