@@ -89,8 +89,7 @@ import sys
 import threading
 import time
 from collections import deque
-from itertools import accumulate, groupby
-from operator import itemgetter
+from itertools import accumulate
 
 TUN_PATH = "/dev/net/tun"
 
@@ -2105,11 +2104,6 @@ def flow_of(packet):
     return packet[IPV6_FLOW] if packet[IPV6_NEXT] in (TCP, UDP) else packet[IPV6_ADDRESSES]
 
 
-FIRST_BYTE, IPV4_PROTOCOL_BYTE = itemgetter(VERSION), itemgetter(IPV4_PROTOCOL)
-IPV4_FLOW_OF, TCP_OR_UDP = itemgetter(IPV4_FLOW), bytes([TCP, UDP])
-KEY, PACKET = itemgetter(0), itemgetter(1)   # of a (flow, packet) pair
-
-
 class FairQueue:
     """Packets waiting to go on: one FIFO per flow, served round robin, flows
     that just became active first. This is the scheduling half of fq_codel
@@ -2148,26 +2142,19 @@ class FairQueue:
 
     def push(self, packets):
         """Queue packets, in order; return how many had to be dropped."""
-        flows, new = self.flows, self.new
-        # Each packet's flow: when all are IPv4 without options, and TCP or
-        # UDP (nearly always), as slices taken in C, not by a call to
-        # flow_of() per packet. Then one step per run of one flow's packets,
-        # which is how they come: a download reads as long runs of its own.
-        if (bytes(map(FIRST_BYTE, packets)).count(IPV4_NO_OPTIONS) == len(packets)
-                and not bytes(map(IPV4_PROTOCOL_BYTE, packets)).translate(None, TCP_OR_UDP)):
-            keys = list(map(IPV4_FLOW_OF, packets))
-        else:
-            keys = list(map(flow_of, packets))
-        if packets and keys.count(keys[0]) == len(keys):
-            runs = [(keys[0], packets)]   # all of one flow
-        else:
-            runs = ((key, map(PACKET, run)) for key, run in groupby(zip(keys, packets), KEY))
-        for key, run in runs:
-            queue = flows.get(key)
-            if queue is None:
-                queue = flows[key] = []
-                new.append(key)
-            queue += run
+        flows, new, last = self.flows, self.new, None
+        for packet in packets:
+            # flow_of(packet), its common case written out: a call per
+            # packet costs more than the rest of this loop
+            key = (packet[IPV4_FLOW] if packet[VERSION] == IPV4_NO_OPTIONS and packet[IPV4_PROTOCOL] in (TCP, UDP)
+                   else flow_of(packet))
+            if key != last:   # (mostly the same flow as the packet before: one lookup per run)
+                queue = flows.get(key)
+                if queue is None:
+                    queue = flows[key] = []
+                    new.append(key)
+                last = key
+            queue.append(packet)
         self.length += len(packets)
         self.bytes += sum(map(len, packets))
         if self.length > self.limit or self.bytes > self.byte_limit:
