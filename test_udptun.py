@@ -2970,6 +2970,23 @@ def test_flows_are_told_apart_by_addresses_and_ports():
     assert udptun.flow_of(segment(1)) != udptun.flow_of(segment(1, dst="10.0.0.3"))
 
 
+def test_a_flow_is_one_destination_whatever_the_packets_hold():
+    """Packets of one flow go to one client (send_udp asks where once per
+    run). An IPv4 packet with options is keyed by its IPv4 addresses, never
+    read at IPv6's offsets: there its options could spell an IPv6 client's
+    address, and the two packets would share a flow and a destination."""
+    other, v6 = ("198.51.100.7", 40000), "fd75:6470:746e::5"
+    server, _ = make_server([(ipv4(src="10.0.0.1"), CLIENT), (ipv6(src=v6), other)])
+    receive(server)
+    with_options = bytearray(ipv4(src="203.0.113.80", dst="10.0.0.1", ihl=15, proto=1, payload=b"ping"))
+    with_options[24:40] = socket.inet_pton(socket.AF_INET6, v6)   # (the options: 40 bytes of anything)
+    to_v6 = ipv6(src=socket.inet_ntop(socket.AF_INET6, bytes(with_options[8:24])), dst=v6, next_header=58)
+    assert udptun.flow_of(bytes(with_options)) != udptun.flow_of(to_v6)
+    server.read_tun = lambda limit: [bytes(with_options), to_v6]
+    pass_on(server)
+    assert server.sock.sent == [(bytes(with_options), CLIENT), (to_v6, other)]
+
+
 def test_client_to_client_when_allowed():
     packet = ipv4(src="10.0.0.1", dst="10.0.0.3")
     server, tun = make_server([(packet, CLIENT)], client_to_client=True)

@@ -878,9 +878,10 @@ class Forwarder:
     What may pass is the subclass's business (Server, Client), which fills
     in these hooks:
     - admit(data, addr, count=1): may this datagram from socket address
-      `addr` go into the TUN device? (It counts what it refuses, with
-      drop(), and what it lets in, `count` times: the speed layer asks once
-      for datagrams that are alike, see Batching.admit_glued.)
+      `addr` go into the TUN device? It counts what it refuses, with
+      drop(), once; and what it lets in `count` times: the speed layer asks
+      once for datagrams that are alike (see Batching.admit_glued), and
+      asks again for each of them if the answer is no.
     - address_for(packet, count=1, length=None): where a packet read from
       the TUN device goes: a socket address, None for the connected peer,
       or False (dropped). Its answer depends on the destination alone: the
@@ -2098,9 +2099,13 @@ def flow_of(packet):
     the ports too (where they follow the header at once: IPv4 without
     options, IPv6 without extension headers). Other protocols get one flow
     per address pair: a ping's ICMP checksum changes with every packet and
-    must not make each one a new flow."""
+    must not make each one a new flow. A flow has one destination (see
+    Batching.send_udp), and the keys of IPv4 (8 or 12 bytes) and IPv6 (32 or
+    36) can never be equal."""
     if packet[VERSION] == IPV4_NO_OPTIONS:
         return packet[IPV4_FLOW] if packet[IPV4_PROTOCOL] in (TCP, UDP) else packet[IPV4_ADDRESSES]
+    if packet[VERSION] >> 4 == 4:
+        return packet[IPV4_ADDRESSES]   # options: the ports are further on, and rare enough not to look
     return packet[IPV6_FLOW] if packet[IPV6_NEXT] in (TCP, UDP) else packet[IPV6_ADDRESSES]
 
 
@@ -2349,16 +2354,19 @@ class Batching:
         so datagrams that agree on those get the same answer. Here they are
         compared a byte at a time: data[j::size] is the j-th byte of every
         datagram, one slice in C, against a call to admit() per datagram in
-        Python (0.8 µs). The datagrams that agree with the first are let in
-        with it, or not; those that differ, a shorter last one, and any that
-        is not TCP or UDP (admit() reads more of those) are judged one by
-        one. So a forged datagram glued among a client's is judged alone,
-        and cannot ride on the verdict for its neighbours.
+        Python (0.8 µs). When admit() lets the first in, the datagrams that
+        agree with it come in with it. Those that differ, a shorter last
+        one, all of them if the first is refused, and all of them if it is
+        not TCP or UDP (admit() reads more of those) are judged one by one.
+        So a forged datagram glued among a client's is judged alone, and
+        cannot ride on the verdict for its neighbours.
         """
         first, admit, n = datagrams[0], self.admit, len(datagrams)
         size = len(first)
         version = first[VERSION] >> 4 if first else 0
         columns = self.admit_columns.get(version)
+        # (columns is sorted and holds the protocol's offset: a datagram
+        # longer than the last column has every byte the columns name)
         proto = first[IPV4_PROTOCOL if version == 4 else IPV6_NEXT] if columns and size > columns[-1] else None
         if n < GLUED_ALIKE or proto not in (TCP, UDP):
             return [d for d in datagrams if admit(d, addr)]
