@@ -2374,7 +2374,11 @@ class Batching:
         end, odd = full * size, set()   # odd: those that differ from the first
         for j in columns:
             column, value = data[j:end:size], first[j]
-            if column.count(value) != full:
+            unlike = full - column.count(value)
+            if unlike:
+                # Mostly unlike (forgeries?): finding which costs more than judging each.
+                if unlike * 4 > full or len(odd) * 4 > full:
+                    return [d for d in datagrams if admit(d, addr)]
                 odd.update(k for k, byte in enumerate(column) if byte != value)
         if not admit(first, addr, full - len(odd)):
             return [d for d in datagrams[1:] if admit(d, addr)]
