@@ -2356,8 +2356,9 @@ class Batching:
         datagram, one slice in C, against a call to admit() per datagram in
         Python (0.8 µs). When admit() lets the first in, the datagrams that
         agree with it come in with it. Those that differ, a shorter last
-        one, all of them if the first is refused, and all of them if it is
-        not TCP or UDP (admit() reads more of those) are judged one by one.
+        one, all of them if the first is refused, if it is not TCP or UDP
+        (admit() reads more of those), or if more than a quarter differ,
+        are judged one by one.
         So a forged datagram glued among a client's is judged alone, and
         cannot ride on the verdict for its neighbours.
         """
