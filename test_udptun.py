@@ -499,9 +499,20 @@ def test_a_datagram_glued_among_a_clients_is_judged_alone():
     assert server.table.by_ip[A].rx_packets == 15 and server.table.by_ip[A].rx_bytes == 14 * 1400 + 100
     # Mostly forgeries: each is judged on its own (finding which differ would cost more).
     forged = [tcp(src=f"198.51.100.{i}") for i in range(1, 9)]
-    server, tun = make_server([(tcp(), CLIENT), (b"".join(forged[:4] + [tcp()] + forged[4:]), CLIENT, 1400)])
+    server, tun = make_server([(tcp(), CLIENT), (b"".join([tcp()] + forged), CLIENT, 1400)])
+    calls = []
+    admit = server.admit
+    server.admit = lambda *a: calls.append(a[2:]) or admit(*a)
     receive(server)
     assert tun.written() == tcp() * 2 and server.drops == {"bad-source": 8}
+    assert calls == [()] * 10   # one call each (and none for a run of them)
+    # Alike but for one: one call for the run, one for the odd one.
+    server, tun = make_server([(b"".join([tcp()] * 4 + [forged[0]] + [tcp()] * 4), CLIENT, 1400)])
+    calls = []
+    admit = server.admit
+    server.admit = lambda *a: calls.append(a[2:]) or admit(*a)
+    receive(server)
+    assert tun.written() == tcp() * 8 and calls == [(8,), ()]
     # A forged first datagram: the rest are judged without it.
     server, tun = make_server([(b"".join([tcp(src="198.51.100.7")] + [tcp()] * 5), CLIENT, 1400)])
     receive(server)
@@ -578,7 +589,8 @@ def test_admit_reads_no_byte_of_a_tcp_or_udp_packet_but_those_it_names(kind):
                 changed = packet[:at] + bytes([value]) + packet[at + 1:]
                 assert forwarder.admit(changed, addr) == verdict, (packet, at, value)
     assert verdicts == {True, False}
-    assert v6   # (the server's client owns its IPv6 address too)
+    if kind == "server":
+        assert forwarder.table.by_ip[v6].addr == CLIENT   # (the IPv6 packets came from their owner)
 
 
 # ================================================================ the plan (--dry-run)
@@ -2914,6 +2926,7 @@ def test_a_ping_overtakes_a_download_backlog():
     queue.push([echo(1)])
     assert popped(queue, 5) == [echo(1)] + [segment(40000)] * 4   # not after 492 others
     assert len(queue) == 488
+    assert all(queue.pop(1000))   # no empty run, for the ping's flow waiting in `old` to be forgotten
 
 
 def test_busy_flows_take_turns_of_one_quantum():
