@@ -2357,13 +2357,14 @@ class Batching:
         compared a byte at a time: data[j:end:size] is the j-th byte of
         every datagram of full size, one slice in C, against a call to
         admit() per datagram in Python (0.8 µs). Fewer than GLUED_ALIKE are
-        not worth it. When admit() lets the first in, the datagrams that
-        agree with it come in with it. Those that differ, a shorter last
-        one, all of them if the first is refused, if it is not TCP or UDP
-        (admit() reads more of those), or if more than a quarter differ,
-        are judged one by one.
-        So a forged datagram glued among a client's is judged alone, and
-        cannot ride on the verdict for its neighbours.
+        not worth it.
+
+        When admit() lets the first in, the datagrams that agree with it
+        come in with it. Those that differ, and a shorter last one, are
+        judged one by one; so are all of them if the first is refused, if it
+        is not TCP or UDP (admit() reads more of those), or if more than a
+        quarter differ. So a forged datagram glued among a client's is
+        judged alone, and cannot ride on the verdict for its neighbours.
         """
         first, admit, n = datagrams[0], self.admit, len(datagrams)
         size = len(first)
