@@ -525,6 +525,49 @@ def test_a_datagram_glued_among_a_clients_is_judged_alone():
     assert server.drops == {"refused": 6}
 
 
+def test_glued_ipv6_datagrams_that_differ_are_judged_alone():
+    """As with IPv4 (above), for IPv6's longer addresses: a forgery that
+    differs from its neighbours in any byte of them is judged alone, at the
+    server and at the client."""
+    def tcp(src="fd75:6470:746e::1", dst="2001:db8:203::80", size=1400):
+        return ipv6(src=src, dst=dst, next_header=6, payload=bytes(size - 40))
+    glued = [tcp(), tcp(),
+             tcp(src="2001:db8::1"),            # not the client's: it differs in the source's first bytes
+             tcp(src="fd75:6470:746e:1::1"),    # ... in its middle
+             tcp(dst="fd75:6470:746e::3"),      # to another client: it differs in the destination
+             tcp()] + [tcp()] * 10
+    server, tun = make_server([(tcp(size=60), CLIENT), (b"".join(glued), CLIENT, 1400)])
+    calls = []
+    admit = server.admit
+    server.admit = lambda *a: calls.append(a[2:]) or admit(*a)
+    receive(server)
+    assert tun.written() == tcp(size=60) + tcp() * 13
+    assert server.drops == {"bad-source": 2, "client-to-client": 1}
+    assert calls == [(), (13,), (), (), ()]   # the first alone; the run at once; the odd ones one by one
+    # Mostly unlike in the addresses: each is judged on its own.
+    forged = [tcp(src=f"2001:db8::{i}") for i in range(1, 6)]
+    server, tun = make_server([(tcp(size=60), CLIENT), (b"".join([tcp()] * 5 + forged), CLIENT, 1400)])
+    calls = []
+    admit = server.admit
+    server.admit = lambda *a: calls.append(a[2:]) or admit(*a)
+    receive(server)
+    assert tun.written() == tcp(size=60) + tcp() * 5 and server.drops == {"bad-source": 5}
+    assert calls == [()] * 11
+    # To the server, and one to another client: only the last byte differs.
+    server, tun = make_server([(tcp(size=60), CLIENT), (b"".join([tcp(dst="fd75:6470:746e::2")] * 5 + [
+        tcp(dst="fd75:6470:746e::3")] + [tcp(dst="fd75:6470:746e::2")] * 2), CLIENT, 1400)])
+    receive(server)
+    assert tun.written() == tcp(size=60) + tcp(dst="fd75:6470:746e::2") * 7
+    assert server.drops == {"client-to-client": 1}
+    # The client reads only the destination of it.
+    client, tun = make_client([])
+    ours = tcp(src="2001:db8:203::80", dst="fd75:6470:746e::1")
+    glued = [ours] * 3 + [tcp(src="2001:db8:203::80", dst="fd75:6470:746e::9")] + [ours] * 4
+    client.sock.queue.append((b"".join(glued), ("192.0.2.1", 5555), 1400))
+    receive(client)
+    assert tun.written() == ours * 7 and client.drops == {"not-for-us": 1}
+
+
 def ipv4_packets(stream):
     """The IPv4 packets written one after another into `stream`."""
     packets = []
@@ -3002,6 +3045,22 @@ def test_a_flow_is_one_destination_whatever_the_packets_hold():
     server.read_tun = lambda limit: [bytes(with_options), to_v6]
     pass_on(server)
     assert server.sock.sent == [(bytes(with_options), CLIENT), (to_v6, other)]
+
+
+def test_the_fair_queue_keys_packets_as_flow_of_does():
+    """FairQueue.push() writes flow_of()'s common cases out, for speed:
+    what it writes out must give the same flows."""
+    def ports(sport, dport=443):
+        return struct.pack("!HH", sport, dport) + bytes(16)
+    packets = [ipv4(proto=6, payload=ports(1)), ipv4(proto=6, payload=ports(2)), ipv4(proto=17, payload=ports(1)),
+               ipv4(proto=1), ipv4(ihl=6, proto=6, payload=ports(1)),
+               ipv6(next_header=6, payload=ports(1)), ipv6(next_header=6, payload=ports(2)),
+               ipv6(next_header=17, payload=ports(1)), ipv6(next_header=58, payload=ports(1)),
+               ipv6(next_header=58, payload=ports(2))]
+    queue = udptun.FairQueue()
+    queue.push(packets)
+    assert list(queue.flows) == list(dict.fromkeys(map(udptun.flow_of, packets)))
+    assert len(queue.flows) == 6   # (the ports, not the protocol: TCP and UDP on the same ones share one)
 
 
 def test_client_to_client_when_allowed():

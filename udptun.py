@@ -2151,9 +2151,11 @@ class FairQueue:
         """Queue packets, in order; return how many had to be dropped."""
         flows, new, last = self.flows, self.new, None
         for packet in packets:
-            # flow_of(packet), its common case written out: a call per
+            # flow_of(packet), its common cases written out: a call per
             # packet costs more than the rest of this loop
-            key = (packet[IPV4_FLOW] if packet[VERSION] == IPV4_NO_OPTIONS and packet[IPV4_PROTOCOL] in (TCP, UDP)
+            first = packet[VERSION]
+            key = (packet[IPV4_FLOW] if first == IPV4_NO_OPTIONS and packet[IPV4_PROTOCOL] in (TCP, UDP)
+                   else packet[IPV6_FLOW] if first >> 4 == 6 and packet[IPV6_NEXT] in (TCP, UDP)
                    else flow_of(packet))
             if key != last:   # (mostly the same flow as the packet before: one lookup per run)
                 queue = flows.get(key)
