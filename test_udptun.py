@@ -3174,7 +3174,8 @@ def test_random_and_damaged_packets_are_named_or_merged_correctly():
 #     python3 -m pytest test_udptun.py -m bench -o markers=bench -s
 #
 # UDPTUN_BENCH_REPS (3), UDPTUN_BENCH_TIME (5 s per iperf3 run) and
-# UDPTUN_BENCH_IMPLS (socat,udptun,udptun-ipv6,udptun-plain) tune it. Needs
+# UDPTUN_BENCH_IMPLS (socat,udptun,udptun-ipv6,udptun-plain; socat-ipv6 and
+# python-floor on demand) tune it. Needs
 # iperf3, ethtool and socat.
 #
 # It measures the path a user's traffic takes: from the laptop behind its
@@ -3184,6 +3185,38 @@ def test_random_and_damaged_packets_are_named_or_merged_correctly():
 # routes on the laptop: everything into the tunnel. The links behave like
 # real NICs (see real_nics): UDP GSO batches are cut into wire packets
 # where they leave a host, and GRO coalesces them at the receiver.
+# A third peer, `python-floor`, is the least a tunnel in Python can do: the
+# loop below, with no checks, no queues and no batching, behind the same
+# routes and firewall as socat. It is not a tunnel to use (it forwards
+# anything from anyone); it shows what Python's wake-ups alone cost next
+# to socat's, the floor for udptun's idle round trip.
+PYTHON_FLOOR = """
+import fcntl, os, select, socket, struct, subprocess, sys
+tun = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(tun, 0x400454CA, struct.pack("16sH22x", b"tun0", 0x1001))   # TUNSETIFF: IFF_TUN | IFF_NO_PI
+address, server = sys.argv[1], sys.argv[2:]
+subprocess.run(["ip", "address", "add", address, "dev", "tun0"], check=True)
+subprocess.run(["ip", "link", "set", "tun0", "mtu", "1400", "up"], check=True)
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+if server:
+    sock.connect((server[0], 5555))
+    peer = sock.getpeername()
+else:
+    sock.bind(("0.0.0.0", 5555))
+    peer = None
+poller = select.epoll()
+poller.register(tun, select.EPOLLIN)
+poller.register(sock.fileno(), select.EPOLLIN)
+while True:
+    for fd, _ in poller.poll():
+        if fd == tun:
+            packet = os.read(tun, 65535)
+            if peer:
+                sock.sendto(packet, peer)
+        else:
+            packet, peer = sock.recvfrom(65535)
+            os.write(tun, packet)
+"""
 BENCH_REPS = int(os.environ.get("UDPTUN_BENCH_REPS", "3"))
 BENCH_TIME = int(os.environ.get("UDPTUN_BENCH_TIME", "5"))
 WEB4, WEB6 = "203.0.113.80", "2001:db8:203::80"
@@ -3213,7 +3246,14 @@ class Bench:
     def start(self, impl):
         """Start a tunnel; return (the web host's address, the tunnel's pids)."""
         lab = self.lab
-        if impl == "socat":
+        if impl == "python-floor":
+            srv = lab.udptun_like("srv", [sys.executable, "-c", PYTHON_FLOOR, "10.0.0.2/24"])
+            cli = lab.udptun_like("cli1", [sys.executable, "-c", PYTHON_FLOOR, "10.0.0.1/24", "198.51.100.10"])
+            wait_for(lambda: lab.ping("cli1", "10.0.0.2"), "a ping through the Python loop")
+            self.socat_full_path()
+            wait_for(lambda: lab.ping("cli1", WEB4), "the web host through the Python loop")
+            return WEB4, [srv.pid, cli.pid]
+        if impl in ("socat", "socat-ipv6"):
             srv = lab.udptun_like("srv", ["socat", "UDP-LISTEN:5555", "TUN:10.0.0.2/24,tun-name=tun0,iff-no-pi,iff-up"])
             wait_for(lambda: ":5555" in lab.sh("srv", "ss", "-lun"), "socat listening")
             cli = lab.udptun_like("cli1", ["socat", "UDP:198.51.100.10:5555",
@@ -3225,7 +3265,11 @@ class Bench:
             lab.sh("srv", "ip", "link", "set", "tun0", "mtu", "1400")
             self.socat_full_path()
             wait_for(lambda: lab.ping("cli1", WEB4), "the web host through socat")
-            return WEB4, [srv.pid, cli.pid]
+            if impl == "socat":
+                return WEB4, [srv.pid, cli.pid]
+            self.socat_full_path_ipv6()
+            wait_for(lambda: lab.ping("cli1", WEB6), "the web host through socat, over IPv6")
+            return WEB6, [srv.pid, cli.pid]
         args = ["--plain"] if impl == "udptun-plain" else []
         srv, cli = start_pair(lab, server_args=args, client_args=args)
         target = WEB6 if impl == "udptun-ipv6" else WEB4
@@ -3251,6 +3295,27 @@ class Bench:
         for name, do, undo in steps:
             lab.sh(name, *do)
             self.undo.append((name, undo))
+
+    def socat_full_path_ipv6(self):
+        """The same for IPv6 inside socat's tunnel (socat-ipv6, to compare
+        with udptun-ipv6): udptun's addresses, routes, forwarding, firewall
+        and NAT."""
+        network = ipaddress.ip_network("fd75:6470:746e::/64")
+        steps = [("cli1", ["ip", "-6", "address", "add", "fd75:6470:746e::1/64", "dev", "tun0", "nodad"], None),
+                 ("srv", ["ip", "-6", "address", "add", "fd75:6470:746e::2/64", "dev", "tun0", "nodad"], None),
+                 ("cli1", ["ip", "-6", "route", "add", "::/1", "dev", "tun0"], None),
+                 ("cli1", ["ip", "-6", "route", "add", "8000::/1", "dev", "tun0"], None),
+                 ("srv", ["sysctl", "-qw", "net.ipv6.conf.eth0.accept_ra=2"],
+                  ["sysctl", "-qw", f"net.ipv6.conf.eth0.accept_ra={sysctl_in(self.lab, 'srv', 'net.ipv6.conf.eth0.accept_ra')}"]),
+                 ("srv", ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
+                  ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=0"])]   # (the addresses and routes go with tun0)
+        for table, chain, rule in udptun.iptables_rules("tun0", "eth0", network, 1400, True, False):
+            steps.append(("srv", ["ip6tables", "-w", "-t", table, "-A", chain, *rule],
+                          ["ip6tables", "-w", "-t", table, "-D", chain, *rule]))
+        for name, do, undo in steps:
+            self.lab.sh(name, *do)
+            if undo:
+                self.undo.append((name, undo))
 
     def stop(self):
         for p in reversed(self.lab.procs):
@@ -3304,6 +3369,10 @@ class Bench:
                           check=False, timeout=count * interval + 30)
         times = [float(t) * 1000 for t in re.findall(r"time=([\d.]+) ms", out)]
         return percentile(times, 50), percentile(times, 99)
+
+
+def sysctl_in(lab, name, key):
+    return lab.sh(name, "sysctl", "-n", key).strip()
 
 
 def real_nics(lab):
