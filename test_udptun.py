@@ -3211,10 +3211,16 @@ while True:
     for fd, _ in poller.poll():
         if fd == tun:
             packet = os.read(tun, 65535)
-            if peer:
-                sock.sendto(packet, peer)
+            try:
+                if peer:
+                    sock.sendto(packet, peer)
+            except OSError:   # an ICMP error reported late: the other end is not there yet
+                pass
         else:
-            packet, peer = sock.recvfrom(65535)
+            try:
+                packet, peer = sock.recvfrom(65535)
+            except OSError:
+                continue
             os.write(tun, packet)
 """
 BENCH_REPS = int(os.environ.get("UDPTUN_BENCH_REPS", "3"))
@@ -3248,6 +3254,8 @@ class Bench:
         lab = self.lab
         if impl == "python-floor":
             srv = lab.udptun_like("srv", [sys.executable, "-c", PYTHON_FLOOR, "10.0.0.2/24"])
+            wait_for(lambda: ":5555" in lab.sh("srv", "ss", "-lun") and "tun0" in lab.sh("srv", "ip", "link"),
+                     "the Python loop listening")
             cli = lab.udptun_like("cli1", [sys.executable, "-c", PYTHON_FLOOR, "10.0.0.1/24", "198.51.100.10"])
             wait_for(lambda: lab.ping("cli1", "10.0.0.2"), "a ping through the Python loop")
             self.socat_full_path()
