@@ -3045,6 +3045,16 @@ def test_a_flow_is_one_destination_whatever_the_packets_hold():
     server.read_tun = lambda limit: [bytes(with_options), to_v6]
     pass_on(server)
     assert server.sock.sent == [(bytes(with_options), CLIENT), (to_v6, other)]
+    # An IPv6 "packet" shorter than IPv6's header, whose bytes where the
+    # addresses would be spell an IPv4 flow's key: refused, not sent along
+    # with that flow to its client.
+    to_a = ipv4(src="203.0.113.80", dst="10.0.0.1", proto=6, payload=bytes(20))
+    short = bytes([0x60, 0, 0, 0, 0, 0, 6, 64]) + to_a[12:24]
+    assert udptun.flow_of(short) == udptun.flow_of(to_a)
+    server.sock.sent.clear()
+    server.read_tun = lambda limit: [to_a, short]
+    pass_on(server)
+    assert server.sock.sent == [(to_a, CLIENT)] and server.drops.get("tun-not-ip") == 1
 
 
 def test_the_fair_queue_keys_packets_as_flow_of_does():
@@ -3054,6 +3064,7 @@ def test_the_fair_queue_keys_packets_as_flow_of_does():
         return struct.pack("!HH", sport, dport) + bytes(16)
     packets = [ipv4(proto=6, payload=ports(1)), ipv4(proto=6, payload=ports(2)), ipv4(proto=17, payload=ports(1)),
                ipv4(proto=1), ipv4(ihl=6, proto=6, payload=ports(1)),
+               ipv4(proto=1)[:6] + bytes([6]) + ipv4(proto=1)[7:],   # (byte 6: IPv6's next header, IPv4's flags)
                ipv6(next_header=6, payload=ports(1)), ipv6(next_header=6, payload=ports(2)),
                ipv6(next_header=17, payload=ports(1)), ipv6(next_header=58, payload=ports(1)),
                ipv6(next_header=58, payload=ports(2))]
@@ -3185,11 +3196,11 @@ def test_random_and_damaged_packets_are_named_or_merged_correctly():
 # routes on the laptop: everything into the tunnel. The links behave like
 # real NICs (see real_nics): UDP GSO batches are cut into wire packets
 # where they leave a host, and GRO coalesces them at the receiver.
-# A third peer, `python-floor`, is the least a tunnel in Python can do: the
-# loop below, with no checks, no queues and no batching, behind the same
-# routes and firewall as socat. It is not a tunnel to use (it forwards
-# anything from anyone); it shows what Python's wake-ups alone cost next
-# to socat's, the floor for udptun's idle round trip.
+# Another peer, `python-floor`, is about the least a tunnel in Python can
+# do: the loop below, with no checks, no queues and no batching, behind the
+# same routes and firewall as socat. It is not a tunnel to use (it forwards
+# anything from anyone); it shows what Python's wake-ups alone cost next to
+# socat's: a floor for udptun's idle round trip.
 PYTHON_FLOOR = """
 import fcntl, os, select, socket, struct, subprocess, sys
 tun = os.open("/dev/net/tun", os.O_RDWR)
@@ -3212,7 +3223,9 @@ while True:
         if fd == tun:
             packet = os.read(tun, 65535)
             try:
-                if peer:
+                if server:
+                    sock.send(packet)   # (connected: the kernel keeps the route)
+                elif peer:
                     sock.sendto(packet, peer)
             except OSError:   # an ICMP error reported late: the other end is not there yet
                 pass
@@ -3316,7 +3329,8 @@ class Bench:
                  ("srv", ["sysctl", "-qw", "net.ipv6.conf.eth0.accept_ra=2"],
                   ["sysctl", "-qw", f"net.ipv6.conf.eth0.accept_ra={sysctl_in(self.lab, 'srv', 'net.ipv6.conf.eth0.accept_ra')}"]),
                  ("srv", ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
-                  ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=0"])]   # (the addresses and routes go with tun0)
+                  ["sysctl", "-qw", f"net.ipv6.conf.all.forwarding={sysctl_in(self.lab, 'srv', 'net.ipv6.conf.all.forwarding')}"])]
+        # (tun0's addresses and routes go with it)
         for table, chain, rule in udptun.iptables_rules("tun0", "eth0", network, 1400, True, False):
             steps.append(("srv", ["ip6tables", "-w", "-t", table, "-A", chain, *rule],
                           ["ip6tables", "-w", "-t", table, "-D", chain, *rule]))
@@ -3443,8 +3457,8 @@ def report(results):
     print("|---" * (len(keys) + 1) + "|")
     for n, m in med.items():
         print(f"| {n} | " + " | ".join(f.format(m[k]) for k, _, f in BENCH_COLUMNS) + " |")
-    if "socat" in med:
-        for n in med:
-            if n != "socat":
-                print(f"| {n} / socat | " + " | ".join(
-                    f"{med[n][k] / med['socat'][k]:.2f}×" if med["socat"][k] else "-" for k in keys) + " |")
+    pairs = [(n, "socat") for n in med if n != "socat"] + [(f"{n}-ipv6", n) for n in ("udptun", "socat")]
+    for n, d in dict.fromkeys(pairs):
+        if n in med and d in med:
+            print(f"| {n} / {d} | " + " | ".join(
+                f"{med[n][k] / med[d][k]:.2f}×" if med[d][k] else "-" for k in keys) + " |")
