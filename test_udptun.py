@@ -2673,10 +2673,17 @@ def test_client_recovers_when_its_public_address_changes(clean):
     assert lab.ping("cli1", "203.0.113.80")
 
     def renumber(address):
-        lab.sh("nat", "ip", "addr", "flush", "dev", "wan")
+        lab.sh("nat", "ip", "-4", "addr", "flush", "dev", "wan")   # (-4: its IPv6 stays)
         lab.sh("nat", "ip", "addr", "add", f"{address}/24", "dev", "wan")
         lab.sh("nat", "ip", "route", "add", "default", "via", "192.0.2.1")
 
+    # The ISP no longer routes the old address to the NAT. Without this, the
+    # lab would go on delivering to it (the core's neighbour cache), and the
+    # NAT forgets its mappings on a removed address only a moment later, in a
+    # kernel worker (nf_nat_masquerade.c): a datagram sent in that moment
+    # still left from the old address, its answer came back, and the tunnel
+    # seemed never to have broken.
+    lab.sh("core", "ip", "route", "add", "blackhole", "192.0.2.20/32")
     try:
         renumber("192.0.2.21")
         changed = time.monotonic()
@@ -2688,6 +2695,7 @@ def test_client_recovers_when_its_public_address_changes(clean):
         assert re.search(r"client 10.0.0.1: refused claim from 192.0.2.21:\d+", log), log
         assert re.search(r"client 10.0.0.1 moved from 192.0.2.20:\d+ to 192.0.2.21:\d+", log), log
     finally:
+        lab.sh("core", "ip", "route", "del", "blackhole", "192.0.2.20/32")
         renumber("192.0.2.20")
 
 
