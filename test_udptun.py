@@ -2737,7 +2737,11 @@ def test_server_restart_in_the_middle_of_a_download(firewall, clean):
 
 def test_status_shows_peers_and_is_world_readable(clean):
     lab = clean
-    server, client = start_pair(lab)
+    umask = os.umask(0o077)   # a hardened machine's, which sudo passes on
+    try:
+        server, client = start_pair(lab)
+    finally:
+        os.umask(umask)
     lab.download_sha("cli1")
     wait_for(lambda: any(c["tx_bytes"] > 8 << 20 for c in status(lab)["clients"]), "the download in the status")
     s = status(lab)
@@ -2748,6 +2752,8 @@ def test_status_shows_peers_and_is_world_readable(clean):
     assert "udptun server on tun0" in text and "10.0.0.1" in text and "drops:" in text
     path = f"/run/udptun/netns-{lab.ns('srv')}/tun0.status"
     assert os.stat(path).st_mode & 0o777 == 0o644
+    for folder in (os.path.dirname(path), "/run/udptun"):
+        assert os.stat(folder).st_mode & 0o777 == 0o755, folder
     # Each end publishes its own file about once a second, at a quiet
     # moment: the client's may not show the download yet.
     wait_for(lambda: status(lab, "cli1")["clients"][0]["rx_bytes"] > 8 << 20, "the download in the client's status")

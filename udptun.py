@@ -2887,6 +2887,10 @@ def main(argv=None):
     # "ignore", and Python would then never raise KeyboardInterrupt.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
+    # What we write under /run/udptun is for anyone to read (`status` needs
+    # no privileges), whatever umask sudo passed on: 027 or 077 on a
+    # hardened machine would make the folders and the status file root's.
+    os.umask(0o022)
     try:
         args = parse_args(argv)
         check_args(args)
