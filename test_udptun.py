@@ -2209,7 +2209,7 @@ UDP_RECEIVER = r"""
 import json, socket, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 # SO_RCVBUFFORCE (asm-generic/socket.h): SO_RCVBUF stops at rmem_max,
-# 208 KiB on a stock system, about 100 of these datagrams.
+# 208 KiB on a stock system: under 200 of these datagrams.
 s.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)
 s.bind(("203.0.113.80", 9998))
 s.settimeout(10)   # for the first datagram: the sender has yet to start
