@@ -645,33 +645,55 @@ ip link set dev tun0 mtu 1400 txqueuelen 1000 up
 """
 
 FIREWALL = """\
+{t} -w -t filter -N udptun-fwd-tun0
+{t} -w -t filter -N udptun-in-tun0
 {t} -w -t nat -A POSTROUTING -s {net} -o eth9 -m comment --comment udptun:tun0 -j MASQUERADE
-{t} -w -t filter -I FORWARD 1 -i tun0 -d {ll} -m comment --comment udptun:tun0 -j DROP
-{t} -w -t filter -I FORWARD 2 -i tun0 -o eth9 -m comment --comment udptun:tun0 -j ACCEPT
-{t} -w -t filter -I FORWARD 3 -o tun0 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment udptun:tun0 -j ACCEPT
-{t} -w -t filter -I FORWARD 4 -i tun0 -m comment --comment udptun:tun0 -j DROP
-{t} -w -t filter -I FORWARD 5 -o tun0 -m comment --comment udptun:tun0 -j DROP
+{private}{t} -w -t filter -A udptun-fwd-tun0 -i tun0 -o eth9 -m comment --comment udptun:tun0 -j ACCEPT
+{t} -w -t filter -A udptun-fwd-tun0 -o tun0 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment udptun:tun0 -j ACCEPT
+{t} -w -t filter -A udptun-fwd-tun0 -i tun0 -m comment --comment udptun:tun0 -j DROP
+{t} -w -t filter -A udptun-fwd-tun0 -o tun0 -m comment --comment udptun:tun0 -j DROP
+{t} -w -t filter -A udptun-in-tun0 -i tun0 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment udptun:tun0 -j ACCEPT
+{t} -w -t filter -A udptun-in-tun0 -i tun0 -d {me} {echo} -m comment --comment udptun:tun0 -j ACCEPT
+{t} -w -t filter -A udptun-in-tun0 -i tun0 -m comment --comment udptun:tun0 -j DROP
 {t} -w -t mangle -A FORWARD -o tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss {mss}
 {t} -w -t mangle -A FORWARD -i tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss {mss}
+{t} -w -t filter -I FORWARD 1 -m comment --comment udptun:tun0 -j udptun-fwd-tun0
+{t} -w -t filter -I INPUT 1 -m comment --comment udptun:tun0 -j udptun-in-tun0
 """
+# Our chains' rules go with one flush each; the chains go once empty.
 FIREWALL_UNDO = """\
+{t} -w -t filter -D INPUT -m comment --comment udptun:tun0 -j udptun-in-tun0
+{t} -w -t filter -D FORWARD -m comment --comment udptun:tun0 -j udptun-fwd-tun0
 {t} -w -t mangle -D FORWARD -i tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss {mss}
 {t} -w -t mangle -D FORWARD -o tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss {mss}
-{t} -w -t filter -D FORWARD -o tun0 -m comment --comment udptun:tun0 -j DROP
-{t} -w -t filter -D FORWARD -i tun0 -m comment --comment udptun:tun0 -j DROP
-{t} -w -t filter -D FORWARD -o tun0 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment udptun:tun0 -j ACCEPT
-{t} -w -t filter -D FORWARD -i tun0 -o eth9 -m comment --comment udptun:tun0 -j ACCEPT
-{t} -w -t filter -D FORWARD -i tun0 -d {ll} -m comment --comment udptun:tun0 -j DROP
+{t} -w -t filter -F udptun-in-tun0
+{t} -w -t filter -F udptun-fwd-tun0
 {t} -w -t nat -D POSTROUTING -s {net} -o eth9 -m comment --comment udptun:tun0 -j MASQUERADE
+{t} -w -t filter -X udptun-in-tun0
+{t} -w -t filter -X udptun-fwd-tun0
 """
-V4 = dict(t="iptables", net="10.0.0.0/24", ll="169.254.0.0/16", mss=1360)
-V6 = dict(t="ip6tables", net="fd75:6470:746e::/64", ll="fe80::/10", mss=1340)
+# Where a client may not go through the VPS: private networks, the clouds' metadata services.
+PRIVATE = {4: ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16", "168.63.129.16/32"],
+           6: ["fc00::/7", "fe80::/10"]}
+
+
+def private(t, version):
+    return "".join(f"{t} -w -t filter -A udptun-fwd-tun0 -i tun0 -d {net} -m comment --comment udptun:tun0 -j DROP\n"
+                   for net in PRIVATE[version])
+
+
+V4 = dict(t="iptables", net="10.0.0.0/24", mss=1360, me="10.0.0.2", echo="-p icmp --icmp-type echo-request",
+          private=private("iptables", 4))
+V6 = dict(t="ip6tables", net="fd75:6470:746e::/64", mss=1340, me="fd75:6470:746e::2",
+          echo="-p ipv6-icmp --icmpv6-type echo-request", private=private("ip6tables", 6))
 
 SERVER_SETUP = (TUN_SETUP.format(v4="10.0.0.2/24", v6="fd75:6470:746e::2/64")
                 + "sysctl -w net.ipv4.ip_forward=1\nsysctl -w net.ipv6.conf.all.forwarding=1\n"
                 + FIREWALL.format(**V4) + FIREWALL.format(**V6)).splitlines()
-SERVER_TEARDOWN = (FIREWALL_UNDO.format(**V6) + FIREWALL_UNDO.format(**V4)
-                   + "sysctl -w net.ipv6.conf.all.forwarding=0\nsysctl -w net.ipv4.ip_forward=0\n").splitlines()
+# Forwarding goes off again unless other rules forward by then (Docker's, say).
+UNFORWARD = ("sysctl -w net.ipv6.conf.all.forwarding=0 (unless rules other than udptun:tun0's forward)\n"
+             "sysctl -w net.ipv4.ip_forward=0 (unless rules other than udptun:tun0's forward)\n")
+SERVER_TEARDOWN = (FIREWALL_UNDO.format(**V6) + FIREWALL_UNDO.format(**V4) + UNFORWARD).splitlines()
 
 CLIENT_SETUP = TUN_SETUP.format(v4="10.0.0.1/24", v6="fd75:6470:746e::1/64").splitlines()
 CLIENT_ROUTING = """\
@@ -685,6 +707,9 @@ ip -6 rule add not fwmark 5555 table 5555
 ip -6 rule add table main suppress_prefixlength 0
 """.splitlines()
 
+# What goes to the server's own address (ssh to the VPS) goes around the tunnel.
+AROUND = ["ip -4 rule add to 198.51.100.10 table main"]
+AROUND_UNDO = ["ip -4 rule del to 198.51.100.10 table main"]
 CLIENT_TEARDOWN = """\
 ip -6 rule del table main suppress_prefixlength 0
 ip -6 rule del not fwmark 5555 table 5555
@@ -762,43 +787,35 @@ def test_server_keeps_router_advertisements_coming_where_it_forwards(canned, cap
     assert setup[4:7] == ["sysctl -w net.ipv4.ip_forward=1", "sysctl -w net.ipv6.conf.eth9.accept_ra=2",
                           "sysctl -w net.ipv6.conf.all.forwarding=1"]
     assert teardown == (FIREWALL_UNDO.format(**V6) + FIREWALL_UNDO.format(**V4)).splitlines() + [
-        "sysctl -w net.ipv6.conf.all.forwarding=0", "sysctl -w net.ipv6.conf.eth9.accept_ra=1",
-        "sysctl -w net.ipv4.ip_forward=0"]
+        UNFORWARD.splitlines()[0], "sysctl -w net.ipv6.conf.eth9.accept_ra=1", UNFORWARD.splitlines()[1]]
 
 
 def test_server_without_ipv6_on_the_internet_side_still_forwards_ipv6(canned, capsys, monkeypatch):
-    """No IPv6 default route: no IPv6 rules, but forwarding on, so that the
-    kernel answers clients' IPv6 with "no route" (ICMPv6) at once."""
+    """No IPv6 default route: no NAT and no way out for IPv6, but no way in
+    or around either; and forwarding on, so that the kernel answers
+    clients' IPv6 with "no route" (ICMPv6) at once."""
     monkeypatch.setitem(QUERIES, ("ip", "-6", "route", "show", "default"), "")
     setup, teardown = plan(capsys, ["server", "--dry-run", "--firewall", "iptables"])
-    v6 = """\
-ip6tables -w -t filter -I FORWARD 1 -i tun0 -d fe80::/10 -m comment --comment udptun:tun0 -j DROP
-ip6tables -w -t filter -I FORWARD 2 -o tun0 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment udptun:tun0 -j ACCEPT
-ip6tables -w -t filter -I FORWARD 3 -i tun0 -m comment --comment udptun:tun0 -j DROP
-ip6tables -w -t filter -I FORWARD 4 -o tun0 -m comment --comment udptun:tun0 -j DROP
-ip6tables -w -t mangle -A FORWARD -o tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss 1340
-ip6tables -w -t mangle -A FORWARD -i tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss 1340
-""".splitlines()   # no NAT and no way out, but no way in or around either
+    way_out = lambda line: "MASQUERADE" in line or "-o eth9 -m" in line
+    v6 = [line for line in FIREWALL.format(**V6).splitlines() if not way_out(line)]
+    assert len(v6) == len(FIREWALL.format(**V6).splitlines()) - 2
     assert setup == SERVER_SETUP[:6] + FIREWALL.format(**V4).splitlines() + v6
-    assert teardown == """\
-ip6tables -w -t mangle -D FORWARD -i tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss 1340
-ip6tables -w -t mangle -D FORWARD -o tun0 -p tcp --tcp-flags SYN,RST SYN -m comment --comment udptun:tun0 -j TCPMSS --set-mss 1340
-ip6tables -w -t filter -D FORWARD -o tun0 -m comment --comment udptun:tun0 -j DROP
-ip6tables -w -t filter -D FORWARD -i tun0 -m comment --comment udptun:tun0 -j DROP
-ip6tables -w -t filter -D FORWARD -o tun0 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment udptun:tun0 -j ACCEPT
-ip6tables -w -t filter -D FORWARD -i tun0 -d fe80::/10 -m comment --comment udptun:tun0 -j DROP
-""".splitlines() + FIREWALL_UNDO.format(**V4).splitlines() + [
-        "sysctl -w net.ipv6.conf.all.forwarding=0", "sysctl -w net.ipv4.ip_forward=0"]
+    assert teardown == [line for line in FIREWALL_UNDO.format(**V6).splitlines() if not way_out(line)] \
+        + FIREWALL_UNDO.format(**V4).splitlines() + UNFORWARD.splitlines()
 
 
 NFT_SETUP = """\
 nft add table {f} udptun_tun0
 nft add chain {f} udptun_tun0 forward '{{ type filter hook forward priority 0 ; }}'
-nft add rule {f} udptun_tun0 forward iifname tun0 {f} daddr {ll} drop
+nft add rule {f} udptun_tun0 forward iifname tun0 {f} daddr '{{ {private} }}' drop
 nft add rule {f} udptun_tun0 forward iifname tun0 oifname eth9 accept
 nft add rule {f} udptun_tun0 forward oifname tun0 ct state established,related accept
 nft add rule {f} udptun_tun0 forward iifname tun0 drop
 nft add rule {f} udptun_tun0 forward oifname tun0 drop
+nft add chain {f} udptun_tun0 input '{{ type filter hook input priority 0 ; }}'
+nft add rule {f} udptun_tun0 input iifname tun0 ct state established,related accept
+nft add rule {f} udptun_tun0 input iifname tun0 {f} daddr {me} {icmp} type echo-request accept
+nft add rule {f} udptun_tun0 input iifname tun0 drop
 nft add chain {f} udptun_tun0 clamp '{{ type filter hook forward priority -150 ; }}'
 nft add rule {f} udptun_tun0 clamp oifname tun0 tcp flags '&' '(syn|rst)' == syn tcp option maxseg size '>' {mss} tcp option maxseg size set {mss}
 nft add rule {f} udptun_tun0 clamp iifname tun0 tcp flags '&' '(syn|rst)' == syn tcp option maxseg size '>' {mss} tcp option maxseg size set {mss}
@@ -809,34 +826,61 @@ nft add rule {f} udptun_tun0 postrouting {f} saddr {net} oifname eth9 masquerade
 
 def test_nft_plan_is_one_table_a_family_deleted_at_once(canned, capsys):
     setup, teardown = plan(capsys, ["server", "--dry-run", "--firewall", "nft"])
-    assert setup == SERVER_SETUP[:6] + (NFT_SETUP.format(f="ip", mss=1360, net="10.0.0.0/24", ll="169.254.0.0/16")
-                                        + NFT_SETUP.format(f="ip6", mss=1340, net="fd75:6470:746e::/64",
-                                                           ll="fe80::/10")).splitlines()
-    assert teardown == ["nft delete table ip6 udptun_tun0", "nft delete table ip udptun_tun0",
-                        "sysctl -w net.ipv6.conf.all.forwarding=0", "sysctl -w net.ipv4.ip_forward=0"]
+    assert setup == SERVER_SETUP[:6] + (
+        NFT_SETUP.format(f="ip", mss=1360, net="10.0.0.0/24", me="10.0.0.2", icmp="icmp",
+                         private=", ".join(PRIVATE[4]))
+        + NFT_SETUP.format(f="ip6", mss=1340, net="fd75:6470:746e::/64", me="fd75:6470:746e::2", icmp="icmpv6",
+                           private=", ".join(PRIVATE[6]))).splitlines()
+    assert teardown == ["nft delete table ip6 udptun_tun0", "nft delete table ip udptun_tun0"] + UNFORWARD.splitlines()
+
+
+@pytest.mark.parametrize("dev, table", [("tun0", "udptun_tun0"), ("tun-0", "udptun_tun_2d0"),
+                                        ("tun_0", "udptun_tun_5f0"), ("tun.0", "udptun_tun_2e0"),
+                                        ("tün", "udptun_t_c3_bcn")])
+def test_nft_table_names_differ_for_every_device_name(dev, table):
+    assert udptun.nft_table(dev) == table
 
 
 def test_client_to_client_and_reach_open_forward_too(canned, capsys):
-    """--client-to-client opens tun0 to tun0 (before the drops); --reach
-    opens a network (first of all, so even link-local can be opened)."""
+    """--client-to-client opens tun0 to tun0, and --reach a network, both
+    before the drops of private networks; --reach PORT/PROTO opens a port
+    of the VPS itself, before the drop of everything else from tun0."""
     setup, _ = plan(capsys, ["server", "--dry-run", "--firewall", "iptables", "--client-to-client",
-                             "--reach", "169.254.169.254/32", "--reach", "fd00:ec2::254/128"])
+                             "--reach", "169.254.169.254/32", "--reach", "fd00:ec2::254/128", "--reach", "53/udp"])
     c = "-m comment --comment udptun:tun0"
-    assert [line for line in setup if line.startswith("iptables -w -t filter")] == [
-        f"iptables -w -t filter -I FORWARD 1 -i tun0 -d 169.254.169.254/32 {c} -j ACCEPT",
-        f"iptables -w -t filter -I FORWARD 2 -i tun0 -d 169.254.0.0/16 {c} -j DROP",
-        f"iptables -w -t filter -I FORWARD 3 -i tun0 -o eth9 {c} -j ACCEPT",
-        f"iptables -w -t filter -I FORWARD 4 -o tun0 -m conntrack --ctstate RELATED,ESTABLISHED {c} -j ACCEPT",
-        f"iptables -w -t filter -I FORWARD 5 -i tun0 -o tun0 {c} -j ACCEPT",
-        f"iptables -w -t filter -I FORWARD 6 -i tun0 {c} -j DROP",
-        f"iptables -w -t filter -I FORWARD 7 -o tun0 {c} -j DROP"]
-    assert f"ip6tables -w -t filter -I FORWARD 1 -i tun0 -d fd00:ec2::254/128 {c} -j ACCEPT" in setup
+    assert [line for line in setup if line.startswith("iptables -w -t filter -A")] == [
+        f"iptables -w -t filter -A udptun-fwd-tun0 -i tun0 -d 169.254.169.254/32 {c} -j ACCEPT",
+        f"iptables -w -t filter -A udptun-fwd-tun0 -i tun0 -o tun0 {c} -j ACCEPT",
+        *private("iptables", 4).splitlines(),
+        f"iptables -w -t filter -A udptun-fwd-tun0 -i tun0 -o eth9 {c} -j ACCEPT",
+        f"iptables -w -t filter -A udptun-fwd-tun0 -o tun0 -m conntrack --ctstate RELATED,ESTABLISHED {c} -j ACCEPT",
+        f"iptables -w -t filter -A udptun-fwd-tun0 -i tun0 {c} -j DROP",
+        f"iptables -w -t filter -A udptun-fwd-tun0 -o tun0 {c} -j DROP",
+        f"iptables -w -t filter -A udptun-in-tun0 -i tun0 -m conntrack --ctstate RELATED,ESTABLISHED {c} -j ACCEPT",
+        f"iptables -w -t filter -A udptun-in-tun0 -i tun0 -d 10.0.0.2 -p icmp --icmp-type echo-request {c} -j ACCEPT",
+        f"iptables -w -t filter -A udptun-in-tun0 -i tun0 -p udp --dport 53 {c} -j ACCEPT",
+        f"iptables -w -t filter -A udptun-in-tun0 -i tun0 {c} -j DROP"]
+    assert f"ip6tables -w -t filter -A udptun-fwd-tun0 -i tun0 -d fd00:ec2::254/128 {c} -j ACCEPT" in setup
+    assert f"ip6tables -w -t filter -A udptun-in-tun0 -i tun0 -p udp --dport 53 {c} -j ACCEPT" in setup
+
+
+def test_firewall_rules_take_effect_with_one_insert_each(canned, capsys):
+    """Each built-in chain gets one rule of ours, inserted last, once the
+    chain it jumps to is whole: another tool inserting at the same moment
+    (Docker at boot) cannot land between our rules."""
+    setup, _ = plan(capsys, ["server", "--dry-run", "--firewall", "iptables"])
+    for tool in ("iptables", "ip6tables"):
+        ours = [line for line in setup if line.startswith(tool + " ")]
+        builtin = [line for line in ours if re.search(r" -[AI] (FORWARD|INPUT)\b", line) and "-t filter" in line]
+        assert builtin == ours[-2:] == [
+            f"{tool} -w -t filter -I FORWARD 1 -m comment --comment udptun:tun0 -j udptun-fwd-tun0",
+            f"{tool} -w -t filter -I INPUT 1 -m comment --comment udptun:tun0 -j udptun-in-tun0"]
 
 
 def test_client_plan_is_exact_and_teardown_mirrors_it(canned, capsys):
     setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run"])
-    assert setup == CLIENT_SETUP + CLIENT_ROUTING
-    assert teardown == CLIENT_TEARDOWN
+    assert setup == CLIENT_SETUP + CLIENT_ROUTING + AROUND
+    assert teardown == AROUND_UNDO + CLIENT_TEARDOWN
 
 
 def test_a_second_client_needs_only_its_ipv4_address(canned, capsys):
@@ -884,8 +928,8 @@ def test_client_dns_rewrites_an_unmanaged_resolv_conf(canned, capsys):
                                     "--dns", "2001:db8::53", "--dns", "192.0.2.53"])
     assert setup == CLIENT_SETUP + [f"write {path}: nameserver 192.0.2.53; nameserver 2001:db8::53; search lan"] \
         + CLIENT_ROUTING[:4] + ["ip -4 rule add to 192.0.2.53 table 5555"] \
-        + CLIENT_ROUTING[4:] + ["ip -6 rule add to 2001:db8::53 table 5555"]
-    assert teardown == ["ip -6 rule del to 2001:db8::53 table 5555"] + CLIENT_TEARDOWN[:3] \
+        + CLIENT_ROUTING[4:] + ["ip -6 rule add to 2001:db8::53 table 5555"] + AROUND
+    assert teardown == AROUND_UNDO + ["ip -6 rule del to 2001:db8::53 table 5555"] + CLIENT_TEARDOWN[:3] \
         + ["ip -4 rule del to 192.0.2.53 table 5555"] + CLIENT_TEARDOWN[3:] + [
         f"write {path}: nameserver 192.168.1.1; search lan; \xff no newline at the end (if it still holds what we wrote)"]
     assert canned.joinpath("resolv.conf").read_bytes() == ORIGINAL_RESOLV_CONF   # a dry run
@@ -904,8 +948,9 @@ def test_client_dns_with_systemd_resolved(canned, capsys, monkeypatch):
     setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--dns", "192.0.2.53"])
     assert setup == CLIENT_SETUP + ["resolvectl dns tun0 192.0.2.53", "resolvectl domain tun0 '~.'",
                                     "resolvectl default-route tun0 true"] + CLIENT_ROUTING[:4] \
-        + ["ip -4 rule add to 192.0.2.53 table 5555"] + CLIENT_ROUTING[4:]
-    assert teardown == CLIENT_TEARDOWN[:3] + ["ip -4 rule del to 192.0.2.53 table 5555"] + CLIENT_TEARDOWN[3:] \
+        + ["ip -4 rule add to 192.0.2.53 table 5555"] + CLIENT_ROUTING[4:] + AROUND
+    assert teardown == AROUND_UNDO + CLIENT_TEARDOWN[:3] + ["ip -4 rule del to 192.0.2.53 table 5555"] \
+        + CLIENT_TEARDOWN[3:] \
         + ["resolvectl revert tun0"]
 
 
@@ -913,16 +958,17 @@ def test_client_dns_with_resolvconf(canned, capsys, monkeypatch):
     monkeypatch.setattr(udptun, "resolver_tool", lambda: "resolvconf")
     setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--dns", "192.0.2.53"])
     assert setup == CLIENT_SETUP + ["resolvconf -a tun0 -m 0 -x <<< 'nameserver 192.0.2.53'"] + CLIENT_ROUTING[:4] \
-        + ["ip -4 rule add to 192.0.2.53 table 5555"] + CLIENT_ROUTING[4:]
-    assert teardown == CLIENT_TEARDOWN[:3] + ["ip -4 rule del to 192.0.2.53 table 5555"] + CLIENT_TEARDOWN[3:] \
+        + ["ip -4 rule add to 192.0.2.53 table 5555"] + CLIENT_ROUTING[4:] + AROUND
+    assert teardown == AROUND_UNDO + CLIENT_TEARDOWN[:3] + ["ip -4 rule del to 192.0.2.53 table 5555"] \
+        + CLIENT_TEARDOWN[3:] \
         + ["resolvconf -d tun0 -f"]
 
 
 def test_a_machine_without_ipv6_gets_an_ipv4_tunnel(canned, capsys, monkeypatch):
     monkeypatch.setattr(udptun, "sysctl_value", lambda key: "1" if key.endswith("disable_ipv6") else "0")
     setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run"])
-    assert setup == [CLIENT_SETUP[0], CLIENT_SETUP[3]] + CLIENT_ROUTING[:4]
-    assert teardown == CLIENT_TEARDOWN[3:]
+    assert setup == [CLIENT_SETUP[0], CLIENT_SETUP[3]] + CLIENT_ROUTING[:4] + AROUND
+    assert teardown == AROUND_UNDO + CLIENT_TEARDOWN[3:]
 
 
 def test_an_mtu_below_ipv6s_minimum_makes_an_ipv4_tunnel(canned, capsys):
@@ -962,10 +1008,11 @@ def test_half_done_setup_is_undone(canned, capsys, monkeypatch):
     assert udptun.main(["server", "--dry-run", "--out-interface", "eth9", "--firewall", "iptables"]) == 1
     err = capsys.readouterr().err
     done = [l[4:] for l in err.splitlines() if l.startswith("[#] ")]
-    assert done[1:] == SERVER_SETUP[:7] + [   # [0]: open /dev/net/tun
-        "iptables -w -t nat -D POSTROUTING -s 10.0.0.0/24 -o eth9 -m comment --comment udptun:tun0 -j MASQUERADE",
-        "sysctl -w net.ipv6.conf.all.forwarding=0", "sysctl -w net.ipv4.ip_forward=0",
-        "close tun0: the kernel deletes it with its address and routes"]
+    # [0]: open /dev/net/tun. The first jump into our chains fails: the
+    # rest comes down, but for the jumps, which were never there.
+    assert done[1:] == SERVER_SETUP[:6] + FIREWALL.format(**V4).splitlines()[:-2] \
+        + FIREWALL_UNDO.format(**V4).splitlines()[2:] + UNFORWARD.splitlines() \
+        + ["close tun0: the kernel deletes it with its address and routes"]
     assert err.rstrip().endswith("udptun: error: iptables broke")
 
 
@@ -982,10 +1029,11 @@ def test_a_signal_during_a_command_keeps_its_undo(canned, capsys, monkeypatch):
     monkeypatch.setattr(udptun.System, "change", interrupted)
     assert udptun.main(["server", "--dry-run", "--out-interface", "eth9", "--firewall", "iptables"]) == 0
     done = [l[4:] for l in capsys.readouterr().err.splitlines() if l.startswith("[#] ")]
-    assert done[1:] == SERVER_SETUP[:7] + [   # [0]: open /dev/net/tun; [7]: the -A that was interrupted
+    # [0]: open /dev/net/tun; then our two chains, and the -A that was interrupted
+    assert done[1:] == SERVER_SETUP[:9] + [
         "iptables -w -t nat -D POSTROUTING -s 10.0.0.0/24 -o eth9 -m comment --comment udptun:tun0 -j MASQUERADE",
-        "sysctl -w net.ipv6.conf.all.forwarding=0", "sysctl -w net.ipv4.ip_forward=0",
-        "close tun0: the kernel deletes it with its address and routes"]
+        "iptables -w -t filter -X udptun-in-tun0", "iptables -w -t filter -X udptun-fwd-tun0",
+        *UNFORWARD.splitlines(), "close tun0: the kernel deletes it with its address and routes"]
 
 
 def test_journal_replays_a_killed_run_and_only_what_udptun_writes(tmp_path, monkeypatch, capsys):
@@ -995,15 +1043,24 @@ def test_journal_replays_a_killed_run_and_only_what_udptun_writes(tmp_path, monk
              ["iptables", "-w", "-t", "nat", "-D", "POSTROUTING", "-j", "MASQUERADE"],
              ["nft", "delete", "table", "ip6", "udptun_tun0"],
              ["sh", "-c", "echo owned"], ["ip", "link", "del", "eth0"], ["sysctl", "-w", "kernel.panic=1"],
-             ["write", "/etc/shadow", "x", "y"], "ip -4 rule del", [["nested"]]]
+             ["write", "/etc/shadow", "x", "y"], "ip -4 rule del", [["nested"]],
+             ["iptables", "-w", "-t", "filter", "-F", "udptun-fwd-tun0"],
+             ["iptables", "-w", "-t", "filter", "-X", "udptun-fwd-tun0"],
+             ["iptables", "-w", "-t", "filter", "-F", "INPUT"],   # not ours to flush
+             ["sysctl", "-w", "net.ipv6.conf.all.forwarding=0", "udptun:tun0"],
+             ["sysctl", "-w", "net.ipv6.conf.all.forwarding=0", "; reboot"],
+             ["sysctl", "-w", "net/../kernel/panic=1"]]
     udptun.Journal("tun0").save(undos)
     system = udptun.System(dry_run=True)
     udptun.recover(system, udptun.Journal("tun0", dry_run=True), "tun0")
-    assert system.plan == [["nft", "delete", "table", "ip6", "udptun_tun0"],
+    assert system.plan == [["sysctl", "-w", "net.ipv6.conf.all.forwarding=0", "udptun:tun0"],
+                           ["iptables", "-w", "-t", "filter", "-X", "udptun-fwd-tun0"],
+                           ["iptables", "-w", "-t", "filter", "-F", "udptun-fwd-tun0"],
+                           ["nft", "delete", "table", "ip6", "udptun_tun0"],
                            ["iptables", "-w", "-t", "nat", "-D", "POSTROUTING", "-j", "MASQUERADE"],
                            ["ip", "-4", "rule", "del", "table", "main"], ["sysctl", "-w", "net.ipv4.ip_forward=0"]]
     err = capsys.readouterr().err
-    assert err.count("not a command udptun writes, not run") == 6
+    assert err.count("not a command udptun writes, not run") == 9
 
 
 @pytest.mark.parametrize("spoil", ["writable by others", "a link", "not root's"])
@@ -1456,6 +1513,14 @@ def rules_of_ours(lab):
     return rules
 
 
+def rules_we_add(firewall):
+    """How many rules_of_ours() counts with a server up. iptables: NAT 1,
+    forward 10 (IPv4's 6 private networks) or 6, input 3, clamp 2, jumps 2;
+    for both versions 18 + 14. nft: the same, with the private networks
+    one rule and no jumps: 11 per version."""
+    return 22 if firewall else 32
+
+
 def start_pair(lab, client="cli1", server_args=(), client_args=()):
     server = lab.udptun("srv", "server", *server_args)
     wait_for(lambda: "listening on UDP" in open(server.log.name).read() or server.poll() is not None,
@@ -1471,7 +1536,7 @@ def start_pair(lab, client="cli1", server_args=(), client_args=()):
 def test_web_sees_the_vps_and_downloads_arrive_whole(firewall, clean):
     lab = clean
     server, client = start_pair(lab)
-    assert rules_of_ours(lab) == 16
+    assert rules_of_ours(lab) == rules_we_add(firewall)
     assert lab.ping("cli1", "203.0.113.80", count=3)
     assert lab.fetch("cli1", "/ip") == "198.51.100.10"
     assert lab.download_sha("cli1") == lab.blob_sha
@@ -1517,12 +1582,12 @@ def test_two_clients_behind_one_nat(firewall, clean):
     assert "client 10.0.0.3 joined from 192.0.2.20:" in log
 
 
-def start_and_kill_9(lab):
+def start_and_kill_9(lab, firewall):
     """Run a pair, kill both with SIGKILL, and check what they left behind:
     rules, the forwarding sysctl, the client's routing rules."""
     for p in start_pair(lab):
         stop(p, signal.SIGKILL)
-    assert rules_of_ours(lab) == 16
+    assert rules_of_ours(lab) == rules_we_add(firewall)
     assert lab.sh("srv", "sysctl", "-n", "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding",
                   "net.ipv6.conf.eth0.accept_ra").split() == ["1", "1", "2"]
     assert "not from all fwmark 0x15b3 lookup 5555" in lab.sh("cli1", "ip", "rule")
@@ -1533,9 +1598,9 @@ def start_and_kill_9(lab):
 
 def test_kill_9_then_restart_recovers_and_ends_clean(firewall, clean):
     lab = clean
-    start_and_kill_9(lab)
+    start_and_kill_9(lab, firewall)
     server, client = start_pair(lab)
-    assert rules_of_ours(lab) == 16      # no duplicates
+    assert rules_of_ours(lab) == rules_we_add(firewall)      # no duplicates
     assert lab.download_sha("cli1") == lab.blob_sha
     _, log = stop(server)
     assert "undoing what an earlier run on tun0 left behind" in log
@@ -1544,7 +1609,7 @@ def test_kill_9_then_restart_recovers_and_ends_clean(firewall, clean):
 
 def test_down_cleans_up_after_kill_9(firewall, clean):
     lab = clean
-    start_and_kill_9(lab)
+    start_and_kill_9(lab, firewall)
     for name in ("srv", "cli1"):
         out = subprocess.run(["ip", "netns", "exec", lab.ns(name), sys.executable, UDPTUN, "down"],
                              capture_output=True, text=True, env=lab.server_env)
@@ -2464,7 +2529,9 @@ for outer in sys.argv[2:]:
 
 def test_datagrams_that_would_loop_are_dropped(clean):
     lab = clean
-    server, client = start_pair(lab)
+    # (--reach 5555/udp: else the server's firewall drops the client's
+    # datagram to its port before udptun sees it; see the last one below)
+    server, client = start_pair(lab, server_args=["--reach", "5555/udp"])
     lab.sh("core", sys.executable, "-c", LOOPS, HERE, "10.0.0.7")
     lab.sh("srv", sys.executable, "-c", LOOPS, HERE, "198.51.100.10", "127.0.0.1")
     # The client's own packet to the server's tunnel address and UDP port:
@@ -2558,6 +2625,9 @@ def test_a_dry_run_after_a_crash_changes_nothing_even_as_a_user(clean):
     (["server", "--dev", "a b"], "--dev 'a b': an interface name"),
     (["server", "--dev", "x" * 16], "an interface name has 1 to 15 characters"),
     (["server", "--dev", ".."], "--dev '..': an interface name"),
+    (["server", "--dev", "tun%d"], "--dev 'tun%d': an interface name"),   # the kernel would pick the number
+    (["server", "--reach", "70000/udp"], "--reach 70000/udp: a port is 1 to 65535"),
+    (["server", "--reach", "53/icmp"], "--reach '53/icmp' is not a network"),
     (["down", "--dev", "../x"], "--dev '../x': an interface name"),
     (["status", "--dev", "a/b"], "--dev 'a/b': an interface name"),
     (["server", "--out-interface", "eth0/x"], "--out-interface 'eth0/x'"),
@@ -3015,7 +3085,7 @@ def test_busy_flows_take_turns_of_one_quantum():
     a, b = segment(1), segment(2)
     queue.push([a] * 10 + [b] * 10)
     assert queue.pop(12) == [[a] * 3, [b] * 3, [a] * 3, [b] * 3]   # a run per turn: one flow's packets
-    assert popped(queue, 100) == [a] * 3 + [b] * 3 + [a, b] and len(queue) == 0 and not queue.flows
+    assert popped(queue, 100) == [a] * 3 + [b] * 3 + [a, b] and len(queue) == 0 and not queue.buckets
 
 
 def test_a_full_queue_drops_from_the_fattest_flow():
@@ -3060,6 +3130,75 @@ def test_a_flow_that_keeps_its_queue_short_does_not_stay_first():
     assert popped(queue, 1) == [echo(1)]              # a newcomer goes first once...
     queue.push([echo(2)])
     assert popped(queue, 5) == [segment(1)] * 4 + [echo(2)]   # ...then waits its turn
+
+
+def from_host(host, sport, size=64, dst="203.0.113.80"):
+    """A UDP packet from tunnel address `host`, source port `sport`."""
+    return ipv4(src=host, dst=dst, proto=17, payload=struct.pack("!HH", sport, 9) + bytes(size - 24))
+
+
+def test_a_flood_of_new_flows_neither_grows_the_queue_nor_starves_a_download():
+    """A stranger holding a tunnel address sends each packet from a new
+    port, as fast as the server reads, while a client's download keeps
+    its queue full. The flows share BUCKETS buckets; the stranger, one
+    host among two, gets about half of what is passed on, and the
+    download the other half (before: nothing at all, once the flood
+    began, and a flow kept for each port, for good)."""
+    queue = udptun.FairQueue(host="src")
+    download = from_host("10.0.0.1", 40000, size=1400)
+    queue.push([download] * 500)
+    passed, port = {}, 1
+    for turn in range(2000):
+        queue.push([from_host("10.0.0.9", port + i & 0xFFFF) for i in range(udptun.READ_AHEAD)])
+        port += udptun.READ_AHEAD
+        for run in queue.pop(udptun.BATCH):
+            passed[run[0][12:16]] = passed.get(run[0][12:16], 0) + len(run)
+        waiting = sum(queued.count(download) for queued, _, _, _ in queue.buckets.values())
+        queue.push([download] * (500 - waiting))   # TCP fills its window again
+        assert len(queue.buckets) <= udptun.BUCKETS and len(queue) <= udptun.QUEUE_LIMIT
+    share = passed[socket.inet_aton("10.0.0.1")] / sum(passed.values())
+    assert 0.4 < share < 0.6, passed
+    while queue.pop(udptun.BATCH):
+        pass
+    assert not queue.buckets and not queue.hosts and len(queue) == 0
+
+
+def test_a_host_with_many_flows_gets_one_share():
+    """One flow of one host, 100 of another: each host earns a quantum a
+    round, its flows a part of it each."""
+    queue = udptun.FairQueue(host="src", quantum=4)
+    queue.push([from_host("10.0.0.1", 1)] * 200 + [from_host("10.0.0.9", port) for port in range(1, 101)] * 2)
+    first = [p[12:16] for p in popped(queue, 200)]
+    assert 90 <= first.count(socket.inet_aton("10.0.0.1")) <= 110   # about half, not 1/101
+
+
+def test_a_full_queue_drops_from_the_host_with_most_packets():
+    """The download of one client, 100 packets in one flow; a stranger's
+    120 packets in 60 flows. Over the limit, the stranger loses packets
+    first, though each of its flows is short."""
+    queue = udptun.FairQueue(limit=200, host="src")
+    queue.push([from_host("10.0.0.1", 1)] * 100)
+    assert queue.push([from_host("10.0.0.9", port) for port in range(1, 61) for _ in range(2)]) == 20
+    kept = [p[12:16] for run in queue.pop(1000) for p in run]
+    assert kept.count(socket.inet_aton("10.0.0.1")) == 100 and len(kept) == 200
+
+
+def test_flows_that_share_a_bucket_go_out_as_runs_of_one_flow():
+    """With one bucket for all, every flow shares it: still, each run that
+    pop() hands out is one flow's, and so goes to one client (send_udp
+    asks where once per run)."""
+    a, b = from_host("203.0.113.80", 1, dst="10.0.0.1"), from_host("203.0.113.80", 2, dst="10.0.0.3")
+    queue = udptun.FairQueue(buckets=1)
+    queue.push([a, b, a, a, b])
+    assert queue.pop(100) == [[a], [b], [a, a], [b]]
+    other = ("198.51.100.7", 40000)
+    server, _ = make_server([(from_host("10.0.0.1", 5), CLIENT), (from_host("10.0.0.3", 5), other)])
+    receive(server)
+    receive(server)
+    server.to_udp = udptun.FairQueue(buckets=1, host="dst")
+    server.read_tun = lambda limit: [a, b, a, a, b]
+    pass_on(server)
+    assert sorted(server.sock.sent) == sorted([(a, CLIENT)] * 3 + [(b, other)] * 2)
 
 
 def test_flows_are_told_apart_by_addresses_and_ports():
@@ -3108,8 +3247,10 @@ def test_the_fair_queue_keys_packets_as_flow_of_does():
                ipv6(next_header=58, payload=ports(2))]
     queue = udptun.FairQueue()
     queue.push(packets)
-    assert list(queue.flows) == list(dict.fromkeys(map(udptun.flow_of, packets)))
-    assert len(queue.flows) == 6   # (the ports, not the protocol: TCP and UDP on the same ones share one)
+    for queued, flows, _, _ in queue.buckets.values():
+        assert flows == list(map(udptun.flow_of, queued))
+    # (the ports, not the protocol: TCP and UDP on the same ones share one)
+    assert len({key for _, flows, _, _ in queue.buckets.values() for key in flows}) == 6
 
 
 def test_client_to_client_when_allowed():

@@ -89,7 +89,7 @@ import sys
 import threading
 import time
 from collections import deque
-from itertools import accumulate
+from itertools import accumulate, groupby
 
 TUN_PATH = "/dev/net/tun"
 
@@ -215,7 +215,7 @@ class LogLimit:
 
 
 # Which package to install when a command is missing (Debian/Ubuntu names).
-PACKAGES = {"ip": "iproute2", "iptables": "iptables", "nft": "nftables", "sysctl": "procps"}
+PACKAGES = {"ip": "iproute2", "iptables": "iptables", "ip6tables": "iptables", "nft": "nftables"}
 
 
 class System:
@@ -226,12 +226,18 @@ class System:
     printed and recorded in `plan` but not run; queries (which only read)
     still run, so the plan is the one a real run would follow.
 
-    One command is our own, for the one change no tool makes: `write PATH
-    TEXT [ONLY_IF]` puts TEXT in a file in place (a bind-mounted
-    /etc/resolv.conf cannot be replaced by rename); with ONLY_IF, only if the
-    file still holds ONLY_IF, so an undo never clobbers what another program
-    wrote since. Its text is kept as latin-1, which maps every byte to one
-    character, so the journal (JSON) restores a file byte for byte.
+    Two commands are done here, not run:
+    - `sysctl -w KEY=VALUE [TAG]` writes VALUE to /proc/sys/KEY, as sysctl(8)
+      would, so a minimal image needs no procps. With TAG (udptun:DEV), the
+      undo of turning forwarding on, it does so only if no rule but TAG's
+      forwards or NATs (see forwarding_for_others): Docker, or another VPN
+      started since, may rely on forwarding now.
+    - `write PATH TEXT [ONLY_IF]` puts TEXT in a file in place (a
+      bind-mounted /etc/resolv.conf cannot be replaced by rename); with
+      ONLY_IF, only if the file still holds ONLY_IF, so an undo never
+      clobbers what another program wrote since. Its text is kept as
+      latin-1, which maps every byte to one character, so the journal
+      (JSON) restores a file byte for byte.
     """
 
     def __init__(self, dry_run=False):
@@ -262,6 +268,8 @@ class System:
             lines = [line for line in argv[2].splitlines() if line and not line.startswith("#")]
             log(f"[#] write {argv[1]}: " + "; ".join(lines)
                 + (" (if it still holds what we wrote)" if len(argv) > 3 else ""))
+        elif argv[0] == "sysctl" and len(argv) > 3:
+            log("[#] " + shlex.join(argv[:3]) + f" (unless rules other than {argv[3]}'s forward)")
         else:
             log("[#] " + shlex.join(argv) + (f" <<< {shlex.quote(input.strip())}" if input else ""))
         self.plan.append(list(argv))
@@ -269,11 +277,30 @@ class System:
             return
         if argv[0] == "write":
             return self._write(*argv[1:], check=check)
+        if argv[0] == "sysctl":
+            return self._sysctl(*argv[2:], check=check)
         done = self._run(argv, check, input)
         if done.returncode != 0:
             error = (done.stderr or done.stdout or f"exit status {done.returncode}").strip()
             log(f"    (failed: {error})")
             return error
+        return None
+
+    def _sysctl(self, setting, unless=None, check=True):
+        key, value = setting.split("=", 1)
+        if unless:
+            others = forwarding_for_others(self, 6 if key.startswith("net.ipv6") else 4, unless)
+            if others:
+                log(f"    (left as it is: other rules forward, such as `{others[0]}`)")
+                return None
+        try:
+            with open(sysctl_path(key), "w") as f:
+                f.write(value + "\n")
+        except OSError as e:
+            if check:
+                raise UserError(f"cannot set {key}: {e.strerror}") from None
+            log(f"    (failed: {e.strerror})")
+            return e.strerror
         return None
 
     @staticmethod
@@ -344,9 +371,14 @@ class Journal:
         (A dry run takes none: it changes nothing, and may not be root.)"""
         if self.dry_run:
             return
-        os.makedirs(os.path.dirname(self.lock_path), mode=0o755, exist_ok=True)
         while True:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:
+                os.makedirs(os.path.dirname(self.lock_path), mode=0o755, exist_ok=True)
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:
+                # Another run, stopping, removed the folders (see release)
+                # between our mkdir and our open. Make them again.
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -440,11 +472,13 @@ def replayable(argv):
     if tool == "ip":
         return argv[1:2] in (["-4"], ["-6"]) and argv[2:4] in (["rule", "del"], ["route", "del"])
     if tool in ("iptables", "ip6tables"):
-        return argv[1:3] == ["-w", "-t"] and argv[4:5] == ["-D"]
+        return argv[1:3] == ["-w", "-t"] and (argv[4:5] == ["-D"] or len(argv) == 6 and argv[4] in ("-F", "-X")
+                                              and argv[5].startswith("udptun-"))
     if tool == "nft":
         return len(argv) == 5 and argv[1:3] == ["delete", "table"] and argv[3] in ("ip", "ip6")
     if tool == "sysctl":
-        return len(argv) == 3 and argv[1] == "-w" and argv[2].startswith(("net.", "net/")) and "=" in argv[2]
+        return (len(argv) in (3, 4) and argv[1] == "-w" and argv[2].startswith(("net.", "net/")) and "=" in argv[2]
+                and ".." not in argv[2] and (len(argv) == 3 or argv[3].startswith(tag(""))))
     if tool in ("resolvectl", "resolvconf"):
         return argv[1:2] in (["revert"], ["-d"])
     return tool == "write" and argv[1:2] == [RESOLV_CONF] and len(argv) == 4
@@ -1357,6 +1391,7 @@ class Client(Forwarder):
         self.answers = queue.SimpleQueue()   # what lookups found: (round, address or None)
         self.round = 0                   # answers from an earlier outage are stale
         self.tx_packets = self.rx_packets = self.tx_bytes = self.rx_bytes = 0
+        self.moved = None   # called with the server's new address, when its name has one (see route_around)
 
     def address_for(self, packet, count=1, length=None):
         """Everything goes to the server, on the connected socket."""
@@ -1459,6 +1494,8 @@ class Client(Forwarder):
             if round == self.round and address and address != self.server:
                 log(f"server {self.name} is at {as_text(address)} now")
                 self.reconnect(address)
+                if self.moved:
+                    self.moved(address[0])
         if now - self.last_lookup < every or self.lookup and self.lookup.is_alive():
             return
         self.last_lookup = now
@@ -1542,6 +1579,21 @@ def add_client_routing(changes, dev, routes, table, dns=()):
         rules += [["to", str(a), "table", n] for a in dns if a.version == version]
         for rule in rules:
             changes.make(["ip", v, "rule", "add", *rule], undo=["ip", v, "rule", "del", *rule])
+
+
+def route_around(changes, server, routes):
+    """Send what goes to the server's own address (`ssh` to the VPS, say)
+    outside the tunnel, as the LAN would without it: a rule that looks
+    `server` up in the main table, ahead of the others. The VPS then sees
+    it come from the laptop's public address, through the provider's
+    security group, which never sees what comes out of the tunnel (the
+    server's firewall lets tunnel traffic reach no service of the VPS's).
+    Only where `routes` would take it into the tunnel."""
+    address = ipaddress.ip_address(server)
+    if any(address in net for net in routes):
+        rule = ["to", str(address), "table", "main"]
+        v = f"-{address.version}"
+        changes.make(["ip", v, "rule", "add", *rule], undo=["ip", v, "rule", "del", *rule])
 
 
 def strict_reverse_path_filters():
@@ -1642,20 +1694,57 @@ def check_subnet_free(system, network, dev):
                             + ("10.99.0.1/24" if network.version == 4 else "fd00:99::1/64"))
 
 
+def sysctl_path(key):
+    """net.ipv4.ip_forward is /proc/sys/net/ipv4/ip_forward. (A key naming
+    an interface with a dot in its name, eth0.100, is given with slashes,
+    as sysctl(8) also takes it.)"""
+    return "/proc/sys/" + (key if "/" in key else key.replace(".", "/"))
+
+
 def sysctl_value(key):
-    """A sysctl's value now: net.ipv4.ip_forward is /proc/sys/net/ipv4/ip_forward."""
-    # (A key naming an interface with a dot in its name, eth0.100, is given
-    # with slashes, as sysctl(8) also takes it.)
-    with open("/proc/sys/" + (key if "/" in key else key.replace(".", "/"))) as f:
+    """A sysctl's value now."""
+    with open(sysctl_path(key)) as f:
         return f.read().strip()
 
 
-def set_sysctl(changes, key, value):
+def set_sysctl(changes, key, value, unless=()):
     """Set a sysctl, only if it differs (as wg-quick does), and restore the
-    value found, not a default."""
+    value found, not a default; `unless` (a tag) makes the undo leave it
+    if other rules forward (see System)."""
     found = sysctl_value(key)
     if found != value:
-        changes.make(["sysctl", "-w", f"{key}={value}"], undo=["sysctl", "-w", f"{key}={found}"])
+        changes.make(["sysctl", "-w", f"{key}={value}"], undo=["sysctl", "-w", f"{key}={found}", *unless])
+
+
+def forwarding_for_others(system, version, ours):
+    """The firewall rules of IP `version` that forward or NAT for some other
+    program than the run tagged `ours`: Docker's, libvirt's, another VPN's
+    (another udptun's too). While there are any, the forwarding udptun
+    turned on stays on when it stops: they came since, and may rely on it.
+    In iptables: any rule in FORWARD or in nat's PREROUTING and POSTROUTING.
+    In nft: any rule in a chain on the forward hook or of type nat, in a
+    table of ours' family or inet that is not ours."""
+    found = []
+    if shutil.which(IPTABLES[version]):
+        for table, chain in (("filter", "FORWARD"), ("nat", "PREROUTING"), ("nat", "POSTROUTING")):
+            found += [line for line in system.query(IPTABLES[version], "-w", "-t", table, "-S", chain,
+                                                    check=False).splitlines()
+                      if line.startswith("-A ") and ours not in line]
+    if shutil.which("nft"):
+        mine = nft_table(ours.split(":", 1)[1])
+        table = hooked = None
+        for line in system.query("nft", "list", "ruleset", check=False).splitlines():
+            words = line.split()
+            if words[:1] == ["table"] and len(words) > 2:
+                table, hooked = words[1:3], False
+            elif words[:1] == ["chain"]:
+                hooked = False
+            elif words[:1] == ["type"]:
+                hooked = "forward" in words or "nat" in words
+            elif hooked and words and words != ["}"] and table[0] in (NFT_FAMILY[version], "inet") \
+                    and table[1] != mine:
+                found.append(line.strip())
+    return found
 
 
 def choose_firewall(wanted):
@@ -1675,134 +1764,199 @@ def mss_for(mtu, network):
     return str(mtu - (40 if network.version == 4 else 60))
 
 
-# Networks a client never reaches through the VPS unless --reach opens them:
-# link-local (RFC 3927, RFC 4291), where a cloud VPS finds its metadata
-# service (169.254.169.254: credentials, user data) and its neighbours.
-LINK_LOCAL = {4: "169.254.0.0/16", 6: "fe80::/10"}
+# Where a client never goes through the VPS unless --reach opens the way:
+# the networks a cloud VPS reaches besides the internet, often without any
+# password, since only the VPS was expected to ask.
+PRIVATE = {
+    4: ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",   # RFC 1918: a VPC, docker0, the provider's LAN
+        "100.64.0.0/10",     # RFC 6598, carrier-grade NAT; Alibaba Cloud's metadata, 100.100.100.200
+        "169.254.0.0/16",    # RFC 3927, link-local; the metadata of AWS, GCP, Azure, Oracle (169.254.169.254)
+        "168.63.129.16/32"],  # Azure's WireServer (host agent and DNS): a public address, but the host's
+    6: ["fc00::/7",          # RFC 4193, unique local; AWS's IPv6 metadata, fd00:ec2::254
+        "fe80::/10"],        # RFC 4291, link-local
+}
+NFT_FAMILY = {4: "ip", 6: "ip6"}      # nft's name for the tables (and addresses) of each IP version
+IPTABLES = {4: "iptables", 6: "ip6tables"}
+PING = {4: ["-p", "icmp", "--icmp-type", "echo-request"], 6: ["-p", "ipv6-icmp", "--icmpv6-type", "echo-request"]}
 
 
-def iptables_rules(dev, out_if, network, mtu, nat, client_to_client, reach=()):
-    """The server's iptables rules as (table, chain, rule), without -A/-I.
-    The same rules serve ip6tables, with the IPv6 subnet.
+class Openings:
+    """What the server's firewall lets a client do, for one IP version: the
+    settings of iptables_rules and nft_commands, made once from the
+    command line. `address` is the server's own tunnel address (an
+    IPv4Interface or IPv6Interface: its network is the tunnel's subnet);
+    `reach`, the networks of that version opened with --reach; `ports`,
+    the VPS's own (port, "tcp" or "udp") opened with --reach PORT/PROTO."""
 
-    - MASQUERADE: packets from clients leave with the server's address.
-    - FORWARD, in this order, at the top of the chain (so a DROP policy, as
-      Docker's and ufw's, does not stop them, and an ACCEPT policy does not
-      open more than they do):
+    def __init__(self, dev, out_if, address, mtu, nat=True, client_to_client=False, reach=(), ports=()):
+        self.dev, self.out_if, self.address, self.mtu = dev, out_if, address, mtu
+        self.nat, self.client_to_client, self.reach, self.ports = nat, client_to_client, list(reach), list(ports)
+        self.network, self.version = address.network, address.version
+
+
+def chains_of(dev):
+    """The names of our own iptables chains: what the server's clients may
+    forward, and what they may ask of the VPS itself. (At most 28
+    characters, XT_EXTENSION_MAXNAMELEN in <linux/netfilter/x_tables.h>
+    less its NUL: 11 here and 15 for the device.)"""
+    return {"FORWARD": f"udptun-fwd-{dev}", "INPUT": f"udptun-in-{dev}"}
+
+
+def iptables_rules(o):
+    """The server's iptables rules as (table, chain, rule), without -A,
+    for Openings `o`. The same rules serve ip6tables, with IPv6's subnet.
+
+    FORWARD and INPUT rules live in chains of our own, each entered by one
+    jump at the top of its built-in chain, as Docker's DOCKER-USER is. The
+    jump goes in last, with one command, once the chain is whole: another
+    tool that inserts rules at the same moment (Docker, at boot) cannot
+    come between ours, and an ACCEPT of ours never lands below a DROP.
+
+    - udptun-fwd-DEV, what a client may forward, in this order:
         --reach networks: accept;
-        link-local: drop;
+        with --client-to-client, from the tunnel back into it: accept;
+        PRIVATE networks (a VPC, the cloud's metadata service): drop;
         from the tunnel out of the internet interface: accept;
         into the tunnel, replies only (RELATED,ESTABLISHED): accept;
-        with --client-to-client, from the tunnel back into it: accept;
-        anything else from or into the tunnel: drop. So a client reaches the
-        internet and nothing else: not the VPS's other networks (docker0, a
-        VPC, a provider's LAN), and nobody outside can open a connection to
-        a client.
-    - TCPMSS: a SYN crossing the tunnel gets an MSS that fits its MTU, so
-      TCP never sends segments the tunnel would have to fragment.
+        anything else from or into the tunnel: drop.
+      So a client reaches the internet and nothing else, whatever the
+      FORWARD policy, and nobody outside can open a connection to a client.
+    - udptun-in-DEV, what a client may ask of the VPS itself: replies, a
+      ping to its tunnel address, the ports opened with --reach; nothing
+      else, whatever the VPS listens on. A provider's security group guards
+      what comes from the internet; what comes out of the tunnel never
+      crosses it.
+    - MASQUERADE (nat): packets from clients leave with the server's address.
+    - TCPMSS (mangle): a SYN crossing the tunnel gets an MSS that fits its
+      MTU, so TCP never sends segments the tunnel would have to fragment.
+    The last two are one rule per need, appended: their place in the
+    chain changes nothing.
     """
-    c = ["-m", "comment", "--comment", tag(dev)]
-    clamp = ["-p", "tcp", "--tcp-flags", "SYN,RST", "SYN", *c, "-j", "TCPMSS", "--set-mss", mss_for(mtu, network)]
+    dev, c = o.dev, ["-m", "comment", "--comment", tag(o.dev)]
+    fwd, inp = chains_of(dev)["FORWARD"], chains_of(dev)["INPUT"]
+    clamp = ["-p", "tcp", "--tcp-flags", "SYN,RST", "SYN", *c, "-j", "TCPMSS", "--set-mss", mss_for(o.mtu, o.network)]
     rules = []
-    if nat and out_if:
-        rules.append(("nat", "POSTROUTING", ["-s", str(network), "-o", out_if, *c, "-j", "MASQUERADE"]))
-    forward = [["-i", dev, "-d", str(net), *c, "-j", "ACCEPT"] for net in reach]
-    forward.append(["-i", dev, "-d", LINK_LOCAL[network.version], *c, "-j", "DROP"])
-    if out_if:
-        forward.append(["-i", dev, "-o", out_if, *c, "-j", "ACCEPT"])
-    forward.append(["-o", dev, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", *c, "-j", "ACCEPT"])
-    if client_to_client:
+    if o.nat and o.out_if:
+        rules.append(("nat", "POSTROUTING", ["-s", str(o.network), "-o", o.out_if, *c, "-j", "MASQUERADE"]))
+    forward = [["-i", dev, "-d", str(net), *c, "-j", "ACCEPT"] for net in o.reach]
+    if o.client_to_client:
         forward.append(["-i", dev, "-o", dev, *c, "-j", "ACCEPT"])
+    forward += [["-i", dev, "-d", net, *c, "-j", "DROP"] for net in PRIVATE[o.version]]
+    if o.out_if:
+        forward.append(["-i", dev, "-o", o.out_if, *c, "-j", "ACCEPT"])
+    forward.append(["-o", dev, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", *c, "-j", "ACCEPT"])
     forward += [["-i", dev, *c, "-j", "DROP"], ["-o", dev, *c, "-j", "DROP"]]
-    rules += [("filter", "FORWARD", rule) for rule in forward]
-    rules += [
-        ("mangle", "FORWARD", ["-o", dev, *clamp]),
-        ("mangle", "FORWARD", ["-i", dev, *clamp]),
-    ]
+    rules += [("filter", fwd, rule) for rule in forward]
+    rules += [("filter", inp, rule) for rule in (
+        ["-i", dev, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", *c, "-j", "ACCEPT"],
+        ["-i", dev, "-d", str(o.address.ip), *PING[o.version], *c, "-j", "ACCEPT"],
+        *(["-i", dev, "-p", proto, "--dport", str(port), *c, "-j", "ACCEPT"] for port, proto in o.ports),
+        ["-i", dev, *c, "-j", "DROP"])]
+    rules += [("mangle", "FORWARD", ["-o", dev, *clamp]), ("mangle", "FORWARD", ["-i", dev, *clamp])]
     return rules
 
 
 def nft_table(dev):
-    """nft keeps our rules in a table of our own: one delete removes them all."""
-    return "udptun_" + "".join(ch if ch.isalnum() else "_" for ch in dev)
+    """nft keeps our rules in a table of our own: one delete removes them
+    all. Its name must be unique for every device name, and nft takes only
+    letters, digits and '_' in one: any other byte is written as _ and its
+    two hex digits (tun-0: udptun_tun_2d0; tun_0: udptun_tun_5f0)."""
+    return "udptun_" + "".join(chr(b) if chr(b).isalnum() and b < 128 else f"_{b:02x}" for b in dev.encode())
 
 
-NFT_FAMILY = {4: "ip", 6: "ip6"}      # nft's name for the tables of each IP version
-IPTABLES = {4: "iptables", 6: "ip6tables"}
-
-
-def nft_commands(dev, out_if, network, mtu, nat, client_to_client, reach=()):
+def nft_commands(o):
     """The same rules as iptables_rules, for nft (nft(8)), in one table
-    (of family ip or ip6, as `network` is).
+    (of family ip or ip6, as `o.version` is). A table is ours alone: no
+    other tool can put a rule between two of ours.
 
     A caveat of nftables: an accept in our table does not override a drop in
     another table on the same hook, so a DROP policy set elsewhere (firewalld,
     or iptables-nft's own FORWARD chain) still drops tunnel traffic. Our
     drops hold whatever other tables say.
     """
-    family = NFT_FAMILY[network.version]
+    dev, family = o.dev, NFT_FAMILY[o.version]
     t = [family, nft_table(dev)]
-    mss = mss_for(mtu, network)
+    mss = mss_for(o.mtu, o.network)
     syn = ["tcp", "flags", "&", "(syn|rst)", "==", "syn", "tcp", "option", "maxseg", "size", ">", mss,
            "tcp", "option", "maxseg", "size", "set", mss]
-    rule = lambda *words: ["add", "rule", *t, "forward", *words]
-    commands = [["add", "chain", *t, "forward", "{ type filter hook forward priority 0 ; }"]]
-    commands += [rule("iifname", dev, family, "daddr", str(net), "accept") for net in reach]
-    commands.append(rule("iifname", dev, family, "daddr", LINK_LOCAL[network.version], "drop"))
-    if out_if:
-        commands.append(rule("iifname", dev, "oifname", out_if, "accept"))
-    commands.append(rule("oifname", dev, "ct", "state", "established,related", "accept"))
-    if client_to_client:
-        commands.append(rule("iifname", dev, "oifname", dev, "accept"))
-    commands += [rule("iifname", dev, "drop"), rule("oifname", dev, "drop")]
+    icmp = {4: ["icmp", "type", "echo-request"], 6: ["icmpv6", "type", "echo-request"]}[o.version]
+    chain = lambda name, hook, priority, kind="filter": [
+        "add", "chain", *t, name, f"{{ type {kind} hook {hook} priority {priority} ; }}"]
+    rule = lambda name, *words: ["add", "rule", *t, name, *words]
+    commands = [chain("forward", "forward", 0)]
+    commands += [rule("forward", "iifname", dev, family, "daddr", str(net), "accept") for net in o.reach]
+    if o.client_to_client:
+        commands.append(rule("forward", "iifname", dev, "oifname", dev, "accept"))
+    commands.append(rule("forward", "iifname", dev, family, "daddr", "{ " + ", ".join(PRIVATE[o.version]) + " }",
+                         "drop"))
+    if o.out_if:
+        commands.append(rule("forward", "iifname", dev, "oifname", o.out_if, "accept"))
+    commands.append(rule("forward", "oifname", dev, "ct", "state", "established,related", "accept"))
+    commands += [rule("forward", "iifname", dev, "drop"), rule("forward", "oifname", dev, "drop")]
+    commands += [chain("input", "input", 0),
+                 rule("input", "iifname", dev, "ct", "state", "established,related", "accept"),
+                 rule("input", "iifname", dev, family, "daddr", str(o.address.ip), *icmp, "accept")]
+    commands += [rule("input", "iifname", dev, proto, "dport", str(port), "accept") for port, proto in o.ports]
+    commands.append(rule("input", "iifname", dev, "drop"))
     # The clamp must come first to see what the accepts above take: nft
     # stops at the first verdict. So it has its own chain, earlier (-150, mangle).
-    commands += [["add", "chain", *t, "clamp", "{ type filter hook forward priority -150 ; }"],
-                 ["add", "rule", *t, "clamp", "oifname", dev, *syn],
-                 ["add", "rule", *t, "clamp", "iifname", dev, *syn]]
-    if nat and out_if:
-        commands += [["add", "chain", *t, "postrouting", "{ type nat hook postrouting priority 100 ; }"],
-                     ["add", "rule", *t, "postrouting", family, "saddr", str(network), "oifname", out_if,
-                      "masquerade"]]
+    commands += [chain("clamp", "forward", -150),
+                 rule("clamp", "oifname", dev, *syn), rule("clamp", "iifname", dev, *syn)]
+    if o.nat and o.out_if:
+        commands += [chain("postrouting", "postrouting", 100, "nat"),
+                     rule("postrouting", family, "saddr", str(o.network), "oifname", o.out_if, "masquerade")]
     return [["nft", *c] for c in commands]
 
 
-def add_firewall(changes, firewall, dev, out_if, network, mtu, nat, client_to_client, reach=()):
-    """The rules of iptables_rules (or nft_commands) for `network`'s IP version."""
+def add_firewall(changes, firewall, o):
+    """The rules of iptables_rules (or nft_commands) for Openings `o`."""
     if firewall == "nft":
-        table = [NFT_FAMILY[network.version], nft_table(dev)]
+        table = [NFT_FAMILY[o.version], nft_table(o.dev)]
         changes.make(["nft", "add", "table", *table], undo=["nft", "delete", "table", *table])
-        for command in nft_commands(dev, out_if, network, mtu, nat, client_to_client, reach):
+        for command in nft_commands(o):
             changes.make(command)   # undone with the table
         return
     # -w: wait for the xtables lock that Docker or fail2ban may hold, not fail.
-    tool = [IPTABLES[network.version], "-w"]
-    position = 0
-    for table, chain, rule in iptables_rules(dev, out_if, network, mtu, nat, client_to_client, reach):
-        if table == "filter":   # at the top, in this order: 1, 2, 3...
-            position += 1
-            where = ["-I", chain, str(position)]
+    tool = [IPTABLES[o.version], "-w"]
+    chains = chains_of(o.dev)
+    for chain in chains.values():   # (deleted last, once nothing jumps to it and it is empty)
+        changes.make([*tool, "-t", "filter", "-N", chain], undo=[*tool, "-t", "filter", "-X", chain])
+    filled = set()
+    for table, chain, rule in iptables_rules(o):
+        if chain in chains.values():   # one flush undoes all the rules of our own chain
+            undo = None if chain in filled else [*tool, "-t", table, "-F", chain]
+            filled.add(chain)
         else:
-            where = ["-A", chain]
-        changes.make([*tool, "-t", table, *where, *rule], undo=[*tool, "-t", table, "-D", chain, *rule])
+            undo = [*tool, "-t", table, "-D", chain, *rule]
+        changes.make([*tool, "-t", table, "-A", chain, *rule], undo=undo)
+    for builtin, chain in chains.items():   # and now, whole, they take effect: one insert each
+        jump = ["-m", "comment", "--comment", tag(o.dev), "-j", chain]
+        changes.make([*tool, "-t", "filter", "-I", builtin, "1", *jump],
+                     undo=[*tool, "-t", "filter", "-D", builtin, *jump])
 
 
 def remove_tagged_rules(system, dev):
     """Delete every rule of ours that a run which could not clean up left:
-    iptables and ip6tables rules carrying our tag, and our nft tables.
-    `iptables -S` prints rules as the -A commands that would add them; the
-    same words after -D delete them."""
+    iptables and ip6tables rules carrying our tag and our chains, and our
+    nft tables. `iptables -S` prints rules as the -A commands that would
+    add them; the same words after -D delete them."""
+    ours = set(chains_of(dev).values())
     for tool in IPTABLES.values():
         if not shutil.which(tool):
             continue
         for table in ("filter", "nat", "mangle"):
             # (check=False: a kernel without IPv6 has no ip6tables tables to list)
-            for line in system.query(tool, "-w", "-t", table, "-S", check=False).splitlines():
-                words = shlex.split(line)
+            lines = [shlex.split(line) for line in system.query(tool, "-w", "-t", table, "-S", check=False).splitlines()]
+            for words in lines:
                 if words[:1] == ["-A"] and tag(dev) in words:
                     system.change(tool, "-w", "-t", table, "-D", *words[1:], check=False)
+            for words in lines:
+                if words[:1] == ["-N"] and words[1:2] and words[1] in ours:
+                    system.change(tool, "-w", "-t", table, "-X", words[1], check=False)
     if shutil.which("nft"):
-        tables = system.query("nft", "list", "tables").splitlines()
+        # (check=False: nft may be there without a kernel that has nf_tables,
+        # on a machine whose firewall is iptables-legacy)
+        tables = system.query("nft", "list", "tables", check=False).splitlines()
         for family in NFT_FAMILY.values():
             if f"table {family} {nft_table(dev)}" in tables:
                 system.change("nft", "delete", "table", family, nft_table(dev), check=False)
@@ -1931,6 +2085,10 @@ QUEUE_LIMIT = 2048
 QUEUE_BYTES = 4 << 20   # and 4 MiB: with a large --mtu, the bytes bind first
 SLACK = 16   # read this much past a full queue, so a newcomer can still get in
 QUANTUM = 64   # (so a flow's turn is whole batches: its packets stay together for merge())
+BUCKETS = 1024   # FIFOs that flows are hashed into: RFC 8290's default number of flow queues
+# Where a flow's key (see flow_of) holds a host's address, for IPv4's and
+# IPv6's keys: the source, or the destination (see FairQueue's `host`).
+HOST_IN_FLOW = {"src": (slice(0, 4), slice(0, 16)), "dst": (slice(4, 8), slice(16, 32))}
 
 # The TCP header (RFC 9293) and the UDP header (RFC 768), offsets from
 # their start. A TCP header is 20 bytes and options, its length in the
@@ -2116,36 +2274,63 @@ def flow_of(packet):
 
 
 class FairQueue:
-    """Packets waiting to go on: one FIFO per flow, served round robin, flows
+    """Packets waiting to go on: a FIFO per flow, served round robin, flows
     that just became active first. This is the scheduling half of fq_codel
-    (RFC 8290), done in user space. When the tunnel is busy, udptun is the
-    bottleneck, and a backlog forms in front of it. Left in the kernel (the
-    TUN device's ring, the socket's buffer) it is one FIFO, and a ping or a
-    keystroke waits behind the whole of a download: a queue of 5 ms and
-    more through this tunnel. So each turn takes in more than it passes on
-    (READ_AHEAD against BATCH): the backlog moves here, where a flow that
-    sends now and then finds its queue empty, goes to `new`, and is passed
-    on at the next turn.
+    (RFC 8290), done in user space, with CAKE's fairness between hosts on
+    top. When the tunnel is busy, udptun is the bottleneck, and a backlog
+    forms in front of it. Left in the kernel (the TUN device's ring, the
+    socket's buffer) it is one FIFO, and a ping or a keystroke waits behind
+    the whole of a download: a queue of 5 ms and more through this tunnel.
+    So each turn takes in more than it passes on (READ_AHEAD against
+    BATCH): the backlog moves here, where a flow that sends now and then
+    finds its queue empty, goes to `new`, and is passed on at the next turn.
 
-    The rules are RFC 8290's (section 4): a flow that still has packets
-    after its QUANTUM goes to the back of `old`; so does a flow from `new`
-    that has none left, which waits there for one more round before it is
-    forgotten. A sender cannot stay "new", and first, by keeping its queue
-    short. Over either limit (packets, bytes), packets are dropped from the
-    head of the longest flow, as fq_codel_drop() does (it measures in
-    bytes, we in packets, which len() counts for free): the flow that floods
-    loses, not everyone (the kernel counts nothing, so we do, as
-    "queue-full"). The reads take in no more than there is room for, and a
-    little more (SLACK): reading packets only to drop them would spend the
-    CPU that is the bottleneck, so past that the kernel drops, for free. There is no CoDel half: a TCP sender sets the
-    size of its own backlog, and the limits only bound it.
+    Flows are hashed into a fixed set of BUCKETS FIFOs, as in RFC 8290, so
+    that nothing a sender does makes more of them: a stranger who sends
+    each packet from a new port fills the same 1024 buckets as everyone.
+    (Python's hash of bytes is keyed at random in each process, as
+    fq_codel's is: nobody outside can aim at a bucket.) Two flows may then
+    share a bucket; pop() still hands out runs of one flow each.
+
+    The rules are RFC 8290's (section 4), counted in packets rather than
+    bytes (our scarce resource is work per packet): at its turn, a bucket
+    earns credit and passes on a packet for each whole one; a bucket that
+    still has packets goes to the back of `old`; so does a bucket from
+    `new` that has none left, which waits there for one more round before
+    it is forgotten. A sender cannot stay "new", and first, by keeping its
+    queue short.
+
+    Fair between flows is not fair between users: a stranger who opens a
+    thousand flows would get a thousand shares against a download's one.
+    So, as CAKE's host isolation does (`tc-cake(8)`, "dual-srchost"), each
+    host earns QUANTUM a round, split evenly among its active buckets. For
+    the server, a packet's host is the client's tunnel address, its source
+    on the way in (`host="src"`) and its destination on the way out
+    (`"dst"`); the client's queues have one host, itself (`None`). And over
+    either limit (packets, bytes), the host with most packets queued loses
+    them, from the head of its longest buckets first, as fq_codel_drop()
+    does for a flow: the one who floods loses, not everyone (the kernel
+    counts nothing, so we do, as "queue-full"). The reads take in no more
+    than there is room for, and a little more (SLACK): reading packets only
+    to drop them would spend the CPU that is the bottleneck, so past that
+    the kernel drops, for free. There is no CoDel half: a TCP sender sets
+    the size of its own backlog, and the limits only bound it.
+
+    However many senders there are, a turn looks at no more than BUCKETS
+    buckets, and the queue holds no more than those.
     """
 
-    def __init__(self, limit=QUEUE_LIMIT, byte_limit=QUEUE_BYTES, quantum=QUANTUM):
+    def __init__(self, limit=QUEUE_LIMIT, byte_limit=QUEUE_BYTES, quantum=QUANTUM, buckets=BUCKETS, host=None):
         self.limit, self.byte_limit, self.quantum = limit, byte_limit, quantum
-        self.flows = {}       # flow -> list of its packets, oldest first (empty: waiting in `old` to be forgotten)
-        self.new = deque()    # flows that were idle when their packet came
-        self.old = deque()    # flows that have had a turn
+        self.mask = buckets - 1   # (a power of two: a flow's bucket is its hash & mask)
+        self.host = HOST_IN_FLOW.get(host)
+        # bucket -> [its packets, oldest first; each one's flow; its host;
+        # its credit]. A bucket is here exactly while it is in `new` or `old`
+        # (empty: waiting in `old` to be forgotten).
+        self.buckets = {}
+        self.hosts = {}       # host -> how many buckets it has here
+        self.new = deque()    # buckets that were idle when their packet came
+        self.old = deque()    # buckets that have had a turn
         self.length = self.bytes = 0
 
     def __len__(self):
@@ -2153,7 +2338,7 @@ class FairQueue:
 
     def push(self, packets):
         """Queue packets, in order; return how many had to be dropped."""
-        flows, new, last = self.flows, self.new, None
+        buckets, hosts, new, mask, last = self.buckets, self.hosts, self.new, self.mask, None
         for packet in packets:
             # flow_of(packet), its common cases written out: a call per
             # packet costs more than the rest of this loop
@@ -2162,12 +2347,18 @@ class FairQueue:
                    else packet[IPV6_FLOW] if first >> 4 == 6 and packet[IPV6_NEXT] in (TCP, UDP)
                    else flow_of(packet))
             if key != last:   # (mostly the same flow as the packet before: one lookup per run)
-                queue = flows.get(key)
-                if queue is None:
-                    queue = flows[key] = []
-                    new.append(key)
+                b = hash(key) & mask
+                bucket = buckets.get(b)
+                if bucket is None:
+                    host = self.host and key[self.host[len(key) > 12]]
+                    bucket = buckets[b] = [[], [], host, 0.0]
+                    if host:
+                        hosts[host] = hosts.get(host, 0) + 1
+                    new.append(b)
+                queue, flows = bucket[0], bucket[1]
                 last = key
             queue.append(packet)
+            flows.append(last)
         self.length += len(packets)
         self.bytes += sum(map(len, packets))
         if self.length > self.limit or self.bytes > self.byte_limit:
@@ -2175,17 +2366,22 @@ class FairQueue:
         return 0
 
     def shed(self):
-        """Drop from the head of the longest flow until under both limits."""
+        """Drop until under both limits: from the host with most packets
+        queued, from the head of its longest buckets first."""
         dropped = 0
         while self.length > self.limit or self.bytes > self.byte_limit:
-            queue = max(self.flows.values(), key=len)
-            n = 0
-            while n < len(queue) and (self.length > self.limit or self.bytes > self.byte_limit):
-                self.bytes -= len(queue[n])
-                self.length -= 1
-                n += 1
-            del queue[:n]
-            dropped += n
+            load = {}
+            for bucket in self.buckets.values():
+                load[bucket[2]] = load.get(bucket[2], 0) + len(bucket[0])
+            host = max(load, key=load.get)
+            for bucket in sorted((b for b in self.buckets.values() if b[2] == host), key=lambda b: -len(b[0])):
+                queue, n = bucket[0], 0
+                while n < len(queue) and (self.length > self.limit or self.bytes > self.byte_limit):
+                    self.bytes -= len(queue[n])
+                    self.length -= 1
+                    n += 1
+                del queue[:n], bucket[1][:n]
+                dropped += n
         return dropped
 
     def pop(self, budget, byte_budget=QUEUE_BYTES):
@@ -2194,25 +2390,44 @@ class FairQueue:
         a list of one flow's packets each (what is done per flow, such as
         finding where its packets go, is then done once per run)."""
         runs, count, size = [], 0, 0
-        flows, new, old = self.flows, self.new, self.old
+        buckets, hosts, new, old, quantum = self.buckets, self.hosts, self.new, self.old, self.quantum
         while count < budget and size < byte_budget and (new or old):
             from_new = bool(new)
-            key = new.popleft() if from_new else old.popleft()
-            queue = flows[key]
-            # This flow's turn: up to a quantum, cut where the bytes reach
-            # the budget. (Slices and sums, not a step per packet: this
-            # runs for every packet of a download.)
-            k = min(len(queue), self.quantum, budget - count)
+            b = new.popleft() if from_new else old.popleft()
+            bucket = buckets[b]
+            queue = bucket[0]
+            # This bucket's turn: its host's quantum, shared with the host's
+            # other buckets, and cut where the bytes reach the budget.
+            # (Slices and sums, not a step per packet: this runs for every
+            # packet of a download.)
+            host = bucket[2]
+            bucket[3] = credit = min(quantum, bucket[3] + (quantum / hosts[host] if host else quantum))
+            k = min(len(queue), int(credit), budget - count)
             if k:
                 ends = list(accumulate(map(len, queue[:k]), initial=size))   # the size after each packet
                 k = min(k, bisect.bisect_left(ends, byte_budget, 1))
-                runs.append(queue[:k])
-                del queue[:k]
+                run, flows = queue[:k], bucket[1][:k]
+                del queue[:k], bucket[1][:k]
+                if flows.count(flows[0]) == k:   # one flow, as nearly always
+                    runs.append(run)
+                else:   # flows that share the bucket: a run for each stretch of one flow
+                    i = 0
+                    for _, stretch in groupby(flows):
+                        n = sum(1 for _ in stretch)
+                        runs.append(run[i:i + n])
+                        i += n
+                bucket[3] -= k
                 count, size = count + k, ends[k]
             if queue or from_new:
-                old.append(key)
+                old.append(b)
+                if not queue:
+                    bucket[3] = 0.0   # (an idle bucket banks no credit: RFC 8290's deficit starts over)
             else:
-                del flows[key]
+                del buckets[b]
+                if host:
+                    hosts[host] -= 1
+                    if not hosts[host]:
+                        del hosts[host]
         self.length -= count
         self.bytes -= size
         return runs
@@ -2240,15 +2455,17 @@ class Batching:
     on, as in the plain loop: an idle tunnel's round trip (ssh, a game, a
     call) pays for none of this.
 
-    Hooks: none. Callers: as Forwarder's.
+    Hooks: HOSTS, where the queues find whose a packet is, to be fair
+    between users (see FairQueue). Callers: as Forwarder's.
     """
+    HOSTS = (None, None)   # on the way to the TUN device, and to the socket: one user, us
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.gso = True            # until the kernel says otherwise
         self.writer = MergingWriter(self.tun, self.drop)
-        self.to_tun = FairQueue()  # received from the socket, for the TUN device
-        self.to_udp = FairQueue()  # read from the TUN device, for the socket
+        self.to_tun = FairQueue(host=self.HOSTS[0])  # received from the socket, for the TUN device
+        self.to_udp = FairQueue(host=self.HOSTS[1])  # read from the TUN device, for the socket
         self.ready_before = ()     # the descriptors that were ready at the previous turn
         # The offsets of the bytes admit() reads (see admit_glued), by IP version.
         self.admit_columns = {version: admit_columns(version, fields) for version, fields in self.ADMIT_READS.items()}
@@ -2549,6 +2766,7 @@ def enable_gro(sock):
 
 class FastServer(Batching, Server):
     """The server, with the speed layer."""
+    HOSTS = ("src", "dst")   # a client's tunnel address: the source of what it sends, the destination of replies
 
 
 class FastClient(Batching, Client):
@@ -2597,7 +2815,8 @@ def address6_for(address, given):
 
 def run_server(args):
     allow = [parse_network(n, "--allow") for n in args.allow]
-    reach = [parse_network(n, "--reach") for n in args.reach]
+    reach = [parse_network(n, "--reach") for n in args.reach if not re.fullmatch(PORT_PROTO, n)]
+    ports = [parse_port(n) for n in args.reach if re.fullmatch(PORT_PROTO, n)]
     addresses = tunnel_addresses(args)
     with lock_and_recover(args) as changes:
         system = changes.system
@@ -2613,7 +2832,9 @@ def run_server(args):
         local = local_addresses(system)
         with listen(args.port) as sock:   # before any change: a busy port fails cleanly
             tun = setup_tun(changes, system, args, addresses)
-            set_sysctl(changes, "net.ipv4.ip_forward", "1")
+            # Forwarding is turned off again when we stop, unless other rules
+            # forward by then (Docker's, say): see forwarding_for_others.
+            set_sysctl(changes, "net.ipv4.ip_forward", "1", unless=[tag(tun.name)])
             if out.get(6):
                 # Forwarding makes the kernel ignore router advertisements where
                 # accept_ra is 1 (ip-sysctl.rst): a VPS that gets its IPv6
@@ -2628,11 +2849,12 @@ def run_server(args):
                 # Even without IPv6 on the internet side: the kernel then answers
                 # a client's IPv6 packets with ICMPv6 "no route", so its
                 # applications fall back to IPv4 at once, instead of waiting.
-                set_sysctl(changes, "net.ipv6.conf.all.forwarding", "1")
+                set_sysctl(changes, "net.ipv6.conf.all.forwarding", "1", unless=[tag(tun.name)])
             for address in addresses:   # (out[6] is None on a VPS without IPv6: no NAT, no way out)
-                add_firewall(changes, firewall, tun.name, out.get(address.version), address.network, args.mtu,
-                             nat=not args.no_nat, client_to_client=args.client_to_client,
-                             reach=[n for n in reach if n.version == address.version])
+                add_firewall(changes, firewall, Openings(
+                    tun.name, out.get(address.version), address, args.mtu, nat=not args.no_nat,
+                    client_to_client=args.client_to_client, ports=ports,
+                    reach=[n for n in reach if n.version == address.version]))
             table = ClientTable(args.client_timeout, args.rebind_after, args.max_clients, args.max_per_host)
             kind = Server if args.plain else FastServer
             server = kind(tun, sock, addresses, table, args.client_to_client, allow or None, local, args.verbose)
@@ -2681,8 +2903,16 @@ def connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, ro
         if dns:
             set_dns(changes, tun.name, [str(a) for a in dns])
         add_client_routing(changes, tun.name, routes, table, dns)
+        route_around(changes, server[0], routes)
         kind = Client if args.plain else FastClient
         client = kind(tun, sock, addresses, server_tunnel_ip, args.keepalive, table, name, family, args.verbose)
+
+        def moved(address):
+            try:
+                route_around(changes, address, routes)
+            except UserError as e:   # (the tunnel goes on: only ssh to the VPS goes through it)
+                log(f"udptun: warning: {e}")
+        client.moved = moved
         log(f"udptun client: {tun.name} {' '.join(map(str, addresses))}, server {as_text(server)}"
             + ("" if dns else "; DNS unchanged (--dns ADDR resolves names through the tunnel)"))
         if not args.dry_run and args.keepalive:
@@ -2762,12 +2992,27 @@ def parse_ip(text, what, version=None):
 
 def check_interface_name(name, what):
     """A name the kernel takes for an interface (dev_valid_name() in
-    net/core/dev.c), checked before it is used in a path or a command."""
+    net/core/dev.c), checked before it is used in a path or a command.
+    Not '%' either: the kernel would take tun%d as a pattern and name the
+    device tun0, while our lock, journal and status would say tun%d, and a
+    later --dev tun0 could undo this run's changes."""
     if (not name or len(name.encode()) >= IFNAMSIZ or name in (".", "..")
-            or any(ch in "/:" or ch.isspace() for ch in name)):
+            or any(ch in "/:%" or ch.isspace() for ch in name)):
         raise UserError(f"{what} {name!r}: an interface name has 1 to {IFNAMSIZ - 1} characters, "
-                        "none of them '/', ':' or a space")
+                        "none of them '/', ':', '%' or a space")
     return name
+
+
+# --reach PORT/PROTO: a port of the VPS itself, for its clients.
+PORT_PROTO = r"\d+/(tcp|udp)"
+
+
+def parse_port(text):
+    """'53/udp' -> (53, 'udp'), for --reach."""
+    port, proto = text.split("/")
+    if not 1 <= int(port) <= 65535:
+        raise UserError(f"--reach {text}: a port is 1 to 65535, like 53/udp")
+    return int(port), proto
 
 
 def is_address(text):
@@ -2848,9 +3093,10 @@ def parse_args(argv):
                         f"{DEFAULT_MAX_PER_HOST // 2} dual-stack clients behind one NAT)")
     s.add_argument("--allow", nargs="+", default=[], metavar="CIDR",
                    help="outer addresses that may use the server (default: any)")
-    s.add_argument("--reach", action="append", default=[], metavar="CIDR",
-                   help="let clients reach this network too, though it is link-local or behind "
-                        "another interface than --out-interface (repeatable)")
+    s.add_argument("--reach", action="append", default=[], metavar="CIDR|PORT/PROTO",
+                   help="let clients reach this network too, though it is private, a cloud's metadata "
+                        "service, or behind another interface than --out-interface; or PORT/tcp, PORT/udp: "
+                        "this port of the VPS itself (repeatable)")
     s.set_defaults(func=run_server)
 
     c = sub.add_parser("client", help="run a client (on the laptop)")
