@@ -157,6 +157,11 @@ DEFAULT_REBIND_AFTER = 60
 # NAT with a few laptops, each with an IPv4 and an IPv6 address, not one
 # stranger taking the whole subnet.
 DEFAULT_MAX_PER_HOST = 16
+
+# How many connections one tunnel address may have open through the VPS at
+# once (see iptables_rules): a browser opens a few hundred at most, a
+# BitTorrent client a thousand or two.
+DEFAULT_MAX_CONNECTIONS = 4096
 STATE_ROOT = "/run/udptun"
 
 # The client sends everything into the tunnel by policy routing, as wg-quick
@@ -1786,10 +1791,12 @@ class Openings:
     command line. `address` is the server's own tunnel address (an
     IPv4Interface or IPv6Interface: its network is the tunnel's subnet);
     `reach`, the networks of that version opened with --reach; `ports`,
-    the VPS's own (port, "tcp" or "udp") opened with --reach PORT/PROTO."""
+    the VPS's own (port, "tcp" or "udp") opened with --reach PORT/PROTO;
+    `connections`, how many a tunnel address may have open at once."""
 
-    def __init__(self, dev, out_if, address, mtu, nat=True, client_to_client=False, reach=(), ports=()):
-        self.dev, self.out_if, self.address, self.mtu = dev, out_if, address, mtu
+    def __init__(self, dev, out_if, address, mtu, nat=True, client_to_client=False, reach=(), ports=(),
+                 connections=DEFAULT_MAX_CONNECTIONS):
+        self.dev, self.out_if, self.address, self.mtu, self.connections = dev, out_if, address, mtu, connections
         self.nat, self.client_to_client, self.reach, self.ports = nat, client_to_client, list(reach), list(ports)
         self.network, self.version = address.network, address.version
 
@@ -1813,6 +1820,11 @@ def iptables_rules(o):
     come between ours, and an ACCEPT of ours never lands below a DROP.
 
     - udptun-fwd-DEV, what a client may forward, in this order:
+        a new connection past `connections` open from one tunnel address:
+          drop (each takes a place in the kernel's connection tracking
+          table, which is shared by the whole VPS: a stranger opening a
+          new flow with each packet would fill it, and nobody could open
+          a connection through the NAT any more);
         --reach networks: accept;
         with --client-to-client, from the tunnel back into it: accept;
         PRIVATE networks (a VPC, the cloud's metadata service): drop;
@@ -1838,7 +1850,9 @@ def iptables_rules(o):
     rules = []
     if o.nat and o.out_if:
         rules.append(("nat", "POSTROUTING", ["-s", str(o.network), "-o", o.out_if, *c, "-j", "MASQUERADE"]))
-    forward = [["-i", dev, "-d", str(net), *c, "-j", "ACCEPT"] for net in o.reach]
+    forward = [["-i", dev, "-m", "conntrack", "--ctstate", "NEW", "-m", "connlimit", "--connlimit-above",
+                str(o.connections), "--connlimit-mask", str(o.address.max_prefixlen), *c, "-j", "DROP"]]
+    forward += [["-i", dev, "-d", str(net), *c, "-j", "ACCEPT"] for net in o.reach]
     if o.client_to_client:
         forward.append(["-i", dev, "-o", dev, *c, "-j", "ACCEPT"])
     forward += [["-i", dev, "-d", net, *c, "-j", "DROP"] for net in PRIVATE[o.version]]
@@ -1883,7 +1897,11 @@ def nft_commands(o):
     chain = lambda name, hook, priority, kind="filter": [
         "add", "chain", *t, name, f"{{ type {kind} hook {hook} priority {priority} ; }}"]
     rule = lambda name, *words: ["add", "rule", *t, name, *words]
-    commands = [chain("forward", "forward", 0)]
+    address_type = {4: "ipv4_addr", 6: "ipv6_addr"}[o.version]
+    commands = [["add", "set", *t, "connections", f"{{ type {address_type} ; size 65535 ; flags dynamic ; }}"],
+                chain("forward", "forward", 0),
+                rule("forward", "iifname", dev, "ct", "state", "new", "add", "@connections",
+                     f"{{ {family} saddr ct count over {o.connections} }}", "drop")]
     commands += [rule("forward", "iifname", dev, family, "daddr", str(net), "accept") for net in o.reach]
     if o.client_to_client:
         commands.append(rule("forward", "iifname", dev, "oifname", dev, "accept"))
@@ -2083,9 +2101,9 @@ GLUED_ALIKE = 4   # from this many glued datagrams on, admit_glued() compares th
 # not bytes).
 QUEUE_LIMIT = 2048
 QUEUE_BYTES = 4 << 20   # and 4 MiB: with a large --mtu, the bytes bind first
-SLACK = 16   # read this much past a full queue, so a newcomer can still get in
 QUANTUM = 64   # (so a flow's turn is whole batches: its packets stay together for merge())
 BUCKETS = 1024   # FIFOs that flows are hashed into: RFC 8290's default number of flow queues
+HOST_BUCKETS = 64   # the server's: as many for each client (see FairQueue)
 # Where a flow's key (see flow_of) holds a host's address, for IPv4's and
 # IPv6's keys: the source, or the destination (see FairQueue's `host`).
 HOST_IN_FLOW = {"src": (slice(0, 4), slice(0, 16)), "dst": (slice(4, 8), slice(16, 32))}
@@ -2285,44 +2303,48 @@ class FairQueue:
     BATCH): the backlog moves here, where a flow that sends now and then
     finds its queue empty, goes to `new`, and is passed on at the next turn.
 
-    Flows are hashed into a fixed set of BUCKETS FIFOs, as in RFC 8290, so
-    that nothing a sender does makes more of them: a stranger who sends
-    each packet from a new port fills the same 1024 buckets as everyone.
-    (Python's hash of bytes is keyed at random in each process, as
-    fq_codel's is: nobody outside can aim at a bucket.) Two flows may then
-    share a bucket; pop() still hands out runs of one flow each.
-
     The rules are RFC 8290's (section 4), counted in packets rather than
     bytes (our scarce resource is work per packet): at its turn, a bucket
     earns credit and passes on a packet for each whole one; a bucket that
     still has packets goes to the back of `old`; so does a bucket from
     `new` that has none left, which waits there for one more round before
     it is forgotten. A sender cannot stay "new", and first, by keeping its
-    queue short.
+    queue short. There is no CoDel half: a TCP sender sets the size of its
+    own backlog, and the limits only bound it.
+
+    Flows are hashed into a fixed set of FIFOs, as in RFC 8290, so that
+    nothing a sender does makes more of them: one who sends each packet
+    from a new port fills the same buckets as one who does not. (Python's
+    hash of bytes is keyed at random in each process, as fq_codel's is:
+    nobody outside can aim at a bucket.) Two flows may then share a bucket;
+    pop() still hands out runs of one flow each.
 
     Fair between flows is not fair between users: a stranger who opens a
     thousand flows would get a thousand shares against a download's one.
-    So, as CAKE's host isolation does (`tc-cake(8)`, "dual-srchost"), each
-    host earns QUANTUM a round, split evenly among its active buckets. For
-    the server, a packet's host is the client's tunnel address, its source
-    on the way in (`host="src"`) and its destination on the way out
-    (`"dst"`); the client's queues have one host, itself (`None`). And over
-    either limit (packets, bytes), the host with most packets queued loses
-    them, from the head of its longest buckets first, as fq_codel_drop()
-    does for a flow: the one who floods loses, not everyone (the kernel
-    counts nothing, so we do, as "queue-full"). The reads take in no more
-    than there is room for, and a little more (SLACK): reading packets only
-    to drop them would spend the CPU that is the bottleneck, so past that
-    the kernel drops, for free. There is no CoDel half: a TCP sender sets
-    the size of its own backlog, and the limits only bound it.
+    So, as CAKE's host isolation does (tc-cake(8), "dual-srchost"), each
+    host has buckets of its own, HOST_BUCKETS of them, and earns QUANTUM
+    a round, split evenly among its active buckets. For the server, a
+    packet's host is the client's tunnel address: its source on the way in
+    (`host="src"`), its destination on the way out (`"dst"`). The client's
+    queues have one host, itself (`None`), and BUCKETS buckets.
 
-    However many senders there are, a turn looks at no more than BUCKETS
-    buckets, and the queue holds no more than those.
+    Over either limit (packets, bytes), the host with most packets queued
+    loses them, from the head of its longest buckets first, as
+    fq_codel_drop() does for a flow: the one who floods loses, not everyone
+    (the kernel counts nothing, so we do, as "queue-full"). Each turn reads
+    all it may (READ_AHEAD), though the queue is full: what the kernel
+    drops when the socket's buffer overflows, it drops whoever sent it, and
+    a client's packets must not be lost there for a stranger's.
+
+    However many flows there are, a host has at most HOST_BUCKETS buckets
+    (BUCKETS for the client), the queue at most `limit` packets, and a turn
+    looks at each bucket at most once.
     """
 
-    def __init__(self, limit=QUEUE_LIMIT, byte_limit=QUEUE_BYTES, quantum=QUANTUM, buckets=BUCKETS, host=None):
+    def __init__(self, limit=QUEUE_LIMIT, byte_limit=QUEUE_BYTES, quantum=QUANTUM, buckets=None, host=None):
         self.limit, self.byte_limit, self.quantum = limit, byte_limit, quantum
-        self.mask = buckets - 1   # (a power of two: a flow's bucket is its hash & mask)
+        # (a power of two: a flow's bucket is its hash & mask)
+        self.mask = (buckets or (HOST_BUCKETS if host else BUCKETS)) - 1
         self.host = HOST_IN_FLOW.get(host)
         # bucket -> [its packets, oldest first; each one's flow; its host;
         # its credit]. A bucket is here exactly while it is in `new` or `old`
@@ -2347,10 +2369,10 @@ class FairQueue:
                    else packet[IPV6_FLOW] if first >> 4 == 6 and packet[IPV6_NEXT] in (TCP, UDP)
                    else flow_of(packet))
             if key != last:   # (mostly the same flow as the packet before: one lookup per run)
-                b = hash(key) & mask
+                host = self.host and key[self.host[len(key) > 12]]
+                b = (host, hash(key) & mask)
                 bucket = buckets.get(b)
                 if bucket is None:
-                    host = self.host and key[self.host[len(key) > 12]]
                     bucket = buckets[b] = [[], [], host, 0.0]
                     if host:
                         hosts[host] = hosts.get(host, 0) + 1
@@ -2366,17 +2388,21 @@ class FairQueue:
         return 0
 
     def shed(self):
-        """Drop until under both limits: from the host with most packets
-        queued, from the head of its longest buckets first."""
+        """Drop until well under both limits (an eighth of each: looking
+        for whom to drop from takes a look at every bucket, so it is done
+        for many packets at once, as fq_codel_drop() does): from the host
+        with most packets queued, from the head of its longest buckets
+        first."""
         dropped = 0
-        while self.length > self.limit or self.bytes > self.byte_limit:
+        limit, byte_limit = self.limit - self.limit // 8, self.byte_limit - self.byte_limit // 8
+        while self.length > limit or self.bytes > byte_limit:
             load = {}
             for bucket in self.buckets.values():
                 load[bucket[2]] = load.get(bucket[2], 0) + len(bucket[0])
             host = max(load, key=load.get)
             for bucket in sorted((b for b in self.buckets.values() if b[2] == host), key=lambda b: -len(b[0])):
                 queue, n = bucket[0], 0
-                while n < len(queue) and (self.length > self.limit or self.bytes > self.byte_limit):
+                while n < len(queue) and (self.length > limit or self.bytes > byte_limit):
                     self.bytes -= len(queue[n])
                     self.length -= 1
                     n += 1
@@ -2467,6 +2493,7 @@ class Batching:
         self.to_tun = FairQueue(host=self.HOSTS[0])  # received from the socket, for the TUN device
         self.to_udp = FairQueue(host=self.HOSTS[1])  # read from the TUN device, for the socket
         self.ready_before = ()     # the descriptors that were ready at the previous turn
+        self.longest_turn = 0.0    # seconds: how long a packet may have to wait for the rest of its turn
         # The offsets of the bytes admit() reads (see admit_glued), by IP version.
         self.admit_columns = {version: admit_columns(version, fields) for version, fields in self.ADMIT_READS.items()}
 
@@ -2498,6 +2525,7 @@ class Batching:
             self.take_from_tun()
         if self.to_udp.length:
             self.send_udp(self.to_udp.pop(BATCH, BATCH_BYTES))
+        self.longest_turn = max(self.longest_turn, time.monotonic() - self.now)
 
     def tun_to_udp(self):
         if self.to_udp.length or self.tun.fd in self.ready_before:
@@ -2507,7 +2535,7 @@ class Batching:
 
     def udp_to_tun(self):
         if self.to_tun.length or self.sock.fileno() in self.ready_before:   # a backlog: in bulk, through the queue
-            self.enqueue(self.to_tun, self.recv_udp(room(self.to_tun)))
+            self.enqueue(self.to_tun, self.recv_udp(READ_AHEAD))
             return
         try:   # one receive; a lone datagram goes straight on (as few steps as the plain loop's)
             data, ancillary, _, addr = self.sock.recvmsg(MAX_PACKET, GRO_CMSG_SPACE, socket.MSG_DONTWAIT)
@@ -2522,7 +2550,7 @@ class Batching:
             self.write_one(data)
 
     def take_from_tun(self):
-        self.enqueue(self.to_udp, [p for p in self.read_tun(room(self.to_udp)) if self.from_tun_ok(p)])
+        self.enqueue(self.to_udp, [p for p in self.read_tun(READ_AHEAD) if self.from_tun_ok(p)])
 
     def enqueue(self, queue, packets):
         refused = queue.push(packets)
@@ -2666,7 +2694,8 @@ class Batching:
             self.writer.write(run)
 
     def counters(self):
-        return {"merged": {"packets": self.writer.packets, "writes": self.writer.writes}}
+        return {"merged": {"packets": self.writer.packets, "writes": self.writer.writes},
+                "longest_turn_ms": round(self.longest_turn * 1e3, 2)}
 
 
 class MergingWriter:
@@ -2748,13 +2777,6 @@ def admit_columns(version, fields):
     IP version: its first byte, its protocol and `fields` (its ADMIT_READS)."""
     proto = IPV4_PROTOCOL if version == 4 else IPV6_NEXT
     return sorted({VERSION, proto}.union(*(range(f.start, f.stop) for f in fields)))
-
-
-def room(queue):
-    """How many packets a turn takes in for `queue`: READ_AHEAD, or what the
-    queue has room for and SLACK more (see FairQueue: what does not fit
-    waits in the kernel, which drops what does not fit there, for free)."""
-    return min(READ_AHEAD, queue.limit - len(queue) + SLACK)
 
 
 def enable_gro(sock):
@@ -2853,7 +2875,7 @@ def run_server(args):
             for address in addresses:   # (out[6] is None on a VPS without IPv6: no NAT, no way out)
                 add_firewall(changes, firewall, Openings(
                     tun.name, out.get(address.version), address, args.mtu, nat=not args.no_nat,
-                    client_to_client=args.client_to_client, ports=ports,
+                    client_to_client=args.client_to_client, ports=ports, connections=args.max_connections,
                     reach=[n for n in reach if n.version == address.version]))
             table = ClientTable(args.client_timeout, args.rebind_after, args.max_clients, args.max_per_host)
             kind = Server if args.plain else FastServer
@@ -2976,7 +2998,8 @@ def run_status(args):
     print("drops: " + (", ".join(f"{k} {v}" for k, v in s["drops"].items()) or "none"))
     m = s.get("merged")   # (none with --plain)
     if m:
-        print(f"packets merged on writing to {s['device']}: {m['packets']} in {m['writes']} writes")
+        print(f"packets merged on writing to {s['device']}: {m['packets']} in {m['writes']} writes; "
+              f"longest turn {s['longest_turn_ms']} ms")
 
 
 def parse_ip(text, what, version=None):
@@ -3040,7 +3063,8 @@ class Parser(argparse.ArgumentParser):
 # "off" it is allowed; elsewhere a count or a time must be positive.
 LIMITS = {"port": (1, 65535), "mtu": (576, 65535 - OUTER_OVERHEAD),   # 576: RFC 791's least
           "txqueuelen": (1, 1 << 20), "keepalive": (0, 86400), "client_timeout": (1, 86400 * 7),
-          "rebind_after": (0.1, 86400 * 7), "max_clients": (1, 1 << 20), "max_per_host": (1, 1 << 20)}
+          "rebind_after": (0.1, 86400 * 7), "max_clients": (1, 1 << 20), "max_per_host": (1, 1 << 20),
+          "max_connections": (1, 1 << 24)}
 
 
 def check_args(args):
@@ -3091,6 +3115,9 @@ def parse_args(argv):
     s.add_argument("--max-per-host", type=int, default=DEFAULT_MAX_PER_HOST,
                    help=f"most tunnel addresses one outer IP may hold ({DEFAULT_MAX_PER_HOST}: "
                         f"{DEFAULT_MAX_PER_HOST // 2} dual-stack clients behind one NAT)")
+    s.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                   help=f"most connections one tunnel address may have open through the VPS "
+                        f"({DEFAULT_MAX_CONNECTIONS})")
     s.add_argument("--allow", nargs="+", default=[], metavar="CIDR",
                    help="outer addresses that may use the server (default: any)")
     s.add_argument("--reach", action="append", default=[], metavar="CIDR|PORT/PROTO",
