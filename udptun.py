@@ -1142,7 +1142,9 @@ class ClientTable:
     - nobody owns `ip` (or the owner expired): first claim wins, while the
       table has room and `addr`'s IP holds fewer than `max_per_host`
       addresses (so one host cannot take the subnet).
-    - same outer IP, new port: a NAT rebinding. The binding moves once the
+    - same outer IP (for IPv6, the same /64: a laptop's temporary address
+      changes every day, RFC 8981), new port: a NAT rebinding, or a new
+      address of the same machine. The binding moves once the
       owner's port has been quiet for REBIND_QUIET: a NAT gives a new port
       to a flow that went idle, or to a laptop that changed networks, never
       to one that is busy. And it moves back at once if the port it left
@@ -1184,7 +1186,7 @@ class ClientTable:
             self.log("join", f"client {as_text(ip)} joined from {as_text(addr)}", now)
             return peer, None
         quiet = now - peer.last_seen
-        if addr[0] == peer.addr[0] and (quiet >= REBIND_QUIET or addr == peer.previous) or quiet >= self.rebind_after:
+        if host == host_of(peer.addr) and (quiet >= REBIND_QUIET or addr == peer.previous) or quiet >= self.rebind_after:
             if host != host_of(peer.addr):
                 if self.per_host.get(host, 0) >= self.max_per_host:
                     return None, "host-limit"
@@ -1321,7 +1323,7 @@ class Server(Forwarder):
                 or self.in_subnet(ip.packed))
 
     def allowed(self, host):
-        ip = ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host.split("%")[0])   # (fe80::1%eth0: Python 3.8 takes no scope)
         ip = getattr(ip, "ipv4_mapped", None) or ip   # an IPv4 peer of our dual-stack socket
         return any(ip in net for net in self.allow)
 
