@@ -3379,7 +3379,7 @@ def test_a_flood_of_new_flows_neither_grows_the_queue_nor_starves_a_download():
         port += udptun.READ_AHEAD
         for run in queue.pop(udptun.BATCH):
             passed[run[0][12:16]] = passed.get(run[0][12:16], 0) + len(run)
-        waiting = sum(queued.count(download) for queued, _, _, _ in queue.buckets.values())
+        waiting = sum(queued.count(download) for queued, _, _ in queue.buckets.values())
         queue.push([download] * (500 - waiting))   # TCP fills its window again
         assert len(queue.buckets) <= udptun.BUCKETS and len(queue) <= udptun.QUEUE_LIMIT
     share = passed[socket.inet_aton("10.0.0.1")] / sum(passed.values())
@@ -3473,10 +3473,10 @@ def test_the_fair_queue_keys_packets_as_flow_of_does():
                ipv6(next_header=58, payload=ports(2))]
     queue = udptun.FairQueue()
     queue.push(packets)
-    for queued, flows, _, _ in queue.buckets.values():
+    for queued, flows, _ in queue.buckets.values():
         assert flows == list(map(udptun.flow_of, queued))
     # (the ports, not the protocol: TCP and UDP on the same ones share one)
-    assert len({key for _, flows, _, _ in queue.buckets.values() for key in flows}) == 6
+    assert len({key for _, flows, _ in queue.buckets.values() for key in flows}) == 6
 
 
 def test_client_to_client_when_allowed():

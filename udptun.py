@@ -302,10 +302,7 @@ class System:
             with open(sysctl_path(key), "w") as f:
                 f.write(value + "\n")
         except OSError as e:
-            if check:
-                raise UserError(f"cannot set {key}: {e.strerror}") from None
-            log(f"    (failed: {e.strerror})")
-            return e.strerror
+            return self._failed(e, f"cannot set {key}", check)
         return None
 
     @staticmethod
@@ -319,11 +316,17 @@ class System:
                 f.write(text.encode("latin-1"))
                 f.truncate()
         except OSError as e:
-            if check:
-                raise UserError(f"cannot write {path}: {e.strerror}") from None
-            log(f"    (failed: {e.strerror})")
-            return e.strerror
+            return System._failed(e, f"cannot write {path}", check)
         return None
+
+    @staticmethod
+    def _failed(error, what, check):
+        """A change of ours that failed: a UserError, or with check=False,
+        what went wrong (see change)."""
+        if check:
+            raise UserError(f"{what}: {error.strerror}") from None
+        log(f"    (failed: {error.strerror})")
+        return error.strerror
 
 
 def state_dir():
@@ -2306,11 +2309,10 @@ class FairQueue:
     finds its queue empty, goes to `new`, and is passed on at the next turn.
 
     The rules are RFC 8290's (section 4), counted in packets rather than
-    bytes (our scarce resource is work per packet): at its turn, a bucket
-    earns credit and passes on a packet for each whole one; a bucket that
-    still has packets goes to the back of `old`; so does a bucket from
-    `new` that has none left, which waits there for one more round before
-    it is forgotten. A sender cannot stay "new", and first, by keeping its
+    bytes (our scarce resource is work per packet): a bucket that still
+    has packets after its turn of up to QUANTUM goes to the back of `old`;
+    so does a bucket from `new` that has none left, which waits there for
+    one more round before it is forgotten. A sender cannot stay "new", and first, by keeping its
     queue short. There is no CoDel half: a TCP sender sets the size of its
     own backlog, and the limits only bound it.
 
@@ -2324,8 +2326,8 @@ class FairQueue:
     Fair between flows is not fair between users: a stranger who opens a
     thousand flows would get a thousand shares against a download's one.
     So, as CAKE's host isolation does (tc-cake(8), "dual-srchost"), each
-    host has buckets of its own, HOST_BUCKETS of them, and earns QUANTUM
-    a round, split evenly among its active buckets. For the server, a
+    host has buckets of its own, HOST_BUCKETS of them, and the hosts take
+    turns of QUANTUM packets, which its buckets share. For the server, a
     packet's host is the client's tunnel address: its source on the way in
     (`host="src"`), its destination on the way out (`"dst"`). The client's
     queues have one host, itself (`None`), and BUCKETS buckets.
@@ -2348,13 +2350,15 @@ class FairQueue:
         # (a power of two: a flow's bucket is its hash & mask)
         self.mask = (buckets or (HOST_BUCKETS if host else BUCKETS)) - 1
         self.host = HOST_IN_FLOW.get(host)
-        # bucket -> [its packets, oldest first; each one's flow; its host;
-        # its credit]. A bucket is here exactly while it is in `new` or `old`
-        # (empty: waiting in `old` to be forgotten).
+        # (host, number) -> [its packets, oldest first; each one's flow; the
+        # host]. A bucket is here exactly while it is in its host's `new` or
+        # `old` (empty: waiting in `old` to be forgotten).
         self.buckets = {}
-        self.hosts = {}       # host -> how many buckets it has here
-        self.new = deque()    # buckets that were idle when their packet came
-        self.old = deque()    # buckets that have had a turn
+        # host -> (new, old): its buckets that were idle when their packet
+        # came, and those that have had a turn. A host is here while it has
+        # buckets, and then in `turns` too, once.
+        self.hosts = {}
+        self.turns = deque()
         self.length = self.bytes = 0
 
     def __len__(self):
@@ -2362,7 +2366,7 @@ class FairQueue:
 
     def push(self, packets):
         """Queue packets, in order; return how many had to be dropped."""
-        buckets, hosts, new, mask, last = self.buckets, self.hosts, self.new, self.mask, None
+        buckets, hosts, mask, last = self.buckets, self.hosts, self.mask, None
         for packet in packets:
             # flow_of(packet), its common cases written out: a call per
             # packet costs more than the rest of this loop
@@ -2375,10 +2379,12 @@ class FairQueue:
                 b = (host, hash(key) & mask)
                 bucket = buckets.get(b)
                 if bucket is None:
-                    bucket = buckets[b] = [[], [], host, 0.0]
-                    if host:
-                        hosts[host] = hosts.get(host, 0) + 1
-                    new.append(b)
+                    bucket = buckets[b] = [[], [], host]
+                    lists = hosts.get(host)
+                    if lists is None:
+                        lists = hosts[host] = (deque(), deque())
+                        self.turns.append(host)
+                    lists[0].append(b)
                 queue, flows = bucket[0], bucket[1]
                 last = key
             queue.append(packet)
@@ -2416,46 +2422,50 @@ class FairQueue:
         """Up to `budget` packets, and about `byte_budget` bytes (the packet
         that reaches it is the last), in the order to write them: as runs,
         a list of one flow's packets each (what is done per flow, such as
-        finding where its packets go, is then done once per run)."""
+        finding where its packets go, is then done once per run).
+
+        Hosts take turns of QUANTUM packets; in its turn, a host's buckets
+        take theirs, its new ones first, each at most once."""
         runs, count, size = [], 0, 0
-        buckets, hosts, new, old, quantum = self.buckets, self.hosts, self.new, self.old, self.quantum
-        while count < budget and size < byte_budget and (new or old):
-            from_new = bool(new)
-            b = new.popleft() if from_new else old.popleft()
-            bucket = buckets[b]
-            queue = bucket[0]
-            # This bucket's turn: its host's quantum, shared with the host's
-            # other buckets, and cut where the bytes reach the budget.
-            # (Slices and sums, not a step per packet: this runs for every
-            # packet of a download.)
-            host = bucket[2]
-            bucket[3] = credit = min(quantum, bucket[3] + (quantum / hosts[host] if host else quantum))
-            k = min(len(queue), int(credit), budget - count)
-            if k:
-                ends = list(accumulate(map(len, queue[:k]), initial=size))   # the size after each packet
-                k = min(k, bisect.bisect_left(ends, byte_budget, 1))
-                run, flows = queue[:k], bucket[1][:k]
-                del queue[:k], bucket[1][:k]
-                if flows.count(flows[0]) == k:   # one flow, as nearly always
-                    runs.append(run)
-                else:   # flows that share the bucket: a run for each stretch of one flow
-                    i = 0
-                    for _, stretch in groupby(flows):
-                        n = sum(1 for _ in stretch)
-                        runs.append(run[i:i + n])
-                        i += n
-                bucket[3] -= k
-                count, size = count + k, ends[k]
-            if queue or from_new:
-                old.append(b)
-                if not queue:
-                    bucket[3] = 0.0   # (an idle bucket banks no credit: RFC 8290's deficit starts over)
+        buckets, hosts, turns = self.buckets, self.hosts, self.turns
+        while count < budget and size < byte_budget and turns:
+            host = turns.popleft()
+            new, old = hosts[host]
+            share = min(self.quantum, budget - count)
+            visits = len(new) + len(old)
+            while share and size < byte_budget and visits:
+                visits -= 1
+                from_new = bool(new)
+                b = new.popleft() if from_new else old.popleft()
+                bucket = buckets[b]
+                queue = bucket[0]
+                # Up to the host's share, cut where the bytes reach the
+                # budget. (Slices and sums, not a step per packet: this
+                # runs for every packet of a download.)
+                k = min(len(queue), share)
+                if k:
+                    ends = list(accumulate(map(len, queue[:k]), initial=size))   # the size after each packet
+                    k = min(k, bisect.bisect_left(ends, byte_budget, 1))
+                    run, flows = queue[:k], bucket[1][:k]
+                    del queue[:k], bucket[1][:k]
+                    if flows.count(flows[0]) == k:   # one flow, as nearly always
+                        runs.append(run)
+                    else:   # flows that share the bucket: a run for each stretch of one flow
+                        i = 0
+                        for _, stretch in groupby(flows):
+                            n = sum(1 for _ in stretch)
+                            runs.append(run[i:i + n])
+                            i += n
+                    share -= k
+                    count, size = count + k, ends[k]
+                if queue or from_new:
+                    old.append(b)
+                else:
+                    del buckets[b]
+            if new or old:
+                turns.append(host)
             else:
-                del buckets[b]
-                if host:
-                    hosts[host] -= 1
-                    if not hosts[host]:
-                        del hosts[host]
+                del hosts[host]
         self.length -= count
         self.bytes -= size
         return runs
