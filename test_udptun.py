@@ -812,7 +812,9 @@ def test_server_keeps_router_advertisements_coming_where_it_forwards(canned, cap
     assert setup[4:7] == ["sysctl -w net.ipv4.ip_forward=1", "sysctl -w net.ipv6.conf.eth9.accept_ra=2",
                           "sysctl -w net.ipv6.conf.all.forwarding=1"]
     assert teardown == (FIREWALL_UNDO.format(**V6) + FIREWALL_UNDO.format(**V4)).splitlines() + [
-        UNFORWARD.splitlines()[0], "sysctl -w net.ipv6.conf.eth9.accept_ra=1", UNFORWARD.splitlines()[1]]
+        UNFORWARD.splitlines()[0],
+        "sysctl -w net.ipv6.conf.eth9.accept_ra=1 (unless rules other than udptun:tun0's forward)",
+        UNFORWARD.splitlines()[1]]
 
 
 def test_server_without_ipv6_on_the_internet_side_still_forwards_ipv6(canned, capsys, monkeypatch):
@@ -1065,6 +1067,20 @@ def test_a_signal_during_a_command_keeps_its_undo(canned, capsys, monkeypatch):
         *UNFORWARD.splitlines(), "close tun0: the kernel deletes it with its address and routes"]
 
 
+def test_only_rules_of_another_run_keep_forwarding_on(monkeypatch):
+    """The rules of udptun on tun10 are another run's for udptun on tun1:
+    its tag is not ours, though ours is a part of it."""
+    rules = {"FORWARD": '-P FORWARD DROP\n-A FORWARD -m comment --comment "udptun:tun1" -j udptun-fwd-tun1\n',
+             "PREROUTING": "", "POSTROUTING": ""}
+    monkeypatch.setattr(udptun.shutil, "which", lambda tool: tool == "iptables")
+    system = udptun.System()
+    monkeypatch.setattr(system, "query", lambda *argv, check=True: rules[argv[-1]])
+    assert udptun.forwarding_for_others(system, 4, "udptun:tun1") == []
+    rules["FORWARD"] += '-A FORWARD -m comment --comment "udptun:tun10" -j udptun-fwd-tun10\n'
+    assert udptun.forwarding_for_others(system, 4, "udptun:tun1") == [
+        '-A FORWARD -m comment --comment "udptun:tun10" -j udptun-fwd-tun10']
+
+
 def test_journal_replays_a_killed_run_and_only_what_udptun_writes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(udptun, "STATE_ROOT", str(tmp_path))
     monkeypatch.setattr(udptun, "state_dir", lambda: str(tmp_path))
@@ -1078,7 +1094,10 @@ def test_journal_replays_a_killed_run_and_only_what_udptun_writes(tmp_path, monk
              ["iptables", "-w", "-t", "filter", "-F", "INPUT"],   # not ours to flush
              ["sysctl", "-w", "net.ipv6.conf.all.forwarding=0", "udptun:tun0"],
              ["sysctl", "-w", "net.ipv6.conf.all.forwarding=0", "; reboot"],
-             ["sysctl", "-w", "net/../kernel/panic=1"]]
+             ["sysctl", "-w", "net/../kernel/panic=1"], ["sysctl", "-w", "net.ipv4.ip_forward\0=0"],
+             ["iptables", "-w", "-t", "bogus", "-D", "FORWARD", "--modprobe=/tmp/x"],   # a program to run
+             ["iptables", "-w", "-t", "filter", "-D", "FORWARD", "--modprobe=/tmp/x"],
+             ["nft", "delete", "table", "ip", "filter"]]   # not ours
     udptun.Journal("tun0").save(undos)
     system = udptun.System(dry_run=True)
     udptun.recover(system, udptun.Journal("tun0", dry_run=True), "tun0")
@@ -1089,7 +1108,7 @@ def test_journal_replays_a_killed_run_and_only_what_udptun_writes(tmp_path, monk
                            ["iptables", "-w", "-t", "nat", "-D", "POSTROUTING", "-j", "MASQUERADE"],
                            ["ip", "-4", "rule", "del", "table", "main"], ["sysctl", "-w", "net.ipv4.ip_forward=0"]]
     err = capsys.readouterr().err
-    assert err.count("not a command udptun writes, not run") == 9
+    assert err.count("not a command udptun writes, not run") == 13
 
 
 @pytest.mark.parametrize("spoil", ["writable by others", "a link", "not root's"])

@@ -294,7 +294,7 @@ class System:
     def _sysctl(self, setting, unless=None, check=True):
         key, value = setting.split("=", 1)
         if unless:
-            others = forwarding_for_others(self, 6 if key.startswith("net.ipv6") else 4, unless)
+            others = forwarding_for_others(self, 6 if key.startswith(("net.ipv6", "net/ipv6")) else 4, unless)
             if others:
                 log(f"    (left as it is: other rules forward, such as `{others[0]}`)")
                 return None
@@ -480,13 +480,15 @@ def replayable(argv):
     if tool == "ip":
         return argv[1:2] in (["-4"], ["-6"]) and argv[2:4] in (["rule", "del"], ["route", "del"])
     if tool in ("iptables", "ip6tables"):
-        return argv[1:3] == ["-w", "-t"] and (argv[4:5] == ["-D"] or len(argv) == 6 and argv[4] in ("-F", "-X")
-                                              and argv[5].startswith("udptun-"))
+        return (argv[1:3] == ["-w", "-t"] and argv[3:4] in (["filter"], ["nat"], ["mangle"])
+                and not any(a.startswith("--modprobe") for a in argv)   # (it names a program to run)
+                and (argv[4:5] == ["-D"] or len(argv) == 6 and argv[4] in ("-F", "-X") and argv[5].startswith("udptun-")))
     if tool == "nft":
-        return len(argv) == 5 and argv[1:3] == ["delete", "table"] and argv[3] in ("ip", "ip6")
+        return (len(argv) == 5 and argv[1:3] == ["delete", "table"] and argv[3] in ("ip", "ip6")
+                and argv[4].startswith("udptun_"))
     if tool == "sysctl":
         return (len(argv) in (3, 4) and argv[1] == "-w" and argv[2].startswith(("net.", "net/")) and "=" in argv[2]
-                and ".." not in argv[2] and (len(argv) == 3 or argv[3].startswith(tag(""))))
+                and ".." not in argv[2] and "\0" not in argv[2] and (len(argv) == 3 or argv[3].startswith(tag(""))))
     if tool in ("resolvectl", "resolvconf"):
         return argv[1:2] in (["revert"], ["-d"])
     return tool == "write" and argv[1:2] == [RESOLV_CONF] and len(argv) == 4
@@ -570,7 +572,8 @@ def already_undone(error):
     the rule, route, table or device is gone (a stale journal entry, or the
     kernel got there first)."""
     return any(text in error for text in ("No such file or directory", "No such process", "does not exist",
-                                          "Bad rule", "Cannot find device", "No such device"))
+                                          "Bad rule", "Cannot find device", "No such device",
+                                          "No chain/target/match by that name"))
 
 
 def sd_notify(state):
@@ -1504,7 +1507,7 @@ class Client(Forwarder):
             if round == self.round and address and address != self.server:
                 log(f"server {self.name} is at {as_text(address)} now")
                 self.reconnect(address)
-                if self.moved:
+                if self.moved and self.server == address:   # (reconnect may have failed: no route there)
                     self.moved(address[0])
         if now - self.last_lookup < every or self.lookup and self.lookup.is_alive():
             return
@@ -1599,8 +1602,8 @@ def route_around(changes, server, routes):
     security group, which never sees what comes out of the tunnel (the
     server's firewall lets tunnel traffic reach no service of the VPS's).
     Only where `routes` would take it into the tunnel."""
-    address = ipaddress.ip_address(server)
-    if any(address in net for net in routes):
+    address = ipaddress.ip_address(server.split("%")[0])
+    if not address.is_link_local and any(address in net for net in routes):   # (the LAN's own: never tunnelled)
         rule = ["to", str(address), "table", "main"]
         v = f"-{address.version}"
         changes.make(["ip", v, "rule", "add", *rule], undo=["ip", v, "rule", "del", *rule])
@@ -1739,7 +1742,7 @@ def forwarding_for_others(system, version, ours):
         for table, chain in (("filter", "FORWARD"), ("nat", "PREROUTING"), ("nat", "POSTROUTING")):
             found += [line for line in system.query(IPTABLES[version], "-w", "-t", table, "-S", chain,
                                                     check=False).splitlines()
-                      if line.startswith("-A ") and ours not in line]
+                      if line.startswith("-A ") and ours not in shlex.split(line)]
     if shutil.which("nft"):
         mine = nft_table(ours.split(":", 1)[1])
         table = hooked = None
@@ -1975,6 +1978,7 @@ def remove_tagged_rules(system, dev):
                     system.change(tool, "-w", "-t", table, "-D", *words[1:], check=False)
             for words in lines:
                 if words[:1] == ["-N"] and words[1:2] and words[1] in ours:
+                    system.change(tool, "-w", "-t", table, "-F", words[1], check=False)
                     system.change(tool, "-w", "-t", table, "-X", words[1], check=False)
     if shutil.which("nft"):
         # (check=False: nft may be there without a kernel that has nf_tables,
@@ -2403,19 +2407,20 @@ class FairQueue:
         first."""
         dropped = 0
         limit, byte_limit = self.limit - self.limit // 8, self.byte_limit - self.byte_limit // 8
-        while self.length > limit or self.bytes > byte_limit:
-            load = {}
-            for bucket in self.buckets.values():
-                load[bucket[2]] = load.get(bucket[2], 0) + len(bucket[0])
-            host = max(load, key=load.get)
-            for bucket in sorted((b for b in self.buckets.values() if b[2] == host), key=lambda b: -len(b[0])):
-                queue, n = bucket[0], 0
-                while n < len(queue) and (self.length > limit or self.bytes > byte_limit):
-                    self.bytes -= len(queue[n])
-                    self.length -= 1
-                    n += 1
-                del queue[:n], bucket[1][:n]
-                dropped += n
+        load = {}
+        for bucket in self.buckets.values():
+            load[bucket[2]] = load.get(bucket[2], 0) + len(bucket[0])
+        order = sorted(self.buckets.values(), key=lambda b: (-load[b[2]], b[2] or b"", -len(b[0])))
+        for bucket in order:   # (one look at every bucket, however many hosts)
+            queue, n = bucket[0], 0
+            while n < len(queue) and (self.length > limit or self.bytes > byte_limit):
+                self.bytes -= len(queue[n])
+                self.length -= 1
+                n += 1
+            del queue[:n], bucket[1][:n]
+            dropped += n
+            if self.length <= limit and self.bytes <= byte_limit:
+                break
         return dropped
 
     def pop(self, budget, byte_budget=QUEUE_BYTES):
@@ -2877,8 +2882,8 @@ def run_server(args):
                 key = (f"net/ipv6/conf/{out[6]}/accept_ra" if "." in out[6]   # eth0.100: see sysctl_value
                        else f"net.ipv6.conf.{out[6]}.accept_ra")
                 with contextlib.suppress(OSError):   # (an interface without IPv6 has no such setting)
-                    if sysctl_value(key) == "1":
-                        set_sysctl(changes, key, "2")
+                    if sysctl_value(key) == "1":   # (and back to 1 only if forwarding goes off)
+                        set_sysctl(changes, key, "2", unless=[tag(tun.name)])
             if len(addresses) > 1:
                 # Even without IPv6 on the internet side: the kernel then answers
                 # a client's IPv6 packets with ICMPv6 "no route", so its
@@ -2941,7 +2946,12 @@ def connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, ro
         kind = Client if args.plain else FastClient
         client = kind(tun, sock, addresses, server_tunnel_ip, args.keepalive, table, name, family, args.verbose)
 
+        around = {server[0]}
+
         def moved(address):
+            if address in around:   # (a name that goes back and forth between addresses: one rule each)
+                return
+            around.add(address)
             try:
                 route_around(changes, address, routes)
             except UserError as e:   # (the tunnel goes on: only ssh to the VPS goes through it)
