@@ -2641,7 +2641,8 @@ def test_another_tool_inserting_meanwhile_cannot_come_between_our_rules(clean, t
             lab.sh("srv", "iptables", "-D", "FORWARD", "-s", "192.0.2.99/32", "-m", "comment", "--comment",
                    "another-tool", "-j", "ACCEPT")
         # (forwarding stayed on for the other tool's rules: see the next test)
-        lab.sh("srv", "sysctl", "-qw", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0")
+        lab.sh("srv", "sysctl", "-qw", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0",
+               "net.ipv6.conf.eth0.accept_ra=1")
 
 
 # What Docker leaves in the firewall, IPv4's and IPv6's: a chain of its own
@@ -2675,8 +2676,11 @@ def test_stopping_leaves_forwarding_on_for_what_started_since(firewall, clean):
         rc, log = stop(server)
         assert rc == 0 and forwarding() == ["1", "1"], log
         assert "(left as it is: other rules forward, such as `" in log, log
+        # (and router advertisements stay accepted while forwarding is on)
+        assert sysctl_in(lab, "srv", "net.ipv6.conf.eth0.accept_ra") == "2"
         docker(lab, DOCKER_UNDO)   # Docker stops; we start again, and die
-        lab.sh("srv", "sysctl", "-qw", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0")
+        lab.sh("srv", "sysctl", "-qw", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0",
+               "net.ipv6.conf.eth0.accept_ra=1")
         server = lab.udptun("srv", "server")
         wait_for(lambda: "listening on UDP" in log_of(server), "server setup")
         stop(server, signal.SIGKILL)
@@ -2687,7 +2691,8 @@ def test_stopping_leaves_forwarding_on_for_what_started_since(firewall, clean):
         assert rules_of_ours(lab) == 0
     finally:
         docker(lab, DOCKER_UNDO, check=False)
-        lab.sh("srv", "sysctl", "-qw", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0")
+        lab.sh("srv", "sysctl", "-qw", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0",
+               "net.ipv6.conf.eth0.accept_ra=1")
 
 
 # Datagrams no client sends, each with an inner packet to the web host:
