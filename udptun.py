@@ -1110,9 +1110,18 @@ class Forwarder:
             status = dict(self.status(), pid=os.getpid(), device=self.tun.name, time=time.time(),
                           drops=dict(sorted(self.drops.items())), **self.counters())
             tmp = self.status_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(status, f)
-            os.replace(tmp, self.status_path)
+            try:
+                with open(tmp, "w") as f:
+                    json.dump(status, f)
+                os.replace(tmp, self.status_path)
+            except BaseException as e:
+                # A signal (Stop) or a full /run midway: leave no stray file,
+                # or the folder it is in could never be removed.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                if not isinstance(e, OSError):
+                    raise
+                self.log("status", f"udptun: warning: cannot write {self.status_path}: {e.strerror}", self.now)
 
 
 # ================ 6. The server's policy: who owns a tunnel address, what may pass
