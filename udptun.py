@@ -2325,9 +2325,9 @@ class FairQueue:
     bytes (our scarce resource is work per packet): a bucket that still
     has packets after its turn of up to QUANTUM goes to the back of `old`;
     so does a bucket from `new` that has none left, which waits there for
-    one more round before it is forgotten. A sender cannot stay "new", and first, by keeping its
-    queue short. There is no CoDel half: a TCP sender sets the size of its
-    own backlog, and the limits only bound it.
+    one more round before it is forgotten. A sender cannot stay "new", and
+    first, by keeping its queue short. There is no CoDel half: a TCP sender
+    sets the size of its own backlog, and the limits only bound it.
 
     Flows are hashed into a fixed set of FIFOs, as in RFC 8290, so that
     nothing a sender does makes more of them: one who sends each packet
@@ -2354,8 +2354,8 @@ class FairQueue:
     a client's packets must not be lost there for a stranger's.
 
     However many flows there are, a host has at most HOST_BUCKETS buckets
-    (BUCKETS for the client), the queue at most `limit` packets, and a turn
-    looks at each bucket at most once.
+    (BUCKETS for the client), and the queue at most `limit` packets; a
+    host's turn looks at each of its buckets at most once.
     """
 
     def __init__(self, limit=QUEUE_LIMIT, byte_limit=QUEUE_BYTES, quantum=QUANTUM, buckets=None, host=None):
