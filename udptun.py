@@ -77,6 +77,7 @@ import json
 import os
 import queue
 import re
+import resource
 import select
 import shlex
 import shutil
@@ -89,7 +90,7 @@ import sys
 import threading
 import time
 from collections import deque
-from itertools import accumulate, groupby
+from itertools import accumulate, chain, groupby
 
 TUN_PATH = "/dev/net/tun"
 
@@ -132,6 +133,10 @@ DEFAULT_PORT = 5555
 # the host number of its IPv4 one: 10.0.0.1/24 goes with fd75:6470:746e::1.
 DEFAULT_SUBNET6 = "fd75:6470:746e::/64"
 MAX_PACKET = 65535   # largest IPv4 packet (16-bit total length, RFC 791)
+
+# How many ready descriptors one turn of the loop serves (see Forwarder.run):
+# the TUN device and a few clients' sockets.
+MAX_EVENTS = 8
 
 # The client's keepalive interval (25 s) is WireGuard's: short enough for home NAT
 # routers that forget idle UDP mappings after 30 s (RFC 4787 asks for at
@@ -870,6 +875,32 @@ def listen(port):
         if e.errno == errno.EADDRINUSE:
             raise UserError(f"UDP port {port} is in use (another udptun?): stop it or pick another --port") from None
         raise UserError(f"cannot listen on UDP port {port}: {e.strerror}") from None
+    # Only now, once the port is ours: each client's own socket (see
+    # socket_for) may share it. A socket of another user, or one bound
+    # without SO_REUSEPORT (another udptun), still finds the port in use
+    # (the uid check in udp_lib_lport_inuse, net/ipv4/udp.c).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return sock
+
+
+def socket_for(listener, addr):
+    """A socket that receives the datagrams of socket address `addr` alone:
+    bound to the listener's port too, and connected to `addr`. The kernel
+    gives a datagram to the bound socket that matches it best, and a
+    connected one matches its peer's address and port besides ours
+    (compute_score, net/ipv4/udp.c; net/ipv6/udp.c), so `addr`'s datagrams
+    queue in this socket's buffer, apart from everyone else's. (In the
+    moment between bind and connect it may take others' datagrams too:
+    whoever reads it checks each sender, as on the listener.) Raises
+    OSError."""
+    sock = open_udp_socket(listener.family)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(listener.getsockname())
+        sock.connect(addr)
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
@@ -912,9 +943,9 @@ def resolve(name, port, family=socket.AF_UNSPEC):
 class Forwarder:
     """The tunnel itself: one packet in, one packet out.
 
-    run() sleeps until the TUN device or the UDP socket has something to
+    run() sleeps until the TUN device or a UDP socket has something to
     read, and calls its handler: tun_to_udp() reads one packet the kernel
-    routed into the tunnel and sends it as one datagram; udp_to_tun()
+    routed into the tunnel and sends it as one datagram; udp_to_tun(sock)
     receives one datagram and writes the packet in it to the TUN device, as
     if it had arrived on a network card. That is all a tunnel does. About
     once a second, at a quiet moment, run() calls tick(), for timers, and
@@ -936,7 +967,8 @@ class Forwarder:
     - tick(now), status(); and unreachable(error), told when the socket
       reports an error.
     Callers: run(); and, for the subclasses, send_one() (a keepalive, a
-    probe) and replace_socket() (the client's, when its network changes).
+    probe), replace_socket() (the client's, when its network changes),
+    watch_socket() and forget_socket() (the server's, a socket per client).
 
     This loop is about as fast as socat (which does the same in C) with
     small packets, and slower with TCP, whose full-size packets each cost
@@ -970,13 +1002,18 @@ class Forwarder:
         # cost we would pay on every wake-up.)
         self.poller = select.epoll()
         self.watch(self.tun.fd, self.tun_to_udp)
-        self.watch(self.sock.fileno(), self.udp_to_tun)
+        self.watch_socket(self.sock)
         # What exists now lives until we stop: the collector need never
         # look at it again. (A full collection walks every object, and
         # would hold up the packets of its turn by milliseconds.)
         gc.freeze()
         while True:
-            events = self.poller.poll(self.wait())
+            # At most MAX_EVENTS descriptors a turn, so a turn's work does not
+            # grow with the number of busy senders (the server's clients each
+            # have a socket, see Server). epoll hands the rest out at the
+            # next turns: it puts those it reported at the back of its ready
+            # list (ep_send_events, fs/eventpoll.c), so each takes its turn.
+            events = self.poller.poll(self.wait(), MAX_EVENTS)
             self.now = time.monotonic()
             self.handle(events)
             # The timers' work (a status file, a route lookup) waits for a
@@ -992,22 +1029,35 @@ class Forwarder:
         self.poller.register(fd, select.EPOLLIN)
         self.handlers[fd] = handler
 
+    def watch_socket(self, sock):
+        """Read `sock` whenever it has a datagram."""
+        self.watch(sock.fileno(), functools.partial(self.udp_to_tun, sock))
+
+    def forget_socket(self, sock):
+        """Stop reading `sock`, and close it."""
+        if self.poller:
+            self.poller.unregister(sock)
+            self.handlers.pop(sock.fileno(), None)
+        sock.close()
+
     def wait(self):
         """How long run() may sleep, in seconds: until the next tick is due."""
         return max(0.0, self.next_tick - self.now)
 
     def handle(self, events):
         for fd, _ in events:
-            self.handlers[fd]()
+            handler = self.handlers.get(fd)   # (None: closed by an earlier handler of this turn)
+            if handler:
+                handler()
 
     def tun_to_udp(self):
         packet = self.tun.read()
         if packet is not None and self.from_tun_ok(packet):
             self.send_on(packet)
 
-    def udp_to_tun(self):
+    def udp_to_tun(self, sock):
         try:
-            data, addr = self.sock.recvfrom(MAX_PACKET, socket.MSG_DONTWAIT)
+            data, addr = sock.recvfrom(MAX_PACKET, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError as e:
@@ -1068,13 +1118,10 @@ class Forwarder:
 
     def replace_socket(self, sock):
         """Go on with `sock` instead of the socket in use (which is closed)."""
-        if self.poller:
-            self.poller.unregister(self.sock)
-            self.handlers.pop(self.sock.fileno(), None)
-        self.sock.close()
+        self.forget_socket(self.sock)
         self.sock = sock
         if self.poller:
-            self.watch(sock.fileno(), self.udp_to_tun)
+            self.watch_socket(sock)
 
     # Hooks for the subclasses (see the class's docstring).
     ADMIT_READS = {4: (), 6: ()}   # what admit() reads of a packet (see Server.ADMIT_READS): here, nothing
@@ -1221,14 +1268,74 @@ class ClientTable:
             self.per_host[host] = left
 
     def expire(self, now):
-        for ip in [ip for ip, p in self.by_ip.items() if now - p.last_seen >= self.timeout]:
-            peer = self.by_ip.pop(ip)
+        """Forget the bindings idle for `timeout`: a list of their Peers."""
+        gone = [p for p in self.by_ip.values() if now - p.last_seen >= self.timeout]
+        for peer in gone:
+            del self.by_ip[peer.ip]
             self.forget(host_of(peer.addr))
-            self.log("expire", f"client {as_text(ip)} expired (silent since {now - peer.last_seen:.0f} s)", now)
+            self.log("expire", f"client {as_text(peer.ip)} expired (silent since {now - peer.last_seen:.0f} s)", now)
+        return gone
+
+
+class OwnSockets:
+    """A socket of its own for each client's UDP address (see socket_for),
+    so that the kernel queues each client's datagrams apart.
+
+    Why: on one shared socket, a stranger who sends faster than we read
+    fills its receive buffer, and the kernel then drops a client's
+    datagrams with the stranger's, before we get to be fair to anyone (a
+    download through such a flood fell to nothing). With a socket each, a
+    flood overflows its own buffer, and the loop reads each ready socket in
+    turn. The listening socket hears newcomers, and those who own nothing.
+
+    A client may own its IPv4 and its IPv6 tunnel address from one UDP
+    address: the socket lives while that address owns any. Opening one
+    can fail (too many open files): that client's datagrams then come on
+    the listening socket, as everyone's did before.
+    """
+
+    def __init__(self, listener):
+        self.listener = listener
+        self.held = {}    # UDP address -> [its socket or None, the tunnel addresses it owns]
+        self.owned = {}   # a socket's file descriptor -> the tunnel addresses its peer owns
+        self.log = LogLimit()
+
+    def __len__(self):
+        return len(self.owned)
+
+    def add(self, addr, ip, now):
+        """`addr` owns tunnel address `ip` too: its new socket, if it needs one."""
+        held = self.held.get(addr)
+        if held:
+            held[1].add(ip)
+            return None
+        try:
+            sock = socket_for(self.listener, addr)
+        except OSError as e:
+            self.log("socket", f"udptun: warning: no socket of its own for {as_text(addr)}: {e.strerror}", now)
+            sock = None
+        held = self.held[addr] = [sock, {ip}]
+        if sock:
+            self.owned[sock.fileno()] = held[1]
+        return sock
+
+    def remove(self, addr, ip):
+        """`addr` no longer owns `ip`: its socket, to close, if that was its last."""
+        held = self.held.get(addr)
+        if not held:
+            return None
+        held[1].discard(ip)
+        if held[1]:
+            return None
+        del self.held[addr]
+        if held[0]:
+            del self.owned[held[0].fileno()]
+        return held[0]
 
 
 class Server(Forwarder):
-    """The server's policy: many clients, one UDP socket, one TUN device.
+    """The server's policy: many clients, one UDP socket to hear them and
+    one each to read them (see OwnSockets), one TUN device.
 
     A datagram goes into the TUN device if it holds a well-formed IP packet
     whose source is a tunnel address its sender owns (see ClientTable) and,
@@ -1260,6 +1367,7 @@ class Server(Forwarder):
         self.seq = 0
         self.last_host = self.last_verdict = None   # claim()'s outer host, and whether it is (allowed, looped)
         self.last_refusal = (None, None, None, None)   # (source, address, turn, why): claim()'s last refusal
+        self.own_sockets = OwnSockets(sock)
 
     # What admit() reads of a TCP or UDP packet, besides its first byte
     # (the version, and IPv4's header length), its protocol, its length and
@@ -1313,8 +1421,12 @@ class Server(Forwarder):
         elif src in self.reserved or not self.in_subnet(src):
             why = "bad-source"
         else:
+            owner = self.table.by_ip.get(src)
+            was = owner and owner.addr
             peer, why = self.table.claim(src, addr, self.now)
             if peer is not None:
+                if was != addr:
+                    self.moved(src, was, addr)
                 if why == "moved" and peer.previous:
                     self.probe(peer)
                 return peer
@@ -1363,11 +1475,26 @@ class Server(Forwarder):
         peer.tx_bytes += len(packet) if length is None else length
         return peer.addr
 
+    def moved(self, ip, old, new):
+        """Tunnel address `ip`'s owner is now UDP address `new` (None:
+        nobody), and was `old` (None: nobody): each one's own socket follows."""
+        if not self.poller:   # (not forwarding: a test's)
+            return
+        if old:
+            sock = self.own_sockets.remove(old, ip)
+            if sock:
+                self.forget_socket(sock)
+        if new:
+            sock = self.own_sockets.add(new, ip, self.now)
+            if sock:
+                self.watch_socket(sock)
+
     def tick(self, now):
-        self.table.expire(now)
+        for peer in self.table.expire(now):
+            self.moved(peer.ip, peer.addr, None)
 
     def status(self):
-        return {"role": "server", "clients": [
+        return {"role": "server", "sockets": len(self.own_sockets), "clients": [
             {"ip": as_text(p.ip), "udp": as_text(p.addr), "idle": round(self.now - p.last_seen, 1),
              "rx_packets": p.rx_packets, "rx_bytes": p.rx_bytes,
              "tx_packets": p.tx_packets, "tx_bytes": p.tx_bytes}
@@ -2108,6 +2235,18 @@ GSO_MAX_BYTES = 65507   # the largest UDP payload: 65535 - 20 (IPv4) - 8 (UDP)
 BATCH = 64
 BATCH_BYTES = 32 * 1400
 READ_AHEAD = 4 * BATCH
+# What a turn costs is mostly its writes to the TUN device: the kernel
+# routes, filters and NATs each written packet in that write() (and on a
+# VPS, sends it on), the same work for a run of 64 packets merged into one
+# (see MergingWriter) as for one packet that cannot be merged. So a turn
+# writes at most WRITES runs, however few packets they hold: a stranger
+# who sends each packet in a flow of its own cannot make a turn 64 times
+# as costly as a download's, and the queue is fair in cost between hosts.
+WRITES = 16
+
+# What the turns with a backlog cost, in ms of CPU time, counted in `status`
+# by powers of two.
+TURN_COSTS = ("<1", "1", "2-3", "4-7", "8-15", "16-31", "32-63", "64+")
 GRO_CMSG_SPACE = socket.CMSG_SPACE(4)   # room for UDP GRO's control message (an int)
 GLUED_ALIKE = 4   # from this many glued datagrams on, admit_glued() compares them a byte at a time
 
@@ -2348,10 +2487,15 @@ class FairQueue:
     Over either limit (packets, bytes), the host with most packets queued
     loses them, from the head of its longest buckets first, as
     fq_codel_drop() does for a flow: the one who floods loses, not everyone
-    (the kernel counts nothing, so we do, as "queue-full"). Each turn reads
-    all it may (READ_AHEAD), though the queue is full: what the kernel
-    drops when the socket's buffer overflows, it drops whoever sent it, and
-    a client's packets must not be lost there for a stranger's.
+    (the kernel counts nothing, so we do, as "queue-full"). From a socket
+    that many share (the server's listening socket), each turn reads all it
+    may (READ_AHEAD), though the queue is full: what the kernel drops when
+    that socket's buffer overflows, it drops whoever sent it, and a
+    client's packets must not be lost there for a stranger's. From a
+    client's own socket (see OwnSockets), a turn reads only while its hosts
+    hold less than their share of the queue (room()): what the rest of a
+    flood costs is the kernel's, who drops it at that socket, and ours no
+    more.
 
     However many flows there are, a host has at most HOST_BUCKETS buckets
     (BUCKETS for the client), and the queue at most `limit` packets; a
@@ -2408,6 +2552,16 @@ class FairQueue:
             return self.shed()
         return 0
 
+    def room(self, hosts):
+        """How many more packets hosts `hosts` may queue before they hold
+        more than an equal share of the limit, with the others queued now."""
+        share = self.limit // max(1, len(self.hosts))
+        buckets, held = self.buckets, 0
+        for host in hosts:
+            for b in chain(*self.hosts.get(host, ())):
+                held += len(buckets[b][0])
+        return max(0, share - held)
+
     def shed(self):
         """Drop until well under both limits (an eighth of each: looking
         for whom to drop from takes a look at every bucket, so it is done
@@ -2432,22 +2586,24 @@ class FairQueue:
                 break
         return dropped
 
-    def pop(self, budget, byte_budget=QUEUE_BYTES):
+    def pop(self, budget, byte_budget=QUEUE_BYTES, run_budget=None):
         """Up to `budget` packets, and about `byte_budget` bytes (the packet
-        that reaches it is the last), in the order to write them: as runs,
-        a list of one flow's packets each (what is done per flow, such as
-        finding where its packets go, is then done once per run).
+        that reaches it is the last), in at most `run_budget` runs (None: any
+        number), in the order to write them: as runs, a list of one flow's
+        packets each (what is done per flow, such as finding where its
+        packets go, is then done once per run).
 
         Hosts take turns of QUANTUM packets; in its turn, a host's buckets
         take theirs, its new ones first, each at most once."""
         runs, count, size = [], 0, 0
         buckets, hosts, turns = self.buckets, self.hosts, self.turns
-        while count < budget and size < byte_budget and turns:
+        run_budget = run_budget or budget
+        while count < budget and size < byte_budget and len(runs) < run_budget and turns:
             host = turns.popleft()
             new, old = hosts[host]
             share = min(self.quantum, budget - count)
             visits = len(new) + len(old)
-            while share and size < byte_budget and visits:
+            while share and size < byte_budget and len(runs) < run_budget and visits:
                 visits -= 1
                 from_new = bool(new)
                 b = new.popleft() if from_new else old.popleft()
@@ -2508,9 +2664,14 @@ class Batching:
     call) pays for none of this.
 
     Hooks: HOSTS, where the queues find whose a packet is, to be fair
-    between users (see FairQueue). Callers: as Forwarder's.
+    between users (see FairQueue); hosts_of(sock), who sends on a socket,
+    to read no more of a host's than its share. Callers: as Forwarder's.
     """
     HOSTS = (None, None)   # on the way to the TUN device, and to the socket: one user, us
+
+    def hosts_of(self, sock):
+        """The hosts (see FairQueue) who alone send on `sock`, or None: anyone may."""
+        return None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -2520,16 +2681,14 @@ class Batching:
         self.to_udp = FairQueue(host=self.HOSTS[1])  # read from the TUN device, for the socket
         self.ready_before = ()     # the descriptors that were ready at the previous turn
         self.longest_turn = 0.0    # seconds: how long a packet may have to wait for the rest of its turn
+        self.costliest_turn = 0.0  # seconds of CPU time: the most a busy turn cost
+        self.turn_costs = [0] * len(TURN_COSTS)   # how many busy turns cost each of TURN_COSTS
         # The offsets of the bytes admit() reads (see admit_glued), by IP version.
         self.admit_columns = {version: admit_columns(version, fields) for version, fields in self.ADMIT_READS.items()}
 
-    def run(self):
-        enable_gro(self.sock)
-        super().run()
-
-    def replace_socket(self, sock):
+    def watch_socket(self, sock):
         enable_gro(sock)
-        super().replace_socket(sock)
+        super().watch_socket(sock)
 
     # (The queues' `length`, not len(), which would call a method of ours:
     # a lone packet's wake-up should run as few steps as it can.)
@@ -2544,14 +2703,25 @@ class Batching:
         """A turn: take in what has arrived on either side, write a batch to
         the TUN device and read at once what those writes made the kernel
         answer (TCP acknowledgements, echo replies), then send a batch."""
+        # What a turn with a backlog costs us, in CPU time: its length in
+        # wall-clock time also counts the time others ran meanwhile. (Not
+        # measured on a quiet tunnel, where each turn passes on one packet
+        # and the clock's two system calls would be much of its cost.)
+        busy = self.to_tun.length or self.to_udp.length
+        if busy:
+            cpu = time.thread_time()
         super().handle(events)
         self.ready_before = [fd for fd, _ in events]
         if self.to_tun.length:
-            self.write_tun(self.to_tun.pop(BATCH, BATCH_BYTES))
+            self.write_tun(self.to_tun.pop(BATCH, BATCH_BYTES, WRITES))
             self.take_from_tun()
         if self.to_udp.length:
             self.send_udp(self.to_udp.pop(BATCH, BATCH_BYTES))
         self.longest_turn = max(self.longest_turn, time.monotonic() - self.now)
+        if busy:
+            cpu = time.thread_time() - cpu
+            self.costliest_turn = max(self.costliest_turn, cpu)
+            self.turn_costs[min(len(TURN_COSTS) - 1, int(cpu * 1000).bit_length())] += 1
 
     def tun_to_udp(self):
         if self.to_udp.length or self.tun.fd in self.ready_before:
@@ -2559,12 +2729,14 @@ class Batching:
         else:
             super().tun_to_udp()   # one packet, straight on
 
-    def udp_to_tun(self):
-        if self.to_tun.length or self.sock.fileno() in self.ready_before:   # a backlog: in bulk, through the queue
-            self.enqueue(self.to_tun, self.recv_udp(READ_AHEAD))
+    def udp_to_tun(self, sock):
+        if self.to_tun.length or sock.fileno() in self.ready_before:   # a backlog: in bulk, through the queue
+            hosts = self.hosts_of(sock)
+            limit = READ_AHEAD if hosts is None else min(READ_AHEAD, self.to_tun.room(hosts))
+            self.enqueue(self.to_tun, self.recv_udp(sock, limit))
             return
         try:   # one receive; a lone datagram goes straight on (as few steps as the plain loop's)
-            data, ancillary, _, addr = self.sock.recvmsg(MAX_PACKET, GRO_CMSG_SPACE, socket.MSG_DONTWAIT)
+            data, ancillary, _, addr = sock.recvmsg(MAX_PACKET, GRO_CMSG_SPACE, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError as e:
@@ -2595,8 +2767,8 @@ class Batching:
             packets.append(packet[skip:] if skip else packet)
         return packets
 
-    def recv_udp(self, limit):
-        """The packets admit() lets in from what the socket holds: until
+    def recv_udp(self, sock, limit):
+        """The packets admit() lets in from what `sock` holds: until
         `limit` datagrams or more have come, or none is left.
 
         With UDP GRO one receive may return many datagrams from one sender,
@@ -2607,7 +2779,7 @@ class Batching:
         packets, count, admit, admit_glued = [], 0, self.admit, self.admit_glued
         while count < limit:
             try:
-                data, ancillary, _, addr = self.sock.recvmsg(MAX_PACKET, GRO_CMSG_SPACE, socket.MSG_DONTWAIT)
+                data, ancillary, _, addr = sock.recvmsg(MAX_PACKET, GRO_CMSG_SPACE, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
             except OSError as e:
@@ -2721,7 +2893,9 @@ class Batching:
 
     def counters(self):
         return {"merged": {"packets": self.writer.packets, "writes": self.writer.writes},
-                "longest_turn_ms": round(self.longest_turn * 1e3, 2)}
+                "longest_turn_ms": round(self.longest_turn * 1e3, 2),
+                "costliest_turn_ms": round(self.costliest_turn * 1e3, 2),
+                "turns_by_cpu_ms": dict(zip(TURN_COSTS, self.turn_costs))}
 
 
 class MergingWriter:
@@ -2816,6 +2990,9 @@ class FastServer(Batching, Server):
     """The server, with the speed layer."""
     HOSTS = ("src", "dst")   # a client's tunnel address: the source of what it sends, the destination of replies
 
+    def hosts_of(self, sock):
+        return self.own_sockets.owned.get(sock.fileno())   # (None: the listening socket)
+
 
 class FastClient(Batching, Client):
     """The client, with the speed layer."""
@@ -2904,6 +3081,13 @@ def run_server(args):
                     client_to_client=args.client_to_client, ports=ports, connections=args.max_connections,
                     reach=[n for n in reach if n.version == address.version]))
             table = ClientTable(args.client_timeout, args.rebind_after, args.max_clients, args.max_per_host)
+            # A socket for each client (see OwnSockets), past the 1,024 open
+            # files a process gets by default: as many as the hard limit allows.
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            want = args.max_clients + 64
+            if soft != resource.RLIM_INFINITY and soft < want:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard) if hard != resource.RLIM_INFINITY
+                                                            else want, hard))
             kind = Server if args.plain else FastServer
             server = kind(tun, sock, addresses, table, args.client_to_client, allow or None, local, args.verbose)
             log(f"udptun server: {tun.name} {' '.join(map(str, addresses))}, listening on UDP port {args.port}"
@@ -3026,11 +3210,13 @@ def run_status(args):
         seen = "never" if c["idle"] is None else f"{c['idle'] + age:.1f} s"
         print(f"{c['ip']:<16}{c['udp']:<22}{seen:>10}{c['rx_packets']:>10}{c['rx_bytes']:>13}"
               f"{c['tx_packets']:>10}{c['tx_bytes']:>13}")
+    if "sockets" in s:   # (a server's)
+        print(f"clients read on a socket of their own: {s['sockets']}")
     print("drops: " + (", ".join(f"{k} {v}" for k, v in s["drops"].items()) or "none"))
     m = s.get("merged")   # (none with --plain)
     if m:
         print(f"packets merged on writing to {s['device']}: {m['packets']} in {m['writes']} writes; "
-              f"longest turn {s['longest_turn_ms']} ms")
+              f"longest turn {s['longest_turn_ms']} ms ({s.get('costliest_turn_ms')} ms of CPU time at most)")
 
 
 def parse_ip(text, what, version=None):
