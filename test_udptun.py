@@ -364,6 +364,9 @@ class FakePoller:
     def unregister(self, sock):
         self.fds.remove(sock.fileno())
 
+    def fileno(self):
+        return 999
+
 
 class OwnSocket(FakeSocket):
     """A client's own socket (see socket_for), as a number."""
@@ -393,19 +396,20 @@ def test_each_client_address_gets_a_socket_of_its_own_while_it_owns_an_address(m
     server, tun = make_server([(ipv4(src="10.0.0.1"), CLIENT), (ipv6(src="fd75:6470:746e::1"), CLIENT),
                                (ipv4(src="10.0.0.1"), later)])
     server.poller = FakePoller()
+    monkeypatch.setattr(udptun.select, "epoll", FakePoller)   # (the clients' own epoll object)
     server.udp_to_tun(server.sock)
     server.udp_to_tun(server.sock)
     own = [s for s in server.own_sockets.held.values()]
     assert len(own) == 1 and own[0][0].addr == CLIENT and len(own[0][1]) == 2 and server.status()["sockets"] == 1
     first = own[0][0]
-    assert server.poller.fds == {first.fd} and first.fd in server.handlers
+    assert server.clients.fds == {first.fd} and first.fd in server.handlers
     server.now += udptun.REBIND_QUIET   # the old port went quiet: a NAT rebinding moves the IPv4 address
     server.udp_to_tun(server.sock)
     assert server.table.by_ip[socket.inet_aton("10.0.0.1")].addr == later
     assert not first.closed and len(server.own_sockets) == 2   # CLIENT still owns the IPv6 address
     server.tick(server.now + server.table.timeout)
     assert not server.table.by_ip and first.closed and not server.own_sockets.held
-    assert not server.poller.fds and first.fd not in server.handlers
+    assert not server.clients.fds and first.fd not in server.handlers
 
 
 def test_the_plain_loop_moves_one_packet_per_call():

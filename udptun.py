@@ -115,6 +115,9 @@ SO_RCVBUFFORCE = 33
 # Kernel-default socket buffers (about 200 KiB) overflow when a burst
 # arrives while we are busy with the other direction; 4 MiB absorbs it.
 SOCKET_BUFFER = 4 << 20
+# A client's own socket (see socket_for) needs less: a few milliseconds of
+# a fast upload. (The kernel doubles both, for its bookkeeping.)
+CLIENT_SOCKET_BUFFER = 512 << 10
 
 # Every tunnelled packet gains an outer IPv4 header (20 bytes, RFC 791) and
 # a UDP header (8 bytes, RFC 768): 28 bytes. On a 1500-byte Ethernet path the
@@ -134,8 +137,8 @@ DEFAULT_PORT = 5555
 DEFAULT_SUBNET6 = "fd75:6470:746e::/64"
 MAX_PACKET = 65535   # largest IPv4 packet (16-bit total length, RFC 791)
 
-# How many ready descriptors one turn of the loop serves (see Forwarder.run):
-# the TUN device and a few clients' sockets.
+# How many of its clients' sockets the server reads in one turn of the
+# loop (see Server.read_clients), whatever the number of busy senders.
 MAX_EVENTS = 8
 
 # The client's keepalive interval (25 s) is WireGuard's: short enough for home NAT
@@ -892,9 +895,17 @@ def socket_for(listener, addr):
     queue in this socket's buffer, apart from everyone else's. (In the
     moment between bind and connect it may take others' datagrams too:
     whoever reads it checks each sender, as on the listener.) Raises
-    OSError."""
+    OSError.
+
+    Its buffer is CLIENT_SOCKET_BUFFER: a stranger's flood waits there, and
+    the kernel's memory for all UDP sockets together is limited
+    (net.ipv4.udp_mem)."""
     sock = open_udp_socket(listener.family)
     try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, CLIENT_SOCKET_BUFFER)
+        except PermissionError:   # (not root: tests)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_SOCKET_BUFFER)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(listener.getsockname())
         sock.connect(addr)
@@ -1008,12 +1019,7 @@ class Forwarder:
         # would hold up the packets of its turn by milliseconds.)
         gc.freeze()
         while True:
-            # At most MAX_EVENTS descriptors a turn, so a turn's work does not
-            # grow with the number of busy senders (the server's clients each
-            # have a socket, see Server). epoll hands the rest out at the
-            # next turns: it puts those it reported at the back of its ready
-            # list (ep_send_events, fs/eventpoll.c), so each takes its turn.
-            events = self.poller.poll(self.wait(), MAX_EVENTS)
+            events = self.poller.poll(self.wait())
             self.now = time.monotonic()
             self.handle(events)
             # The timers' work (a status file, a route lookup) waits for a
@@ -1025,18 +1031,18 @@ class Forwarder:
                 self.publish()
                 self.next_tick = self.now + 1.0
 
-    def watch(self, fd, handler):
-        self.poller.register(fd, select.EPOLLIN)
+    def watch(self, fd, handler, poller=None):
+        (poller or self.poller).register(fd, select.EPOLLIN)
         self.handlers[fd] = handler
 
-    def watch_socket(self, sock):
-        """Read `sock` whenever it has a datagram."""
-        self.watch(sock.fileno(), functools.partial(self.udp_to_tun, sock))
+    def watch_socket(self, sock, poller=None):
+        """Read `sock` whenever it has a datagram (on `poller`, or run()'s)."""
+        self.watch(sock.fileno(), functools.partial(self.udp_to_tun, sock), poller)
 
-    def forget_socket(self, sock):
+    def forget_socket(self, sock, poller=None):
         """Stop reading `sock`, and close it."""
         if self.poller:
-            self.poller.unregister(sock)
+            (poller or self.poller).unregister(sock)
             self.handlers.pop(sock.fileno(), None)
         sock.close()
 
@@ -1046,7 +1052,9 @@ class Forwarder:
 
     def handle(self, events):
         for fd, _ in events:
-            handler = self.handlers.get(fd)   # (None: closed by an earlier handler of this turn)
+            # (None: closed by an earlier handler of this turn. The number
+            # may even be a new socket's already: it only finds nothing to read.)
+            handler = self.handlers.get(fd)
             if handler:
                 handler()
 
@@ -1296,6 +1304,10 @@ class OwnSockets:
 
     def __init__(self, listener):
         self.listener = listener
+        # Open files to spare (for the pipes of the commands that undo our
+        # changes, say): past that, clients share the listening socket.
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.most = None if soft == resource.RLIM_INFINITY else soft - 64
         self.held = {}    # UDP address -> [its socket or None, the tunnel addresses it owns]
         self.owned = {}   # a socket's file descriptor -> the tunnel addresses its peer owns
         self.log = LogLimit()
@@ -1310,6 +1322,8 @@ class OwnSockets:
             held[1].add(ip)
             return None
         try:
+            if self.most is not None and len(self.owned) >= self.most:
+                raise OSError(errno.EMFILE, "no more open files to spare")
             sock = socket_for(self.listener, addr)
         except OSError as e:
             self.log("socket", f"udptun: warning: no socket of its own for {as_text(addr)}: {e.strerror}", now)
@@ -1368,6 +1382,8 @@ class Server(Forwarder):
         self.last_host = self.last_verdict = None   # claim()'s outer host, and whether it is (allowed, looped)
         self.last_refusal = (None, None, None, None)   # (source, address, turn, why): claim()'s last refusal
         self.own_sockets = OwnSockets(sock)
+        self.clients = None      # the epoll object of the clients' own sockets, once there is one
+        self.crowded = False     # whether read_clients() left ready sockets for the next turn
 
     # What admit() reads of a TCP or UDP packet, besides its first byte
     # (the version, and IPv4's header length), its protocol, its length and
@@ -1480,14 +1496,31 @@ class Server(Forwarder):
         nobody), and was `old` (None: nobody): each one's own socket follows."""
         if not self.poller:   # (not forwarding: a test's)
             return
+        if self.clients is None:
+            self.clients = select.epoll()
+            self.watch(self.clients.fileno(), self.read_clients)
         if old:
             sock = self.own_sockets.remove(old, ip)
             if sock:
-                self.forget_socket(sock)
+                self.forget_socket(sock, self.clients)
         if new:
             sock = self.own_sockets.add(new, ip, self.now)
             if sock:
-                self.watch_socket(sock)
+                self.watch_socket(sock, self.clients)
+
+    def read_clients(self):
+        """Read at most MAX_EVENTS of the clients' own sockets that are ready:
+        a turn's work does not grow with the number of busy senders, and the
+        TUN device and the listening socket (on run()'s epoll, where this one
+        is a descriptor too) are served at every turn. epoll hands out the
+        rest at the next turns: it puts those it reported at the back of its
+        ready list (ep_send_events, fs/eventpoll.c), so each takes its turn."""
+        events = self.clients.poll(0, MAX_EVENTS)
+        self.crowded = len(events) == MAX_EVENTS
+        for fd, _ in events:
+            handler = self.handlers.get(fd)
+            if handler:
+                handler()
 
     def tick(self, now):
         for peer in self.table.expire(now):
@@ -2668,6 +2701,7 @@ class Batching:
     to read no more of a host's than its share. Callers: as Forwarder's.
     """
     HOSTS = (None, None)   # on the way to the TUN device, and to the socket: one user, us
+    crowded = False        # (the server's clients, see Server.read_clients)
 
     def hosts_of(self, sock):
         """The hosts (see FairQueue) who alone send on `sock`, or None: anyone may."""
@@ -2679,16 +2713,17 @@ class Batching:
         self.writer = MergingWriter(self.tun, self.drop)
         self.to_tun = FairQueue(host=self.HOSTS[0])  # received from the socket, for the TUN device
         self.to_udp = FairQueue(host=self.HOSTS[1])  # read from the TUN device, for the socket
-        self.ready_before = ()     # the descriptors that were ready at the previous turn
+        self.ready_before = ()     # the descriptors that were read at the previous turn
+        self.ready_now = []        # and at this one, so far
         self.longest_turn = 0.0    # seconds: how long a packet may have to wait for the rest of its turn
         self.costliest_turn = 0.0  # seconds of CPU time: the most a busy turn cost
         self.turn_costs = [0] * len(TURN_COSTS)   # how many busy turns cost each of TURN_COSTS
         # The offsets of the bytes admit() reads (see admit_glued), by IP version.
         self.admit_columns = {version: admit_columns(version, fields) for version, fields in self.ADMIT_READS.items()}
 
-    def watch_socket(self, sock):
+    def watch_socket(self, sock, poller=None):
         enable_gro(sock)
-        super().watch_socket(sock)
+        super().watch_socket(sock, poller)
 
     # (The queues' `length`, not len(), which would call a method of ours:
     # a lone packet's wake-up should run as few steps as it can.)
@@ -2710,8 +2745,9 @@ class Batching:
         busy = self.to_tun.length or self.to_udp.length
         if busy:
             cpu = time.thread_time()
+        self.ready_now = []
         super().handle(events)
-        self.ready_before = [fd for fd, _ in events]
+        self.ready_before = self.ready_now
         if self.to_tun.length:
             self.write_tun(self.to_tun.pop(BATCH, BATCH_BYTES, WRITES))
             self.take_from_tun()
@@ -2724,13 +2760,19 @@ class Batching:
             self.turn_costs[min(len(TURN_COSTS) - 1, int(cpu * 1000).bit_length())] += 1
 
     def tun_to_udp(self):
+        self.ready_now.append(self.tun.fd)
         if self.to_udp.length or self.tun.fd in self.ready_before:
             self.take_from_tun()
         else:
             super().tun_to_udp()   # one packet, straight on
 
     def udp_to_tun(self, sock):
-        if self.to_tun.length or sock.fileno() in self.ready_before:   # a backlog: in bulk, through the queue
+        fd = sock.fileno()
+        self.ready_now.append(fd)
+        # A backlog: in bulk, through the queue. (Crowded: more of the
+        # server's clients are ready than a turn reads, each one's socket
+        # every few turns only.)
+        if self.to_tun.length or fd in self.ready_before or self.crowded:
             hosts = self.hosts_of(sock)
             limit = READ_AHEAD if hosts is None else min(READ_AHEAD, self.to_tun.room(hosts))
             self.enqueue(self.to_tun, self.recv_udp(sock, limit))
@@ -2783,6 +2825,8 @@ class Batching:
             except BlockingIOError:
                 break
             except OSError as e:
+                if e.errno == errno.EBADF:   # closed by admit() (its owner moved): nothing more to read
+                    break
                 self.socket_error(e)
                 count += 1   # it takes a place in this turn: a flood of them cannot keep us here
                 continue
