@@ -1738,6 +1738,29 @@ def test_down_cleans_up_after_kill_9(firewall, clean):
         assert out.returncode == 0, out.stderr
 
 
+def test_a_client_whose_device_is_deleted_fails_closed(clean):
+    """`ip link del tun0` under a running client: the next read fails
+    (EBADFD). The client ends with one line, not a traceback, and leaves
+    its rules and "unreachable" routes, as kill -9 would: nothing goes
+    around the tunnel until `down`, which gives the network back. (Before,
+    the error undid the rules, and traffic went straight out.)"""
+    lab = clean
+    server, client = start_pair(lab)
+    lab.sh("cli1", "ip", "link", "del", "tun0")
+    try:
+        wait_for(lambda: client.poll() is not None, "the client to stop")
+        log = log_of(client)
+        assert client.returncode == 1 and "Traceback" not in log, log
+        assert "udptun: error: the tunnel stopped (" in log and " down` restores the network" in log, log
+        assert "not from all fwmark" in lab.sh("cli1", "ip", "rule")
+        out = subprocess.run(["ip", "netns", "exec", lab.ns("cli1"), "curl", "-sS", "--max-time", "5",
+                              "http://203.0.113.80/ip"], capture_output=True, text=True)
+        assert out.returncode != 0 and "192.0.2.20" not in out.stdout, out   # not around the tunnel
+    finally:
+        assert run_udptun(lab, "cli1", "down").returncode == 0
+    assert lab.fetch("cli1", "/ip") == "192.0.2.20"   # the home network's own way out, back
+
+
 def test_client_survives_a_server_restart(clean):
     lab = clean
     server, client = start_pair(lab, client_args=["--keepalive", "1"])

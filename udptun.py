@@ -519,12 +519,33 @@ class Changes:
         self.system = system
         self.journal = journal
         self.stack = [("cmd", argv) for argv in leftovers]   # (kind, payload): "cmd" argv | "call" (function, text)
+        self.kept = False
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.undo_all()
+        if self.kept:
+            self.leave()
+        else:
+            self.undo_all()
+
+    def keep(self):
+        """Leave the system changed when the `with` block ends: the client
+        that fails keeps its routes (see connect_client)."""
+        self.kept = True
+
+    def leave(self):
+        """Undo only what a process's end undoes anyway (the TUN device
+        closes, the status file goes); the rest stays in the journal, for
+        `down` or the next start, as after kill -9."""
+        for kind, payload in reversed(self.stack):
+            if kind == "call":
+                function, description = payload
+                log(f"[#] {description}")
+                with contextlib.suppress(OSError):
+                    function()
+        self.journal.release()
 
     def _commands(self):
         return [argv for kind, argv in self.stack if kind == "cmd"]
@@ -3200,6 +3221,16 @@ def connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, ro
             client.send_keepalive()   # so the server learns our address right away
         try:
             forward(client, changes, args)
+        except (Stop, KeyboardInterrupt):   # asked to stop: undo it all
+            raise
+        except Exception as e:
+            # Anything else (the TUN device deleted under us: EBADFD; a bug)
+            # ends the run as kill -9 would: the rules and the "unreachable"
+            # routes stay, and nothing goes around the tunnel meanwhile.
+            changes.keep()
+            what = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+            raise UserError(f"the tunnel stopped ({what}); its routes stay, so nothing goes around it: "
+                            f"`sudo python3 {sys.argv[0]} down` restores the network, or start the client again") from None
         finally:
             client.sock.close()   # the one in use now: follow_network may have replaced it
 
