@@ -842,6 +842,7 @@ def canned(monkeypatch, tmp_path):
     (tmp_path / "resolv.conf").write_bytes(ORIGINAL_RESOLV_CONF)
     monkeypatch.setattr(udptun, "RESOLV_CONF", str(tmp_path / "resolv.conf"))
     monkeypatch.setattr(udptun, "resolver_tool", lambda: "file")
+    monkeypatch.setattr(udptun, "kernel_has_ipv6", lambda: True)
     return tmp_path
 
 
@@ -1056,17 +1057,31 @@ def test_client_dns_with_resolvconf(canned, capsys, monkeypatch):
         + ["resolvconf -d tun0 -f"]
 
 
+# IPv6 that the tunnel cannot carry fails at once, and never goes around it.
+BLOCK6 = [line for line in CLIENT_ROUTING[4:] if " dev tun0 " not in line]
+
+
 def test_a_machine_without_ipv6_gets_an_ipv4_tunnel(canned, capsys, monkeypatch):
+    """IPv6 off for new devices (the Wi-Fi may still have it): an IPv4
+    tunnel, and IPv6 blocked. A kernel without IPv6: nothing to block."""
     monkeypatch.setattr(udptun, "sysctl_value", lambda key: "1" if key.endswith("disable_ipv6") else "0")
+    setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run"])
+    assert setup == [CLIENT_SETUP[0], CLIENT_SETUP[3]] + CLIENT_ROUTING[:4] + BLOCK6 + AROUND
+    assert teardown == AROUND_UNDO + CLIENT_TEARDOWN
+    monkeypatch.setattr(udptun, "kernel_has_ipv6", lambda: False)
     setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run"])
     assert setup == [CLIENT_SETUP[0], CLIENT_SETUP[3]] + CLIENT_ROUTING[:4] + AROUND
     assert teardown == AROUND_UNDO + CLIENT_TEARDOWN[3:]
 
 
-def test_an_mtu_below_ipv6s_minimum_makes_an_ipv4_tunnel(canned, capsys):
-    setup, _ = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--mtu", "1200"])
+def test_an_mtu_below_ipv6s_minimum_makes_an_ipv4_tunnel_and_blocks_ipv6(canned, capsys):
+    setup, _ = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--mtu", "1200", "--dns", "2001:db8::53",
+                             "--dns", "192.0.2.53"])
     assert setup[:2] == ["ip address add 10.0.0.1/24 dev tun0", "ip link set dev tun0 mtu 1200 txqueuelen 1000 up"]
-    assert not [c for c in setup if c.startswith("ip -6")]
+    assert [c for c in setup if c.startswith("ip -6")] == BLOCK6   # and no rule for the IPv6 --dns server
+    assert f"write {udptun.RESOLV_CONF}: nameserver 192.0.2.53; search lan" in setup
+    assert udptun.main(["client", "198.51.100.10", "--dry-run", "--mtu", "1200", "--dns", "2001:db8::53"]) == 1
+    assert "udptun: error: --dns: no server the tunnel can carry" in capsys.readouterr().err
 
 
 def test_strict_reverse_path_filtering_is_pointed_out(canned, capsys, monkeypatch):
@@ -1826,6 +1841,21 @@ def test_ipv6_with_an_ipv4_only_vps_fails_at_once_and_never_leaks(clean):
         lab.sh("srv", "ip", "-6", "addr", "add", "2001:db8:100::10/64", "dev", "eth0", "nodad")
         lab.sh("srv", "ip", "-6", "route", "add", "default", "via", "2001:db8:100::1")
     assert around_the_tunnel6(lab) == before
+
+
+def test_a_tunnel_that_cannot_carry_ipv6_blocks_it(clean):
+    """--mtu 1200 is below IPv6's minimum: the tunnel carries IPv4 only,
+    while the laptop's LAN still has IPv6. An IPv6 connection then fails
+    at once and never goes around the tunnel. (Before, the web host saw
+    the laptop's own IPv6 address.)"""
+    lab = clean
+    before = around_the_tunnel6(lab)
+    start_pair(lab, client_args=["--mtu", "1200"])
+    out = subprocess.run(["ip", "netns", "exec", lab.ns("cli1"), "curl", "-sS", "-g", "--max-time", "5",
+                          "-w", "%{time_total}", "http://[2001:db8:203::80]/ip"], capture_output=True, text=True)
+    assert out.returncode == 7 and float(out.stdout) < 1, out   # 7: could not connect
+    assert around_the_tunnel6(lab) == before
+    assert lab.fetch("cli1", "/ip") == "198.51.100.10"   # IPv4 goes through the tunnel
 
 
 def test_the_tunnel_runs_over_ipv6(firewall, clean):

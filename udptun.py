@@ -1742,7 +1742,7 @@ def free_table(system, versions):
     return n
 
 
-def add_client_routing(changes, dev, routes, table, dns=()):
+def add_client_routing(changes, dev, routes, table, dns=(), blocked=()):
     """Send `routes` into the tunnel, all but the tunnel's own datagrams.
 
     The routes go into a routing table of their own, number `table`, and
@@ -1764,18 +1764,21 @@ def add_client_routing(changes, dev, routes, table, dns=()):
     link (`ip link set tun0 down`): what belongs in the tunnel then fails
     at once, and never falls through to the main table's default route. A
     --dns server gets a rule of its own, ahead of rule 1, so its queries
-    take the tunnel even where the LAN's routes would win.
+    take the tunnel even where the LAN's routes would win. A `blocked`
+    network (IPv6, when the tunnel cannot carry it) gets only its twin:
+    it fails at once, and never goes around the tunnel.
 
     What this does not stop: a route more specific than the default that
     the LAN's DHCP server puts in the main table wins by rule 1 (as with
     wg-quick; CVE-2024-3661, "TunnelVision").
     """
     n = str(table)
-    for version in sorted({net.version for net in routes}):
+    for version in sorted({net.version for net in [*routes, *blocked]}):
         v = f"-{version}"
-        for net in routes:
+        for net in [*routes, *blocked]:
             if net.version == version:
-                changes.make(["ip", v, "route", "add", str(net), "dev", dev, "table", n])   # goes with the device
+                if net in routes:
+                    changes.make(["ip", v, "route", "add", str(net), "dev", dev, "table", n])   # goes with the device
                 twin = ["unreachable", str(net), "table", n, "metric", str(LAST_RESORT)]
                 changes.make(["ip", v, "route", "add", *twin], undo=["ip", v, "route", "del", *twin])
         rules = [["not", "fwmark", n, "table", n], ["table", "main", "suppress_prefixlength", "0"]]
@@ -1863,6 +1866,11 @@ def default_interface(system, version=4):
     if version == 6:
         return None
     raise UserError("no IPv4 default route: say which interface reaches the internet with --out-interface")
+
+
+def kernel_has_ipv6():
+    """Whether the kernel has IPv6 at all (not booted with ipv6.disable=1)."""
+    return os.path.isdir("/proc/sys/net/ipv6")
 
 
 def ipv6_available():
@@ -3173,15 +3181,25 @@ def run_client(args):
     routes = ([parse_network(r, "--route") for r in args.route]
               or [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")])
     # Queries to a --dns server go through the tunnel, even with --route.
+    # A tunnel without IPv6 (--mtu below 1280, IPv6 off for new devices)
+    # on a machine whose other interfaces have it: IPv6 fails at once, as
+    # with an IPv4-only VPS, and never goes around the tunnel. So do the
+    # queries to an IPv6 --dns server, which we leave out.
+    for a in [a for a in dns if a.version not in versions]:
+        log(f"udptun: warning: --dns {a}: the tunnel carries IPv4 only; not used")
+        dns.remove(a)
+    if args.dns and not dns:
+        raise UserError("--dns: no server the tunnel can carry: give an IPv4 address")
     routes += [ipaddress.ip_network(a) for a in dns if not any(a in r for r in routes if r.version == a.version)]
+    blocked = list(dict.fromkeys(r for r in routes if r.version not in versions)) if kernel_has_ipv6() else []
     routes = list(dict.fromkeys(r for r in routes if r.version in versions))
     family = {"4": socket.AF_INET, "6": socket.AF_INET6}.get(args.family, socket.AF_UNSPEC)
     # Undo what a killed run left first: its --dns may be why names do not resolve.
     with lock_and_recover(args) as changes:
-        connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, routes, family)
+        connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, routes, family, blocked)
 
 
-def connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, routes, family):
+def connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, routes, family, blocked=()):
     """The client's part after lock_and_recover(): find the server, set up, forward."""
     system = changes.system
     server = resolve(args.server, args.port, family)
@@ -3193,14 +3211,14 @@ def connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, ro
         log(f"udptun: warning: strict reverse-path filtering (rp_filter 1) on {', '.join(strict)} drops the "
             "server's replies there: make it loose, as Debian and Ubuntu do: "
             "sysctl -w net.ipv4.conf.all.rp_filter=2 " + " ".join(f"net.ipv4.conf.{n}.rp_filter=2" for n in strict))
-    table = free_table(system, versions)
+    table = free_table(system, sorted({*versions, *(net.version for net in blocked)}))
     # In a dry run, maybe not as root: no mark (it needs CAP_NET_ADMIN), no ICMP.
     with connect_udp(server, None if args.dry_run else table) as sock:
         tun = setup_tun(changes, system, args, addresses)
         if dns:
             set_dns(changes, tun.name, [str(a) for a in dns])
-        add_client_routing(changes, tun.name, routes, table, dns)
-        route_around(changes, server[0], routes)
+        add_client_routing(changes, tun.name, routes, table, dns, blocked)
+        route_around(changes, server[0], [*routes, *blocked])
         kind = Client if args.plain else FastClient
         client = kind(tun, sock, addresses, server_tunnel_ip, args.keepalive, table, name, family, args.verbose)
 
@@ -3211,7 +3229,7 @@ def connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, ro
                 return
             around.add(address)
             try:
-                route_around(changes, address, routes)
+                route_around(changes, address, [*routes, *blocked])
             except UserError as e:   # (the tunnel goes on: only ssh to the VPS goes through it)
                 log(f"udptun: warning: {e}")
         client.moved = moved
