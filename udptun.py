@@ -541,11 +541,16 @@ class Changes:
         `down` or the next start, as after kill -9."""
         for kind, payload in reversed(self.stack):
             if kind == "call":
-                function, description = payload
-                log(f"[#] {description}")
-                with contextlib.suppress(OSError):
-                    function()
+                self._call(*payload)
         self.journal.release()
+
+    @staticmethod
+    def _call(function, description):
+        log(f"[#] {description}")
+        try:
+            function()
+        except OSError as e:
+            log(f"udptun: warning: undo failed: {e}")
 
     def _commands(self):
         return [argv for kind, argv in self.stack if kind == "cmd"]
@@ -584,12 +589,7 @@ class Changes:
                     failed.insert(0, payload)
                     log(f"udptun: warning: could not undo; `udptun.py down` will try again: {error}")
             else:
-                function, description = payload
-                log(f"[#] {description}")
-                try:
-                    function()
-                except OSError as e:
-                    log(f"udptun: warning: undo failed: {e}")
+                self._call(*payload)
             self.journal.save(failed + self._commands())
         self.journal.release()
         for sig, handler in saved.items():
@@ -3155,7 +3155,8 @@ def run_server(args):
                     reach=[n for n in reach if n.version == address.version]))
             table = ClientTable(args.client_timeout, args.rebind_after, args.max_clients, args.max_per_host)
             # A socket for each client (see OwnSockets), past the 1,024 open
-            # files a process gets by default: as many as the hard limit allows.
+            # files a process gets by default: --max-clients and 64 to spare,
+            # as far as the hard limit allows.
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             want = args.max_clients + 64
             if soft != resource.RLIM_INFINITY and soft < want:
