@@ -170,6 +170,11 @@ DEFAULT_MAX_PER_HOST = 16
 # once (see iptables_rules): a browser opens a few hundred at most, a
 # BitTorrent client a thousand or two.
 DEFAULT_MAX_CONNECTIONS = 4096
+# How fast one tunnel address may open new ones: a page load opens a few
+# dozen at once, a resolver one per query. The kernel counts a host's open
+# connections by walking the list of them, for every new one; this limit,
+# a token bucket per address, drops a flood of new flows before that walk.
+NEW_CONNECTIONS_PER_SECOND, NEW_CONNECTIONS_BURST = 100, 1000
 STATE_ROOT = "/run/udptun"
 
 # The client sends everything into the tunnel by policy routing, as wg-quick
@@ -2026,11 +2031,16 @@ def iptables_rules(o):
     come between ours, and an ACCEPT of ours never lands below a DROP.
 
     - udptun-fwd-DEV, what a client may forward, in this order:
+        a new connection past NEW_CONNECTIONS_PER_SECOND from one tunnel
+          address (after a burst of NEW_CONNECTIONS_BURST): drop;
         a new connection past `connections` open from one tunnel address:
           drop (each takes a place in the kernel's connection tracking
           table, which is shared by the whole VPS: a stranger opening a
           new flow with each packet would fill it, and nobody could open
-          a connection through the NAT any more);
+          a connection through the NAT any more). The kernel counts them
+          by walking the address's list: a stranger sending each packet
+          in a new flow made it a third of the server's CPU time, and its
+          turns took milliseconds, until the rate limit came first;
         --reach networks: accept;
         with --client-to-client, from the tunnel back into it: accept;
         PRIVATE networks (a VPC, the cloud's metadata service): drop;
@@ -2056,8 +2066,15 @@ def iptables_rules(o):
     rules = []
     if o.nat and o.out_if:
         rules.append(("nat", "POSTROUTING", ["-s", str(o.network), "-o", o.out_if, *c, "-j", "MASQUERADE"]))
-    forward = [["-i", dev, "-m", "conntrack", "--ctstate", "NEW", "-m", "connlimit", "--connlimit-above",
-                str(o.connections), "--connlimit-mask", str(o.address.max_prefixlen), *c, "-j", "DROP"]]
+    new = ["-i", dev, "-m", "conntrack", "--ctstate", "NEW"]
+    # (A hashlimit's name: at most 15 characters in the match's first
+    # revisions, IFNAMSIZ less its NUL in <linux/netfilter/xt_hashlimit.h>.
+    # IPv4's and IPv6's are apart in the kernel, though they share it.)
+    forward = [[*new, "-m", "hashlimit", "--hashlimit-above", f"{NEW_CONNECTIONS_PER_SECOND}/sec",
+                "--hashlimit-burst", str(NEW_CONNECTIONS_BURST), "--hashlimit-mode", "srcip",
+                "--hashlimit-name", f"udptun-{dev}"[:15], *c, "-j", "DROP"],
+               [*new, "-m", "connlimit", "--connlimit-above", str(o.connections),
+                "--connlimit-mask", str(o.address.max_prefixlen), *c, "-j", "DROP"]]
     forward += [["-i", dev, "-d", str(net), *c, "-j", "ACCEPT"] for net in o.reach]
     if o.client_to_client:
         forward.append(["-i", dev, "-o", dev, *c, "-j", "ACCEPT"])
@@ -2105,7 +2122,12 @@ def nft_commands(o):
     rule = lambda name, *words: ["add", "rule", *t, name, *words]
     address_type = {4: "ipv4_addr", 6: "ipv6_addr"}[o.version]
     commands = [["add", "set", *t, "connections", f"{{ type {address_type} ; size 65535 ; flags dynamic ; }}"],
+                ["add", "set", *t, "new_connections",
+                 f"{{ type {address_type} ; size 65535 ; flags dynamic,timeout ; timeout 1m ; }}"],
                 chain("forward", "forward", 0),
+                rule("forward", "iifname", dev, "ct", "state", "new", "update", "@new_connections",
+                     f"{{ {family} saddr limit rate over {NEW_CONNECTIONS_PER_SECOND}/second "
+                     f"burst {NEW_CONNECTIONS_BURST} packets }}", "drop"),
                 rule("forward", "iifname", dev, "ct", "state", "new", "add", "@connections",
                      f"{{ {family} saddr ct count over {o.connections} }}", "drop")]
     commands += [rule("forward", "iifname", dev, family, "daddr", str(net), "accept") for net in o.reach]
