@@ -786,23 +786,24 @@ CLIENT_SETUP = TUN_SETUP.format(v4="10.0.0.1/24", v6="fd75:6470:746e::1/64").spl
 CLIENT_ROUTING = """\
 ip -4 route add 0.0.0.0/0 dev tun0 table 5555
 ip -4 route add unreachable 0.0.0.0/0 table 5555 metric 4294967295
-ip -4 rule add not fwmark 5555 table 5555
-ip -4 rule add table main suppress_prefixlength 0
+ip -4 rule add pref 32765 not fwmark 5555 table 5555
+ip -4 rule add pref 32764 table main suppress_prefixlength 0
 ip -6 route add ::/0 dev tun0 table 5555
 ip -6 route add unreachable ::/0 table 5555 metric 4294967295
-ip -6 rule add not fwmark 5555 table 5555
-ip -6 rule add table main suppress_prefixlength 0
+ip -6 rule add pref 32765 not fwmark 5555 table 5555
+ip -6 rule add pref 32764 table main suppress_prefixlength 0
 """.splitlines()
 
 # What goes to the server's own address (ssh to the VPS) goes around the tunnel.
-AROUND = ["ip -4 rule add to 198.51.100.10 table main"]
-AROUND_UNDO = ["ip -4 rule del to 198.51.100.10 table main"]
+AROUND = ["ip -4 rule add pref 32763 to 198.51.100.10 table main"]
+AROUND_UNDO = ["ip -4 rule del pref 32763 to 198.51.100.10 table main"]
+AROUND_DNS, AROUND_DNS_UNDO = ([line.replace("32763", "32762") for line in lines] for lines in (AROUND, AROUND_UNDO))
 CLIENT_TEARDOWN = """\
-ip -6 rule del table main suppress_prefixlength 0
-ip -6 rule del not fwmark 5555 table 5555
+ip -6 rule del pref 32764 table main suppress_prefixlength 0
+ip -6 rule del pref 32765 not fwmark 5555 table 5555
 ip -6 route del unreachable ::/0 table 5555 metric 4294967295
-ip -4 rule del table main suppress_prefixlength 0
-ip -4 rule del not fwmark 5555 table 5555
+ip -4 rule del pref 32764 table main suppress_prefixlength 0
+ip -4 rule del pref 32765 not fwmark 5555 table 5555
 ip -4 route del unreachable 0.0.0.0/0 table 5555 metric 4294967295
 """.splitlines()
 
@@ -844,6 +845,8 @@ def canned(monkeypatch, tmp_path):
     monkeypatch.setattr(udptun, "RESOLV_CONF", str(tmp_path / "resolv.conf"))
     monkeypatch.setattr(udptun, "resolver_tool", lambda: "file")
     monkeypatch.setattr(udptun, "kernel_has_ipv6", lambda: True)
+    # The client's kill switch only when asked for by name (see KILL).
+    monkeypatch.setattr(udptun, "kill_switch_firewall", lambda wanted: None if wanted in ("auto", "none") else wanted)
     return tmp_path
 
 
@@ -995,18 +998,18 @@ def test_client_plan_with_routes_puts_only_those_in_its_table(canned, capsys):
     assert setup == CLIENT_SETUP + """\
 ip -4 route add 10.99.0.0/16 dev tun0 table 5555
 ip -4 route add unreachable 10.99.0.0/16 table 5555 metric 4294967295
-ip -4 rule add not fwmark 5555 table 5555
-ip -4 rule add table main suppress_prefixlength 0""".splitlines()
+ip -4 rule add pref 32765 not fwmark 5555 table 5555
+ip -4 rule add pref 32764 table main suppress_prefixlength 0""".splitlines()
     assert teardown == """\
-ip -4 rule del table main suppress_prefixlength 0
-ip -4 rule del not fwmark 5555 table 5555
+ip -4 rule del pref 32764 table main suppress_prefixlength 0
+ip -4 rule del pref 32765 not fwmark 5555 table 5555
 ip -4 route del unreachable 10.99.0.0/16 table 5555 metric 4294967295""".splitlines()
     setup, _ = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--route", "2001:db8:203::/48"])
     assert setup == CLIENT_SETUP + """\
 ip -6 route add 2001:db8:203::/48 dev tun0 table 5555
 ip -6 route add unreachable 2001:db8:203::/48 table 5555 metric 4294967295
-ip -6 rule add not fwmark 5555 table 5555
-ip -6 rule add table main suppress_prefixlength 0""".splitlines()
+ip -6 rule add pref 32765 not fwmark 5555 table 5555
+ip -6 rule add pref 32764 table main suppress_prefixlength 0""".splitlines()
 
 
 def test_client_takes_a_table_and_mark_nobody_uses(canned, capsys, monkeypatch):
@@ -1015,7 +1018,7 @@ def test_client_takes_a_table_and_mark_nobody_uses(canned, capsys, monkeypatch):
                         + "32764:\tnot from all fwmark 0x15b4 lookup 5555\n")
     setup, _ = plan(capsys, ["client", "198.51.100.10", "--dry-run"])
     assert setup[4] == "ip -4 route add 0.0.0.0/0 dev tun0 table 5557"
-    assert setup[6] == "ip -4 rule add not fwmark 5557 table 5557"
+    assert setup[6] == "ip -4 rule add pref 32763 not fwmark 5557 table 5557"
 
 
 def test_client_dns_rewrites_an_unmanaged_resolv_conf(canned, capsys):
@@ -1025,10 +1028,10 @@ def test_client_dns_rewrites_an_unmanaged_resolv_conf(canned, capsys):
     setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--dns", "192.0.2.53",
                                     "--dns", "2001:db8::53", "--dns", "192.0.2.53"])
     assert setup == CLIENT_SETUP + [f"write {path}: nameserver 192.0.2.53; nameserver 2001:db8::53; search lan"] \
-        + CLIENT_ROUTING[:4] + ["ip -4 rule add to 192.0.2.53 table 5555"] \
-        + CLIENT_ROUTING[4:] + ["ip -6 rule add to 2001:db8::53 table 5555"] + AROUND
-    assert teardown == AROUND_UNDO + ["ip -6 rule del to 2001:db8::53 table 5555"] + CLIENT_TEARDOWN[:3] \
-        + ["ip -4 rule del to 192.0.2.53 table 5555"] + CLIENT_TEARDOWN[3:] + [
+        + CLIENT_ROUTING[:4] + ["ip -4 rule add pref 32763 to 192.0.2.53 table 5555"] \
+        + CLIENT_ROUTING[4:] + ["ip -6 rule add pref 32763 to 2001:db8::53 table 5555"] + AROUND_DNS
+    assert teardown == AROUND_DNS_UNDO + ["ip -6 rule del pref 32763 to 2001:db8::53 table 5555"] + CLIENT_TEARDOWN[:3] \
+        + ["ip -4 rule del pref 32763 to 192.0.2.53 table 5555"] + CLIENT_TEARDOWN[3:] + [
         f"write {path}: nameserver 192.168.1.1; search lan; \xff no newline at the end (if it still holds what we wrote)"]
     assert canned.joinpath("resolv.conf").read_bytes() == ORIGINAL_RESOLV_CONF   # a dry run
 
@@ -1046,8 +1049,8 @@ def test_client_dns_with_systemd_resolved(canned, capsys, monkeypatch):
     setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--dns", "192.0.2.53"])
     assert setup == CLIENT_SETUP + ["resolvectl dns tun0 192.0.2.53", "resolvectl domain tun0 '~.'",
                                     "resolvectl default-route tun0 true"] + CLIENT_ROUTING[:4] \
-        + ["ip -4 rule add to 192.0.2.53 table 5555"] + CLIENT_ROUTING[4:] + AROUND
-    assert teardown == AROUND_UNDO + CLIENT_TEARDOWN[:3] + ["ip -4 rule del to 192.0.2.53 table 5555"] \
+        + ["ip -4 rule add pref 32763 to 192.0.2.53 table 5555"] + CLIENT_ROUTING[4:] + AROUND_DNS
+    assert teardown == AROUND_DNS_UNDO + CLIENT_TEARDOWN[:3] + ["ip -4 rule del pref 32763 to 192.0.2.53 table 5555"] \
         + CLIENT_TEARDOWN[3:] \
         + ["resolvectl revert tun0"]
 
@@ -1056,10 +1059,153 @@ def test_client_dns_with_resolvconf(canned, capsys, monkeypatch):
     monkeypatch.setattr(udptun, "resolver_tool", lambda: "resolvconf")
     setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--dns", "192.0.2.53"])
     assert setup == CLIENT_SETUP + ["resolvconf -a tun0 -m 0 -x <<< 'nameserver 192.0.2.53'"] + CLIENT_ROUTING[:4] \
-        + ["ip -4 rule add to 192.0.2.53 table 5555"] + CLIENT_ROUTING[4:] + AROUND
-    assert teardown == AROUND_UNDO + CLIENT_TEARDOWN[:3] + ["ip -4 rule del to 192.0.2.53 table 5555"] \
+        + ["ip -4 rule add pref 32763 to 192.0.2.53 table 5555"] + CLIENT_ROUTING[4:] + AROUND_DNS
+    assert teardown == AROUND_DNS_UNDO + CLIENT_TEARDOWN[:3] + ["ip -4 rule del pref 32763 to 192.0.2.53 table 5555"] \
         + CLIENT_TEARDOWN[3:] \
         + ["resolvconf -d tun0 -f"]
+
+
+# The client's kill switch, iptables: its chain, and one jump into it.
+KILL = """\
+{t} -w -t filter -N udptun-out-tun0
+{t} -w -t filter -A udptun-out-tun0 -o tun0 -j RETURN
+{t} -w -t filter -A udptun-out-tun0 -o lo -j RETURN
+{t} -w -t filter -A udptun-out-tun0 -m mark --mark 5555 -j RETURN
+{neighbourly}{dns}{around}{local}{t} -w -t filter -A udptun-out-tun0 -d {all} -j REJECT --reject-with {prohibited}
+{t} -w -t filter -I OUTPUT 1 -m comment --comment udptun:tun0 -j udptun-out-tun0
+"""
+KILL_UNDO = """\
+{t} -w -t filter -D OUTPUT -m comment --comment udptun:tun0 -j udptun-out-tun0
+{t} -w -t filter -F udptun-out-tun0
+{t} -w -t filter -X udptun-out-tun0
+"""
+# Let out around the tunnel: link-local, multicast and broadcast, then private LANs.
+LOCAL = {4: ["169.254.0.0/16", "224.0.0.0/4", "255.255.255.255/32", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"],
+         6: ["fe80::/10", "ff00::/8", "fc00::/7"]}
+# And DHCP, and IPv6's router and neighbour discovery.
+NEIGHBOURLY = {4: ["-p udp --sport 68 --dport 67"],
+               6: ["-p udp --sport 546 --dport 547", *(f"-p ipv6-icmp --icmpv6-type {t}" for t in range(133, 138))]}
+KILL4 = dict(t="iptables", all="0.0.0.0/0", prohibited="icmp-admin-prohibited", dns="",
+             neighbourly="".join(f"iptables -w -t filter -A udptun-out-tun0 {m} -j RETURN\n" for m in NEIGHBOURLY[4]),
+             around="iptables -w -t filter -A udptun-out-tun0 -d 198.51.100.10 -j RETURN\n",
+             local="".join(f"iptables -w -t filter -A udptun-out-tun0 -d {n} -j RETURN\n" for n in LOCAL[4]))
+KILL6 = dict(t="ip6tables", all="::/0", prohibited="icmp6-adm-prohibited", dns="", around="",
+             neighbourly="".join(f"ip6tables -w -t filter -A udptun-out-tun0 {m} -j RETURN\n" for m in NEIGHBOURLY[6]),
+             local="".join(f"ip6tables -w -t filter -A udptun-out-tun0 -d {n} -j RETURN\n" for n in LOCAL[6]))
+
+
+def test_client_kill_switch_lets_out_only_the_tunnel_its_datagrams_the_server_and_the_lan(canned, capsys):
+    setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--firewall", "iptables"])
+    assert setup == CLIENT_SETUP + CLIENT_ROUTING + AROUND + KILL.format(**KILL4).splitlines() \
+        + KILL.format(**KILL6).splitlines()
+    assert teardown == KILL_UNDO.format(t="ip6tables").splitlines() + KILL_UNDO.format(t="iptables").splitlines() \
+        + AROUND_UNDO + CLIENT_TEARDOWN
+
+
+def test_client_kill_switch_with_dns_lets_no_query_out_but_through_the_tunnel(canned, capsys):
+    setup, _ = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--firewall", "iptables", "--dns", "192.0.2.53"])
+    dns = "".join(f"{{t}} -w -t filter -A udptun-out-tun0 -p {p} --dport 53 -j REJECT\n" for p in ("udp", "tcp"))
+    kill = [KILL.format(**{**k, "dns": dns.format(t=k["t"])}).splitlines() for k in (KILL4, KILL6)]
+    assert setup[-len(kill[0]) - len(kill[1]):] == kill[0] + kill[1]
+
+
+def test_client_kill_switch_with_routes_rejects_only_those_and_before_the_lan(canned, capsys):
+    """A --route inside a private network: what would go around the
+    tunnel to it is rejected, and the rest of that private network is not."""
+    setup, _ = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--firewall", "iptables", "--route", "10.99.0.0/16"])
+    kill = [c for c in setup if "udptun-out-tun0" in c]
+    assert kill[8:10] == ["iptables -w -t filter -A udptun-out-tun0 -d 10.99.0.0/16 -j REJECT --reject-with "
+                          "icmp-admin-prohibited", "iptables -w -t filter -A udptun-out-tun0 -d 10.0.0.0/8 -j RETURN"]
+    assert kill[7] == "iptables -w -t filter -A udptun-out-tun0 -d 255.255.255.255/32 -j RETURN"   # (ahead of all)
+    assert not [c for c in kill if "REJECT" in c and "10.99.0.0/16" not in c]
+    assert not [c for c in setup if c.startswith("ip6tables")]
+
+
+def test_client_kill_switch_with_nft_is_a_table_a_family(canned, capsys):
+    setup, teardown = plan(capsys, ["client", "198.51.100.10", "--dry-run", "--firewall", "nft", "--dns", "192.0.2.53"])
+    assert [c for c in setup if c.startswith("nft ") and " ip " in c] == [
+        "nft add table ip udptun_tun0",
+        "nft add chain ip udptun_tun0 output '{ type filter hook output priority 0 ; }'",
+        "nft add rule ip udptun_tun0 output oifname tun0 accept",
+        "nft add rule ip udptun_tun0 output oifname lo accept",
+        "nft add rule ip udptun_tun0 output meta mark 5555 accept",
+        "nft add rule ip udptun_tun0 output udp sport 68 udp dport 67 accept",
+        "nft add rule ip udptun_tun0 output udp dport 53 reject",
+        "nft add rule ip udptun_tun0 output tcp dport 53 reject",
+        "nft add rule ip udptun_tun0 output ip daddr 198.51.100.10 accept",
+        *(f"nft add rule ip udptun_tun0 output ip daddr {n} accept" for n in LOCAL[4]),
+        "nft add rule ip udptun_tun0 output ip daddr 0.0.0.0/0 reject with icmp type admin-prohibited"]
+    assert "nft add rule ip6 udptun_tun0 output ip6 daddr ::/0 reject with icmpv6 type admin-prohibited" in setup
+    assert "nft add rule ip6 udptun_tun0 output icmpv6 type 135 accept" in setup   # (neighbour solicitation)
+    assert [c for c in teardown if c.startswith("nft")] == ["nft delete table ip6 udptun_tun0",
+                                                            "nft delete table ip udptun_tun0"]
+
+
+def test_client_kill_switch_tool(monkeypatch, capsys):
+    """auto: iptables, else nft, else none with a warning; none: none."""
+    monkeypatch.setattr(udptun.shutil, "which", lambda tool: tool == "nft")
+    assert udptun.kill_switch_firewall("auto") == "nft"
+    assert udptun.kill_switch_firewall("none") is None
+    monkeypatch.setattr(udptun.shutil, "which", lambda tool: False)
+    assert udptun.kill_switch_firewall("auto") is None
+    assert "warning: neither iptables nor nft found: no kill switch" in capsys.readouterr().err
+
+
+def test_an_undo_whose_tool_is_missing_lets_the_others_run(tmp_path, monkeypatch, capsys):
+    """`down` in an environment without ip6tables (another PATH): that undo
+    fails, is kept for later, and the ones below it still run."""
+    monkeypatch.setenv("PATH", str(tmp_path))   # (no tool at all)
+    monkeypatch.setattr(udptun, "state_dir", lambda: str(tmp_path))
+    ran = []
+    changes = udptun.Changes(udptun.System(), udptun.Journal("tun0"))
+    changes.defer(lambda: ran.append("closed"), "close tun0")
+    changes.stack.append(("cmd", ["ip6tables", "-w", "-t", "filter", "-X", "udptun-out-tun0"]))
+    changes.undo_all()
+    assert ran == ["closed"]
+    assert "could not undo; `udptun.py down` will try again: ip6tables not found" in capsys.readouterr().err
+    assert udptun.Journal("tun0").load() == [["ip6tables", "-w", "-t", "filter", "-X", "udptun-out-tun0"]]
+
+
+def test_routing_repair_puts_back_only_what_is_gone(monkeypatch, capsys):
+    """What another program deleted is added again, with its priority;
+    what is still there ("File exists") is neither added nor shown."""
+    gone = {("ip", "-4", "rule", "add", "pref", "32765", "not", "fwmark", "5555", "table", "5555")}
+    ran = []
+
+    def run(self, argv, check, input=None):
+        ran.append(argv)
+        return subprocess.CompletedProcess(argv, 0 if tuple(argv) in gone else 2, "", "RTNETLINK answers: File exists")
+    monkeypatch.setattr(udptun.System, "_run", run)
+    system = udptun.System()
+    changes = udptun.Changes(system, udptun.Journal("tun0", dry_run=True))
+    monkeypatch.setattr(changes, "make", lambda do, undo=None, input=None: None)
+    routing = udptun.Routing(changes, "tun0", 5555, {4: 32765, 6: 32765})
+    routing.add([ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")])
+    assert routing.repair() == 1
+    assert len(ran) == 8
+    err = capsys.readouterr().err
+    assert err.count("[#] ") == 1 and "[#] ip -4 rule add pref 32765 not fwmark 5555 table 5555" in err
+    assert "were deleted by another program: put back" in err
+
+
+def test_resolv_conf_written_anew_by_a_new_network_gets_our_servers_again(tmp_path, monkeypatch):
+    """A new Wi-Fi's DHCP client writes resolv.conf anew: our servers go
+    back in, its search domain stays, and what it wrote is what comes back
+    when we stop. (Before, its resolver was used for the rest of the run.)"""
+    path = tmp_path / "resolv.conf"
+    path.write_text("nameserver 192.168.1.1\nsearch lan\n")
+    monkeypatch.setattr(udptun, "RESOLV_CONF", str(path))
+    monkeypatch.setattr(udptun, "resolver_tool", lambda: "file")   # (never this machine's resolver)
+    monkeypatch.setattr(udptun, "state_dir", lambda: str(tmp_path))
+    with udptun.Changes(udptun.System(), udptun.Journal("tun0")) as changes:
+        ours = udptun.set_dns(changes, "tun0", ["10.0.0.2"])
+        assert path.read_text().splitlines()[1:] == ["nameserver 10.0.0.2", "search lan"]
+        ours.keep()   # nothing new: nothing done
+        path.write_text("nameserver 172.16.9.1\nsearch cafe\n")
+        ours.keep()
+        assert path.read_text().splitlines()[1:] == ["nameserver 10.0.0.2", "search cafe"]
+        assert changes.journal.load()[-1][:3] == ["write", str(path), "nameserver 172.16.9.1\nsearch cafe\n"]
+    assert path.read_text() == "nameserver 172.16.9.1\nsearch cafe\n"
 
 
 # IPv6 that the tunnel cannot carry fails at once, and never goes around it.
@@ -1754,7 +1900,7 @@ def test_down_cleans_up_after_kill_9(firewall, clean):
     start_and_kill_9(lab, firewall)
     for name in ("srv", "cli1"):
         out = subprocess.run(["ip", "netns", "exec", lab.ns(name), sys.executable, UDPTUN, "down"],
-                             capture_output=True, text=True, env=lab.server_env)
+                             capture_output=True, text=True, env=lab.server_env if name == "srv" else None)
         assert out.returncode == 0, out.stderr
 
 
@@ -1802,6 +1948,13 @@ def around_the_tunnel6(lab):
     home prefix, that is, around the tunnel."""
     out = lab.sh("web", "ip6tables", "-L", "INPUT", "-v", "-x", "-n")
     return sum(int(l.split()[0]) for l in out.splitlines() if "2001:db8:172::/64" in l)
+
+
+def around_the_tunnel4(lab):
+    """How many IPv4 packets the web host's rules for the home NAT's
+    address counted: what reached it around the tunnel, once up."""
+    out = lab.sh("web", "iptables", "-L", "INPUT", "-v", "-x", "-n")
+    return sum(int(line.split()[0]) for line in out.splitlines() if "192.0.2.20" in line)
 
 
 def test_ipv6_inside_the_tunnel_leaves_from_the_vps(firewall, clean):
@@ -1861,6 +2014,47 @@ def test_a_tunnel_that_cannot_carry_ipv6_blocks_it(clean):
     assert out.returncode == 7 and float(out.stdout) < 1, out   # 7: could not connect
     assert around_the_tunnel6(lab) == before
     assert lab.fetch("cli1", "/ip") == "198.51.100.10"   # IPv4 goes through the tunnel
+
+
+def foreign_rules(lab, name, version):
+    """The priorities of the routing rules in a namespace that are not
+    the kernel's own three: those systemd-networkd deletes when it starts."""
+    out = lab.sh(name, "ip", f"-{version}", "rule", "show")
+    return [p for p in re.findall(r"^(\d+):", out, re.M) if p not in ("0", "32766", "32767")]
+
+
+def test_rules_and_routes_deleted_by_another_program_leak_nothing_and_come_back(clean):
+    """systemd-networkd deletes every routing rule it did not make when it
+    starts (ManageForeignRoutingPolicyRules=yes), and routes too: here, a
+    shell deletes the client's rules and its table's routes, while
+    the laptop pings the web host 100 times a second over IPv4 and IPv6.
+    The web host sees nothing from the laptop's own addresses meanwhile,
+    and within 5 s the rules are back and the tunnel carries traffic again.
+    (Before, the rules stayed gone and traffic went straight out of the LAN.)"""
+    lab = clean
+    start_pair(lab)
+    count = ["INPUT", "-s", "192.0.2.20", "-p", "icmp"]   # (the home NAT's address: around the tunnel)
+    lab.sh("web", "iptables", "-I", *count)
+    before4, before6 = around_the_tunnel4(lab), around_the_tunnel6(lab)
+    ours = {v: foreign_rules(lab, "cli1", v) for v in (4, 6)}
+    assert len(ours[4]) == 3 and len(ours[6]) == 2   # (IPv4's own way around the tunnel, to the server)
+    try:
+        with running(["ip", "netns", "exec", lab.ns("cli1"), "ping", "-q", "-i", "0.01", "-c", "300", WEB4]), \
+             running(["ip", "netns", "exec", lab.ns("cli1"), "ping", "-6", "-q", "-i", "0.01", "-c", "300", WEB6]):
+            for v, priorities in ours.items():
+                for p in priorities:
+                    lab.sh("cli1", "ip", f"-{v}", "rule", "del", "pref", p)
+                lab.sh("cli1", "ip", f"-{v}", "route", "flush", "table", "5555")   # (and the tunnel's routes)
+            gone = time.monotonic()
+            wait_for(lambda: all(foreign_rules(lab, "cli1", v) == ours[v] for v in ours)
+                     and all(len(lab.sh("cli1", "ip", f"-{v}", "route", "show", "table", "5555").splitlines()) == 2
+                             for v in ours), "the rules and routes back", timeout=5)
+            wait_for(lambda: lab.ping("cli1", WEB4) and lab.ping("cli1", WEB6), "the tunnel back", timeout=5)
+            print(f"\nthe rules and the tunnel back after {time.monotonic() - gone:.1f} s")
+        assert (around_the_tunnel4(lab) - before4, around_the_tunnel6(lab) - before6) == (0, 0)
+        assert lab.fetch("cli1", "/ip") == "198.51.100.10"
+    finally:
+        lab.sh("web", "iptables", "-D", *count)
 
 
 def test_the_tunnel_runs_over_ipv6(firewall, clean):
@@ -2184,15 +2378,17 @@ def test_client_takes_in_only_packets_for_its_tunnel_address(clean):
 
 
 DNS_SERVER = r"""
-import socket, struct
+import socket, struct, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("203.0.113.80", 53))
+s.bind((sys.argv[1], 53))
 print("ready", flush=True)
-while True:   # any A question gets 203.0.113.80; each asker is printed
+while True:   # any A question gets 203.0.113.80, any other none; each asker is printed
     query, (host, port) = s.recvfrom(512)
     end = query.index(b"\0", 12) + 5
-    answer = b"\xc0\x0c" + struct.pack("!HHIH4s", 1, 1, 60, 4, socket.inet_aton("203.0.113.80"))
-    s.sendto(query[:2] + b"\x81\x80" + query[4:6] + b"\0\1\0\0\0\0" + query[12:end] + answer, (host, port))
+    a = query[end - 4:end - 2] == b"\0\1"
+    answer = b"\xc0\x0c" + struct.pack("!HHIH4s", 1, 1, 60, 4, socket.inet_aton("203.0.113.80")) if a else b""
+    s.sendto(query[:2] + b"\x81\x80" + query[4:6] + (b"\0\1" if a else b"\0\0") + b"\0\0\0\0" + query[12:end] + answer,
+             (host, port))
     print(host, flush=True)
 """
 
@@ -2204,8 +2400,8 @@ def test_dns_goes_through_the_tunnel_and_comes_back_however_the_client_stops(cle
     (No resolvconf or resolvectl on the client's PATH: its file is rewritten.)"""
     lab = clean
     env = dict(os.environ, PATH=tool_dir(tmp_path, "ip", "sysctl"))
-    dns = subprocess.Popen(["ip", "netns", "exec", lab.ns("web"), sys.executable, "-c", DNS_SERVER],
-                           stdout=subprocess.PIPE, text=True)
+    dns = subprocess.Popen(["ip", "netns", "exec", lab.ns("web"), sys.executable, "-c", DNS_SERVER,
+                            "203.0.113.80"], stdout=subprocess.PIPE, text=True)
     lab.procs.append(dns)
     dns.log = io.StringIO()
     assert dns.stdout.readline().strip() == "ready"
@@ -2243,7 +2439,7 @@ def test_an_error_halfway_through_setup_undoes_dns_and_rules(clean, tmp_path):
     folder = tmp_path / "bin"
     folder.mkdir()
     fake_ip = folder / "ip"
-    fake_ip.write_text('#!/bin/sh\ncase "$*" in *"rule add table main"*) echo "RTNETLINK answers: '
+    fake_ip.write_text('#!/bin/sh\ncase "$*" in *"rule add "*" table main suppress"*) echo "RTNETLINK answers: '
                        'Operation not permitted" >&2; exit 2;; esac\nexec ' + shutil.which("ip") + ' "$@"\n')
     fake_ip.chmod(0o755)
     env = dict(os.environ, PATH=str(folder) + ":" + tool_dir(tmp_path, "sysctl"))

@@ -185,7 +185,7 @@ SO_MARK = 36        # <asm-generic/socket.h>: a socket's firewall mark (needs CA
 FIRST_TABLE = 5555
 
 # The metric of the "unreachable" twin of each tunnel route (see
-# add_client_routing): the largest, so it counts only once the real one is gone.
+# Routing): the largest, so it counts only once the real one is gone.
 LAST_RESORT = 4294967295
 RESOLV_CONF = "/etc/resolv.conf"
 
@@ -297,12 +297,31 @@ class System:
             return self._write(*argv[1:], check=check)
         if argv[0] == "sysctl":
             return self._sysctl(*argv[2:], check=check)
-        done = self._run(argv, check, input)
+        try:
+            done = self._run(argv, check, input)
+        except UserError as e:   # (its tool is missing: an undo that fails, and the others still run)
+            if check:
+                raise
+            log(f"    (failed: {e})")
+            return str(e)
         if done.returncode != 0:
             error = (done.stderr or done.stdout or f"exit status {done.returncode}").strip()
             log(f"    (failed: {error})")
             return error
         return None
+
+    def again(self, *argv):
+        """Make a change that may be in place still: a command that fails
+        with "File exists" if so (`ip rule add` with a priority, `ip route
+        add`), and is then not shown. Return whether it changed something."""
+        done = self._run(argv, check=False)
+        if done.returncode != 0:
+            if "File exists" not in done.stderr:
+                log(f"udptun: warning: could not put back `{shlex.join(argv)}`: {done.stderr.strip()}")
+            return False
+        log("[#] " + shlex.join(argv))
+        self.plan.append(list(argv))
+        return True
 
     def _sysctl(self, setting, unless=None, check=True):
         key, value = setting.split("=", 1)
@@ -574,6 +593,13 @@ class Changes:
             raise
         # A signal in the middle of the command keeps the undo: the change
         # may have happened, and undoing one that did not only fails harmlessly.
+
+    def amend(self, undo, new):
+        """Replace the undo `undo` with `new`, in its place: what we changed
+        was changed again since, by someone else, and then by us."""
+        at = len(self.stack) - 1 - self.stack[::-1].index(("cmd", undo))   # (ours: the newest such)
+        self.stack[at] = ("cmd", new)
+        self.journal.save(self._commands())
 
     def defer(self, function, description):
         """Undo by calling a function (closing the TUN device, say)."""
@@ -1040,6 +1066,7 @@ class Forwarder:
         self.poller = select.epoll()
         self.watch(self.tun.fd, self.tun_to_udp)
         self.watch_socket(self.sock)
+        self.watch_more()
         # What exists now lives until we stop: the collector need never
         # look at it again. (A full collection walks every object, and
         # would hold up the packets of its turn by milliseconds.)
@@ -1056,6 +1083,9 @@ class Forwarder:
                 self.tick(self.now)
                 self.publish()
                 self.next_tick = self.now + 1.0
+
+    def watch_more(self):
+        """Watch a subclass's own descriptors too (the client's routing monitor)."""
 
     def watch(self, fd, handler, poller=None):
         (poller or self.poller).register(fd, select.EPOLLIN)
@@ -1579,7 +1609,7 @@ class Client(Forwarder):
 
     `server` is its (address, port); `name` the host name the user gave, if
     any, looked up again while the server is not answering; `mark` the
-    firewall mark of the socket (see add_client_routing).
+    firewall mark of the socket (see Routing).
     """
 
     def __init__(self, tun, sock, addresses, server_tunnel_ip, keepalive, mark, name=None, family=socket.AF_UNSPEC,
@@ -1599,7 +1629,11 @@ class Client(Forwarder):
         self.answers = queue.SimpleQueue()   # what lookups found: (round, address or None)
         self.round = 0                   # answers from an earlier outage are stale
         self.tx_packets = self.rx_packets = self.tx_bytes = self.rx_bytes = 0
-        self.moved = None   # called with the server's new address, when its name has one (see route_around)
+        self.moved = None   # called with the server's new address, when its name has one (see Routing.around)
+        self.routing = None           # the Routing to keep in place, if any
+        self.resolv_conf = None       # the ResolvConf to keep ours, if any
+        self.monitor = None           # and the socket that tells of changes to routing (see routing_monitor)
+        self.routing_changed = True   # since the last tick (at first: since setup)
 
     def address_for(self, packet, count=1, length=None):
         """Everything goes to the server, on the connected socket."""
@@ -1649,7 +1683,34 @@ class Client(Forwarder):
         self.send_one(echo_request(self.my_ip, self.server_ip, self.ident, self.seq), None)
         self.last_keepalive = self.now
 
+    def watch_more(self):
+        if self.routing:
+            try:
+                self.monitor = routing_monitor()
+            except OSError as e:   # (a sandbox without netlink: the kill switch alone, then)
+                log(f"udptun: warning: cannot watch the routing ({e.strerror}): deleted rules stay deleted")
+                return
+            self.watch(self.monitor.fileno(), self.hear_of_routing)
+
+    def hear_of_routing(self):
+        """Routes or rules changed: read the news, and look at the next tick
+        (a network change brings many at once)."""
+        while True:
+            try:
+                self.monitor.recv(65536)
+            except BlockingIOError:
+                break
+            except OSError as e:   # ENOBUFS: more news than the socket held; the rest is still to read
+                if e.errno != errno.ENOBUFS:
+                    break
+        self.routing_changed = True
+
     def tick(self, now):
+        if self.routing_changed and self.routing:
+            self.routing_changed = False
+            self.routing.repair()
+        if self.resolv_conf:
+            self.resolv_conf.keep()
         self.follow_network()
         k = self.keepalive
         if k:
@@ -1671,7 +1732,7 @@ class Client(Forwarder):
         and every send fails. So once a second we ask which source the
         kernel would choose now, and if it changed, we reconnect. The routes
         need nothing: policy routing already sends our datagrams by whatever
-        default route the laptop has now (see add_client_routing).
+        default route the laptop has now (see Routing).
         """
         source = source_for(self.server, self.mark)
         if source and source != self.sock.getsockname()[0]:
@@ -1724,6 +1785,22 @@ class Client(Forwarder):
              "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes, "answering": self.alive}]}
 
 
+# <linux/rtnetlink.h>: the multicast groups (enum rtnetlink_groups) that
+# hear of each change to IPv4's and IPv6's routes and rules. bind() takes
+# them as a mask: bit N-1 for group N.
+RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV4_RULE, RTNLGRP_IPV6_ROUTE, RTNLGRP_IPV6_RULE = 7, 8, 11, 19
+
+
+def routing_monitor():
+    """A socket that is readable when a route or a routing rule changed
+    (rtnetlink(7)), as `ip monitor route rule` hears. What changed we
+    need not read: Routing.repair() tries everything again."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE)
+    groups = (RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV4_RULE, RTNLGRP_IPV6_ROUTE, RTNLGRP_IPV6_RULE)
+    sock.bind((0, sum(1 << (g - 1) for g in groups)))
+    return sock
+
+
 def source_for(server, mark):
     """The address the kernel would send from to `server` now, or None with
     no route. A UDP connect() sends nothing: it only looks up the route."""
@@ -1747,12 +1824,12 @@ def free_table(system, versions):
     return n
 
 
-def add_client_routing(changes, dev, routes, table, dns=(), blocked=()):
-    """Send `routes` into the tunnel, all but the tunnel's own datagrams.
+class Routing:
+    """Send `routes` into the tunnel, all but the tunnel's own datagrams;
+    and keep it so, whatever other programs do to the routing rules.
 
     The routes go into a routing table of their own, number `table`, and
-    two rules (ip-rule(8)) pick a table for each packet. `ip rule add`
-    puts a rule before the ones already there, so the second comes first:
+    two rules (ip-rule(8)) pick a table for each packet, the second first:
       1. `table main suppress_prefixlength 0`: the main table, but not its
          default route (prefix length 0). The laptop's own networks (its LAN,
          the tunnel's subnet) stay reachable as before.
@@ -1773,38 +1850,88 @@ def add_client_routing(changes, dev, routes, table, dns=(), blocked=()):
     network (IPv6, when the tunnel cannot carry it) gets only its twin:
     it fails at once, and never goes around the tunnel.
 
+    Each rule has a priority of its own, counting down from just below the
+    rules already there (where `ip rule add` would put it): so a rule that
+    is deleted can be put back in its place, and adding a rule that is
+    there fails ("File exists") instead of adding it twice. Other programs
+    do delete them: systemd-networkd, which manages the network on Ubuntu
+    Server and wherever netplan is used, deletes every rule it did not make
+    whenever it starts (ManageForeignRoutingPolicyRules=yes), at a package
+    upgrade or `netplan apply`. So repair() puts back what is gone (see
+    Client.tick); meanwhile the kill switch (see KillSwitch) stops what
+    would go around the tunnel.
+
     What this does not stop: a route more specific than the default that
     the LAN's DHCP server puts in the main table wins by rule 1 (as with
-    wg-quick; CVE-2024-3661, "TunnelVision").
+    wg-quick; CVE-2024-3661, "TunnelVision"), and the kill switch lets it
+    through where it leads to a private network.
     """
-    n = str(table)
-    for version in sorted({net.version for net in [*routes, *blocked]}):
+
+    def __init__(self, changes, dev, table, priorities):
+        self.changes, self.dev, self.table = changes, dev, str(table)
+        self.priorities = dict(priorities)   # IP version -> the next rule's (see first_priorities)
+        self.kept = []                       # the commands that add what must stay in place
+
+    def add(self, routes, dns=(), blocked=()):
+        n = self.table
+        for version in sorted({net.version for net in [*routes, *blocked]}):
+            for net in [*routes, *blocked]:
+                if net.version == version:
+                    if net in routes:   # (goes with the device: no undo)
+                        self._make(version, "route", [str(net), "dev", self.dev, "table", n], undo=False)
+                    self._make(version, "route", ["unreachable", str(net), "table", n, "metric", str(LAST_RESORT)])
+            rules = [["not", "fwmark", n, "table", n], ["table", "main", "suppress_prefixlength", "0"]]
+            rules += [["to", str(a), "table", n] for a in dns if a.version == version]
+            for rule in rules:
+                self.rule(version, rule)
+
+    def around(self, server, nets):
+        """Send what goes to the server's own address (`ssh` to the VPS, say)
+        outside the tunnel, as the LAN would without it: a rule that looks
+        `server` up in the main table, ahead of the others. The VPS then
+        sees it come from the laptop's public address, through the
+        provider's security group, which never sees what comes out of the
+        tunnel (the server's firewall lets tunnel traffic reach no service
+        of the VPS's). Only where `nets` would take it into the tunnel:
+        return the address if so, else None."""
+        address = ipaddress.ip_address(server.split("%")[0])
+        if address.is_link_local or not any(address in net for net in nets):   # (the LAN's own: never tunnelled)
+            return None
+        self.rule(address.version, ["to", str(address), "table", "main"])
+        return address
+
+    def rule(self, version, words):
+        if self.priorities[version] < 1:   # (0 is the local table's)
+            raise UserError(f"no routing rule priority is free below the rules in place (`ip -{version} rule`): "
+                            "delete the one of the lowest priority but 0, or give it a larger number")
+        words = ["pref", str(self.priorities[version]), *words]
+        self.priorities[version] -= 1
+        self._make(version, "rule", words)
+
+    def _make(self, version, what, words, undo=True):
         v = f"-{version}"
-        for net in [*routes, *blocked]:
-            if net.version == version:
-                if net in routes:
-                    changes.make(["ip", v, "route", "add", str(net), "dev", dev, "table", n])   # goes with the device
-                twin = ["unreachable", str(net), "table", n, "metric", str(LAST_RESORT)]
-                changes.make(["ip", v, "route", "add", *twin], undo=["ip", v, "route", "del", *twin])
-        rules = [["not", "fwmark", n, "table", n], ["table", "main", "suppress_prefixlength", "0"]]
-        rules += [["to", str(a), "table", n] for a in dns if a.version == version]
-        for rule in rules:
-            changes.make(["ip", v, "rule", "add", *rule], undo=["ip", v, "rule", "del", *rule])
+        self.changes.make(["ip", v, what, "add", *words], undo=["ip", v, what, "del", *words] if undo else None)
+        self.kept.append(["ip", v, what, "add", *words])
+
+    def repair(self):
+        """Put back what another program deleted. Each rule and route is
+        added again; what is still there fails with "File exists", changes
+        nothing and is not shown. Return how many were put back."""
+        put_back = [argv for argv in self.kept if self.changes.system.again(*argv)]
+        if put_back:
+            log(f"udptun: {len(put_back)} of the tunnel's routes and rules were deleted by another program: put back")
+        return len(put_back)
 
 
-def route_around(changes, server, routes):
-    """Send what goes to the server's own address (`ssh` to the VPS, say)
-    outside the tunnel, as the LAN would without it: a rule that looks
-    `server` up in the main table, ahead of the others. The VPS then sees
-    it come from the laptop's public address, through the provider's
-    security group, which never sees what comes out of the tunnel (the
-    server's firewall lets tunnel traffic reach no service of the VPS's).
-    Only where `routes` would take it into the tunnel."""
-    address = ipaddress.ip_address(server.split("%")[0])
-    if not address.is_link_local and any(address in net for net in routes):   # (the LAN's own: never tunnelled)
-        rule = ["to", str(address), "table", "main"]
-        v = f"-{address.version}"
-        changes.make(["ip", v, "rule", "add", *rule], undo=["ip", v, "rule", "del", *rule])
+def first_priorities(system, versions):
+    """For each IP version, the priority just below the rules already there
+    but the `local` one (0): where `ip rule add` without a priority would
+    put a rule, ahead of the main table's (32766)."""
+    found = {}
+    for v in versions:
+        taken = [int(p) for p in re.findall(r"^(\d+):", system.query("ip", f"-{v}", "rule", "show"), re.M)]
+        found[v] = min([p for p in taken if p > 0] or [32766]) - 1
+    return found
 
 
 def strict_reverse_path_filters():
@@ -1972,6 +2099,19 @@ def choose_firewall(wanted):
         if shutil.which(tool):
             return tool
     raise UserError("neither iptables nor nft found: install one (apt-get install iptables)")
+
+
+def kill_switch_firewall(wanted):
+    """The client's firewall tool for its kill switch, or None: with
+    `--firewall none`, or (with a warning) when neither tool is there."""
+    if wanted == "none":
+        return None
+    try:
+        return choose_firewall(wanted)
+    except UserError:
+        log("udptun: warning: neither iptables nor nft found: no kill switch, so traffic may go around the "
+            "tunnel while another program has broken its routing (apt-get install nftables)")
+        return None
 
 
 def mss_for(mtu, network):
@@ -2181,12 +2321,123 @@ def add_firewall(changes, firewall, o):
                      undo=[*tool, "-t", "filter", "-D", builtin, *jump])
 
 
+# Where the client's kill switch lets packets out around the tunnel: what
+# never leaves the link (link-local, multicast, broadcast); and the LAN,
+# where it has private addresses (a printer, the home router's admin page).
+LINK = {4: ["169.254.0.0/16", "224.0.0.0/4", "255.255.255.255/32"], 6: ["fe80::/10", "ff00::/8"]}
+LAN = {4: ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"], 6: ["fc00::/7"]}   # RFC 1918, RFC 4193
+# And what a laptop needs of its network to stay on it, to whatever address:
+# DHCP (RFC 2131: client port 68, server 67; DHCPv6, RFC 8415: 546, 547), and
+# IPv6's router and neighbour discovery (RFC 4861: ICMPv6 types 133 to 137).
+NEIGHBOURLY = {4: [["udp", "68", "67"]], 6: [["udp", "546", "547"], *(["icmpv6", str(t)] for t in range(133, 138))]}
+
+
+class KillSwitch:
+    """The client's firewall: what routing sends into the tunnel leaves by
+    the tunnel or not at all, even when the routing breaks. Policy routing
+    alone fails open: when another program deletes the client's rules
+    (see Routing), packets take the main table's default route, straight
+    out of the Wi-Fi, until they are put back. Mullvad's and ProtonVPN's
+    apps stop that with a firewall; so do we. Output is let through when
+    it goes out of the tunnel, out of `lo`, carries the tunnel's own mark
+    (its datagrams), goes to the server's own address (see Routing.around)
+    or to a LINK or LAN network; a packet for a tunnelled network that would
+    leave any other way is rejected, at once, as "administratively
+    prohibited". With --dns, DNS goes to no other server, whatever
+    resolv.conf says after a change of network. Always let out, as
+    Mullvad's app does: DHCP and IPv6's neighbour discovery (NEIGHBOURLY),
+    which keep the laptop on its network.
+
+    The rules of an IP version live in a chain of our own (iptables) or a
+    table of our own (nft), entered by one jump at the top of OUTPUT, as
+    the server's are (see iptables_rules). A --route inside a LAN network
+    is rejected before the LAN is let through. What a LAN with public
+    addresses (its own IPv6 prefix) serves is out of reach while the
+    client runs, and what the laptop forwards (containers, virtual
+    machines) is not covered.
+    """
+
+    def __init__(self, changes, firewall, dev, mark):
+        self.changes, self.firewall, self.dev, self.mark = changes, firewall, dev, str(mark)
+
+    def add(self, routes, dns=(), around=()):
+        for version in sorted({net.version for net in routes}):
+            nets = [net for net in routes if net.version == version]
+            rules = self.rules(version, nets, dns, [a for a in around if a.version == version])
+            if self.firewall == "nft":
+                table = [NFT_FAMILY[version], nft_table(self.dev)]
+                self.changes.make(["nft", "add", "table", *table], undo=["nft", "delete", "table", *table])
+                self.changes.make(["nft", "add", "chain", *table, "output",
+                                   "{ type filter hook output priority 0 ; }"])   # (undone with the table)
+                for words in rules:
+                    self.changes.make(["nft", "add", "rule", *table, "output", *self.nft(version, words)])
+                continue
+            tool, chain = [IPTABLES[version], "-w", "-t", "filter"], kill_switch_chain(self.dev)
+            self.changes.make([*tool, "-N", chain], undo=[*tool, "-X", chain])
+            for i, words in enumerate(rules):   # (one flush undoes them all)
+                self.changes.make([*tool, "-A", chain, *self.iptables(version, words)],
+                                  undo=None if i else [*tool, "-F", chain])
+            jump = ["-m", "comment", "--comment", tag(self.dev), "-j", chain]
+            self.changes.make([*tool, "-I", "OUTPUT", "1", *jump], undo=[*tool, "-D", "OUTPUT", *jump])
+
+    def let_through(self, address):
+        """Let packets to `address` out around the tunnel, ahead of the
+        rest: the server's new address, when its name has one."""
+        words = ["to", str(address), "accept"]
+        if self.firewall == "nft":
+            table = [NFT_FAMILY[address.version], nft_table(self.dev)]
+            self.changes.make(["nft", "insert", "rule", *table, "output", *self.nft(address.version, words)])
+        else:
+            self.changes.make([IPTABLES[address.version], "-w", "-t", "filter", "-I", kill_switch_chain(self.dev),
+                               "1", *self.iptables(address.version, words)])   # (undone with the flush)
+
+    def rules(self, version, nets, dns, around):
+        """The rules, in order, each as words: what it matches, then accept or reject."""
+        rules = [["out", self.dev, "accept"], ["out", "lo", "accept"], ["mark", self.mark, "accept"]]
+        rules += [[*words, "accept"] for words in NEIGHBOURLY[version]]
+        if dns:   # (to the server's own address too: only the tunnel)
+            rules += [["dns", "udp", "reject"], ["dns", "tcp", "reject"]]
+        rules += [["to", str(a), "accept"] for a in around]
+        rules += [["to", net, "accept"] for net in LINK[version]]
+        rules += [["to", str(net), "reject"] for net in nets if net.prefixlen]
+        rules += [["to", net, "accept"] for net in LAN[version]]
+        rules += [["to", str(net), "reject"] for net in nets if not net.prefixlen]
+        return rules
+
+    def iptables(self, version, words):
+        what, *values, verdict = words
+        value = values[0]
+        match = {"out": ["-o", value], "mark": ["-m", "mark", "--mark", value], "to": ["-d", value],
+                 "dns": ["-p", value, "--dport", "53"], "udp": ["-p", "udp", "--sport", value, "--dport", values[-1]],
+                 "icmpv6": ["-p", "ipv6-icmp", "--icmpv6-type", value]}[what]
+        if verdict == "accept":
+            return [*match, "-j", "RETURN"]   # (to OUTPUT's own rules, and its policy)
+        prohibited = {4: "icmp-admin-prohibited", 6: "icmp6-adm-prohibited"}[version]
+        return [*match, "-j", "REJECT", *(["--reject-with", prohibited] if what == "to" else [])]
+
+    def nft(self, version, words):
+        what, *values, verdict = words
+        value = values[0]
+        match = {"out": ["oifname", value], "mark": ["meta", "mark", value],
+                 "to": [NFT_FAMILY[version], "daddr", value], "dns": [value, "dport", "53"],
+                 "udp": ["udp", "sport", value, "udp", "dport", values[-1]], "icmpv6": ["icmpv6", "type", value]}[what]
+        if verdict == "accept":
+            return [*match, "accept"]
+        icmp = {4: "icmp", 6: "icmpv6"}[version]
+        return [*match, "reject", *(["with", icmp, "type", "admin-prohibited"] if what == "to" else [])]
+
+
+def kill_switch_chain(dev):
+    """The client's iptables chain (at most 28 characters: see chains_of)."""
+    return f"udptun-out-{dev}"
+
+
 def remove_tagged_rules(system, dev):
     """Delete every rule of ours that a run which could not clean up left:
     iptables and ip6tables rules carrying our tag and our chains, and our
     nft tables. `iptables -S` prints rules as the -A commands that would
     add them; the same words after -D delete them."""
-    ours = set(chains_of(dev).values())
+    ours = {*chains_of(dev).values(), kill_switch_chain(dev)}
     for tool in IPTABLES.values():
         if not shutil.which(tool):
             continue
@@ -2223,7 +2474,8 @@ def resolver_tool():
 
 
 def set_dns(changes, dev, servers):
-    """Resolve names through `servers` while the tunnel is up, each way with its undo."""
+    """Resolve names through `servers` while the tunnel is up, each way with
+    its undo. Return what must be kept so (see ResolvConf), or None."""
     tool = resolver_tool()
     text = "".join(f"nameserver {a}\n" for a in servers)
     if tool == "resolvectl":
@@ -2234,20 +2486,65 @@ def set_dns(changes, dev, servers):
         changes.make(["resolvectl", "domain", dev, "~."])
         changes.make(["resolvectl", "default-route", dev, "true"])
     elif tool == "resolvconf":
-        # A record of our own, first (-m 0) and alone (-x, exclusive).
-        changes.make(["resolvconf", "-a", dev, "-m", "0", "-x"], undo=["resolvconf", "-d", dev, "-f"],
+        # A record of our own, first (-m 0) and alone (-x, exclusive). That
+        # is openresolv; Debian's resolvconf ignores both, and orders its
+        # records by name (/etc/resolvconf/interface-order), where `tun*`
+        # comes before every LAN's (eth*, wl*): so a record named so. The
+        # LAN's servers may follow ours there, but the kill switch lets no
+        # query out to them (see KillSwitch).
+        record = dev if dev.startswith("tun") else f"tun.{dev}"
+        changes.make(["resolvconf", "-a", record, "-m", "0", "-x"], undo=["resolvconf", "-d", record, "-f"],
                      input=text)
     else:
+        return ResolvConf(changes, dev, text)
+    return None
+
+
+class ResolvConf:
+    """--dns with nobody managing /etc/resolv.conf: we write it ourselves,
+    with our servers; its search domains and options stay as they were.
+
+    When the laptop changes networks, its DHCP client or NetworkManager
+    writes the file anew, with the new LAN's resolver. keep() (once a
+    second, see Client.tick) writes ours again; and from then on, what
+    they wrote is what comes back when we stop."""
+
+    def __init__(self, changes, dev, text):
+        self.changes, self.dev, self.text = changes, dev, text
         try:
             with open(RESOLV_CONF, "rb") as f:
                 found = f.read().decode("latin-1")
         except OSError as e:
             raise UserError(f"cannot read {RESOLV_CONF}: {e.strerror}") from None
-        # Our servers; the search domains and options stay as they were.
+        self.ours = self.over(found)
+        self.undo = ["write", RESOLV_CONF, found, self.ours]   # (only if it still holds ours)
+        changes.make(["write", RESOLV_CONF, self.ours], undo=self.undo)
+
+    @staticmethod
+    def read():
+        try:
+            with open(RESOLV_CONF, "rb") as f:
+                return f.read().decode("latin-1")
+        except OSError:
+            return None
+
+    def over(self, found):
+        """Our file, in place of `found`."""
         keep = "".join(line + "\n" for line in found.splitlines()
                        if line.split()[:1] in (["search"], ["domain"], ["options"]))
-        ours = f"# udptun ({dev}): the file as it was comes back when udptun stops\n" + text + keep
-        changes.make(["write", RESOLV_CONF, ours], undo=["write", RESOLV_CONF, found, ours])
+        return f"# udptun ({self.dev}): the file as it was comes back when udptun stops\n" + self.text + keep
+
+    def keep(self):
+        found = self.read()
+        if found is None or found == self.ours:
+            return
+        log(f"udptun: {RESOLV_CONF} was written anew (a new network?): our --dns servers again")
+        ours = self.over(found)
+        undo = ["write", RESOLV_CONF, found, ours]
+        self.changes.amend(self.undo, undo)
+        self.undo = undo
+        if self.changes.system.change("write", RESOLV_CONF, ours, found, check=False) is None:   # (if still theirs)
+            self.ours = ours
 
 
 def recover(system, journal, dev):
@@ -3234,25 +3531,32 @@ def connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, ro
         log(f"udptun: warning: strict reverse-path filtering (rp_filter 1) on {', '.join(strict)} drops the "
             "server's replies there: make it loose, as Debian and Ubuntu do: "
             "sysctl -w net.ipv4.conf.all.rp_filter=2 " + " ".join(f"net.ipv4.conf.{n}.rp_filter=2" for n in strict))
-    table = free_table(system, sorted({*versions, *(net.version for net in blocked)}))
+    all_versions = sorted({*versions, *(net.version for net in blocked)})
+    table = free_table(system, all_versions)
+    firewall = kill_switch_firewall(args.firewall)
     # In a dry run, maybe not as root: no mark (it needs CAP_NET_ADMIN), no ICMP.
     with connect_udp(server, None if args.dry_run else table) as sock:
         tun = setup_tun(changes, system, args, addresses)
-        if dns:
-            set_dns(changes, tun.name, [str(a) for a in dns])
-        add_client_routing(changes, tun.name, routes, table, dns, blocked)
-        route_around(changes, server[0], [*routes, *blocked])
+        resolv_conf = set_dns(changes, tun.name, [str(a) for a in dns]) if dns else None
+        routing = Routing(changes, tun.name, table, first_priorities(system, all_versions))
+        routing.add(routes, dns, blocked)
+        around = routing.around(server[0], [*routes, *blocked])
+        kill_switch = KillSwitch(changes, firewall, tun.name, table) if firewall else None
+        if kill_switch:
+            kill_switch.add([*routes, *blocked], dns, [around] if around else [])
         kind = Client if args.plain else FastClient
         client = kind(tun, sock, addresses, server_tunnel_ip, args.keepalive, table, name, family, args.verbose)
-
-        around = {server[0]}
+        client.routing, client.resolv_conf = routing, resolv_conf
+        seen = {server[0]}
 
         def moved(address):
-            if address in around:   # (a name that goes back and forth between addresses: one rule each)
+            if address in seen:   # (a name that goes back and forth between addresses: one rule each)
                 return
-            around.add(address)
+            seen.add(address)
             try:
-                route_around(changes, address, [*routes, *blocked])
+                around = routing.around(address, [*routes, *blocked])
+                if around and kill_switch:
+                    kill_switch.let_through(around)
             except UserError as e:   # (the tunnel goes on: only ssh to the VPS goes through it)
                 log(f"udptun: warning: {e}")
         client.moved = moved
@@ -3471,6 +3775,9 @@ def parse_args(argv):
     c.add_argument("--server-tunnel-ip", default="10.0.0.2", help="the server's tunnel address (10.0.0.2)")
     c.add_argument("--dns", action="append", default=[], metavar="ADDR",
                    help="resolve names through ADDR, through the tunnel, while connected (repeatable)")
+    c.add_argument("--firewall", choices=("auto", "iptables", "nft", "none"), default="auto",
+                   help="firewall tool for the kill switch (auto: iptables if installed, else nft; "
+                        "none: no kill switch)")
     c.set_defaults(func=run_client)
 
     d = sub.add_parser("down", help="undo what a killed run left behind")
