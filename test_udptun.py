@@ -3968,6 +3968,340 @@ def test_random_and_damaged_packets_are_named_or_merged_correctly():
     assert merged > 200 and single > 1000, (merged, single)
 
 
+# ================================================================ booted distributions
+# Minimal Debian 12 and 13 systems, booted with systemd-nspawn: their own
+# systemd, systemd-networkd (which manages the container's network) and
+# systemd-resolved or Debian's resolvconf act as they would on a real
+# machine. .ci/run builds them in /var/lib/machines (see there). Each runs
+# with --private-network and a veth of ours, host0, to a namespace that plays
+# its router and VPS; behind that, a web host. Every address the lab uses:
+#
+#   container (host0)           vps (eth0)                vps (eth1)          web (eth0)
+#   198.51.100.20/24     ---    198.51.100.10/24          203.0.113.1/24 ---  203.0.113.80/24
+#   2001:db8:100::20/64         2001:db8:100::10/64       2001:db8:203::1/64  2001:db8:203::80/64
+#
+# The web host sees what comes through the tunnel from the VPS's address
+# (NAT), and what went around it from the container's own.
+MACHINES = os.environ.get("UDPTUN_MACHINES", "/var/lib/machines")
+SYSTEM_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}   # (theirs)
+RELEASES = {"debian12": "Debian 12", "debian13": "Debian 13"}
+
+
+class Machine:
+    """A booted minimal Debian (root `name` under MACHINES), and the
+    namespaces around it: its VPS and the web host."""
+    booted = 0
+
+    def __init__(self, name):
+        self.name, self.root = name, os.path.join(MACHINES, name)
+        Machine.booted += 1   # (two may be up at once: one name each)
+        self.prefix = f"um{os.getpid()}-{Machine.booted}"
+        self.tmp = tempfile.mkdtemp(prefix="udptun-machine-")
+        self.boot_log = open(os.path.join(self.tmp, "boot.log"), "w+")
+        self.nspawn = self.pid = None
+        self.procs = []
+        self.unit = None   # the client's service, once there is one (see tunnel_from)
+        self.runs = 0
+
+    def ns(self, name):
+        return f"{self.prefix}-{name}"
+
+    def sh(self, *argv, check=True, timeout=60):
+        """Run a command in the container, in all its namespaces."""
+        done = subprocess.run(["nsenter", "-t", str(self.pid), "-a", *argv], capture_output=True, text=True,
+                              timeout=timeout, env=SYSTEM_ENV)
+        if check and done.returncode != 0:
+            raise AssertionError(f"{self.name}: {' '.join(argv)}: {(done.stderr or done.stdout).strip()}")
+        return done.stdout
+
+    def at(self, name, *argv, check=True, timeout=60):
+        """Run a command in the VPS's namespace or the web host's."""
+        done = subprocess.run(["ip", "netns", "exec", self.ns(name), *argv], capture_output=True, text=True,
+                              timeout=timeout)
+        if check and done.returncode != 0:
+            raise AssertionError(f"{name}: {' '.join(argv)}: {(done.stderr or done.stdout).strip()}")
+        return done.stdout
+
+    def start(self, where, *argv):
+        """A process in the container (where=None) or in a namespace, its
+        output in a file; stopped when the machine is."""
+        log = open(os.path.join(self.tmp, f"{where or 'machine'}-{len(self.procs)}.log"), "w+")
+        prefix = ["nsenter", "-t", str(self.pid), "-a"] if where is None else ["ip", "netns", "exec", self.ns(where)]
+        proc = subprocess.Popen([*prefix, *argv], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc.log = log
+        self.procs.append(proc)
+        return proc
+
+    def boot(self):
+        for n in ("vps", "web"):
+            subprocess.run(["ip", "netns", "add", self.ns(n)], check=True)
+            self.at(n, "ip", "link", "set", "lo", "up")
+        subprocess.run(["ip", "link", "add", "umA", "netns", self.ns("vps"), "type", "veth",
+                        "peer", "umB", "netns", self.ns("web")], check=True)
+        self.at("vps", "ip", "link", "set", "umA", "name", "eth1", "up")
+        self.at("web", "ip", "link", "set", "umB", "name", "eth0", "up")
+        for where, addresses in (("vps", ["203.0.113.1/24", "2001:db8:203::1/64"]),
+                                 ("web", ["203.0.113.80/24", "2001:db8:203::80/64"])):
+            for a in addresses:
+                self.at(where, "ip", "address", "add", a, "dev", "eth1" if where == "vps" else "eth0",
+                        *(["nodad"] if ":" in a else []))
+        for v, via in (("-4", "203.0.113.1"), ("-6", "2001:db8:203::1")):
+            self.at("web", "ip", v, "route", "add", "default", "via", via)
+        for v, via in (("-4", "203.0.113.80"), ("-6", "2001:db8:203::80")):
+            self.at("vps", "ip", v, "route", "add", "default", "via", via)   # (where its NAT goes out: eth1)
+        # What reaches the web host from the container's own addresses went around the tunnel.
+        self.at("web", "iptables", "-I", "INPUT", "-s", "198.51.100.20")
+        self.at("web", "ip6tables", "-I", "INPUT", "-s", "2001:db8:100::20")
+        self.start("vps", sys.executable, "-c", DNS_SERVER, "0.0.0.0")   # (at 10.0.0.2 too, once the server is up)
+        self.nspawn = subprocess.Popen(
+            ["systemd-nspawn", "-D", self.root, "--ephemeral", "-b", "--register=no", "--keep-unit",
+             "--private-network", "--bind=/dev/net/tun", f"--bind-ro={HERE}:/opt/udptun", "--console=passive",
+             f"--machine={self.prefix}"], stdout=self.boot_log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self.find_init, f"{self.name} to boot", timeout=60)
+        subprocess.run(["ip", "link", "add", "umC", "netns", self.ns("vps"), "type", "veth",
+                        "peer", "host0", "netns", str(self.pid)], check=True)
+        self.at("vps", "ip", "link", "set", "umC", "name", "eth0", "up")
+        self.at("vps", "ip", "address", "add", "198.51.100.10/24", "dev", "eth0")
+        self.at("vps", "ip", "-6", "address", "add", "2001:db8:100::10/64", "dev", "eth0", "nodad")
+        self.at("vps", "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+        # (Polled: until its systemd listens, systemctl cannot ask it.)
+        wait_for(lambda: self.sh("systemctl", "is-system-running", check=False).strip() in ("running", "degraded"),
+                 f"{self.name}'s systemd to finish booting", timeout=90)
+        wait_for(lambda: self.ping("203.0.113.80") and self.ping("2001:db8:203::80"),
+                 f"{self.name}'s network, set up by systemd-networkd", timeout=30)
+
+    def find_init(self):
+        """The container's systemd, once nspawn has started it: our process
+        whose PID namespace is not ours."""
+        if self.nspawn.poll() is not None:
+            self.boot_log.seek(0)
+            raise AssertionError(f"systemd-nspawn ended: {self.boot_log.read()[-2000:]}")
+        ours = os.readlink("/proc/self/ns/pid")
+        todo = [self.nspawn.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                if os.readlink(f"/proc/{pid}/ns/pid") != ours:
+                    self.pid = pid
+                    return True
+                with open(f"/proc/{pid}/task/{pid}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        return False
+
+    def has(self, tool):
+        return bool(self.sh("sh", "-c", f"command -v {tool}", check=False).strip())
+
+    def client_log(self):
+        """What the client (see tunnel_from) has logged so far."""
+        return self.sh("journalctl", f"--unit={self.unit}", "--output=cat", "--no-pager", check=False)
+
+    def ping(self, address):
+        return subprocess.run(["nsenter", "-t", str(self.pid), "-n", "ping", "-c", "1", "-W", "1", address],
+                              capture_output=True).returncode == 0
+
+    def around_the_tunnel(self):
+        """Packets the web host got from the container's own addresses."""
+        return sum(int(line.split()[0]) for tool in ("iptables", "ip6tables")
+                   for line in self.at("web", tool, "-L", "INPUT", "-v", "-x", "-n").splitlines()[2:3])
+
+    def power_off(self):
+        for proc in self.procs:
+            end(proc)
+        if self.nspawn and self.nspawn.poll() is None:
+            if self.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGRTMIN + 4)   # systemd(1): "poweroff"
+            try:
+                self.nspawn.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.nspawn.kill()
+                self.nspawn.wait()
+        for n in ("vps", "web"):
+            subprocess.run(["ip", "netns", "del", self.ns(n)], capture_output=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def state_of(m):
+    """What udptun may change in a booted machine: rules, routes, links,
+    firewall, forwarding and the resolver. (Listing iptables' rules first
+    makes its empty tables, which stay: see Lab.snapshot.)"""
+    state = {"rules": m.sh("ip", "-4", "rule") + m.sh("ip", "-6", "rule"),
+             "routes": m.sh("ip", "-4", "route", "show", "table", "all")
+             + re.sub(r" expires \S+", "", m.sh("ip", "-6", "route", "show", "table", "all")),
+             "links": re.findall(r"^\d+: ([^:@]+)", m.sh("ip", "-o", "link"), re.M),
+             "forwarding": m.sh("cat", "/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"),
+             "resolv.conf": m.sh("cat", "/etc/resolv.conf")}
+    if m.has("iptables"):
+        state["iptables"] = [m.sh(tool, "-w", "-t", table, "-S") for tool in ("iptables", "ip6tables")
+                             for table in ("filter", "nat", "mangle")]
+    if m.has("nft"):
+        state["nft"] = m.sh("nft", "list", "ruleset")
+    if m.has("resolvectl"):
+        state["resolved"] = m.sh("resolvectl", "dns") + m.sh("resolvectl", "domain")
+    return state
+
+
+def booted(name):
+    need(os.geteuid() == 0, "booting a machine needs root")
+    need(shutil.which("systemd-nspawn"), "systemd-nspawn not found (apt-get install systemd-container)")
+    need(os.path.exists(os.path.join(MACHINES, name, ".udptun-root")), f"no {name} in {MACHINES}: .ci/run builds it")
+    m = Machine(name)
+    try:
+        m.boot()
+        yield m
+    finally:
+        m.power_off()
+
+
+@pytest.fixture(scope="module", params=list(RELEASES))
+def machine(request):
+    """A booted minimal Debian with systemd-resolved."""
+    yield from booted(f"udptun-{request.param}")
+
+
+@pytest.fixture(scope="module", params=list(RELEASES))
+def machine_with_resolvconf(request):
+    """The same, with Debian's resolvconf instead."""
+    yield from booted(f"udptun-{request.param}-resolvconf")
+
+
+@contextlib.contextmanager
+def tunnel_from(m, *client_args):
+    """A server on the machine's VPS, and the client on the machine, as a
+    service of its own (udptun-client-N, a new N each time: a log of its
+    own): stopped, both, when the block ends."""
+    server = m.start("vps", sys.executable, UDPTUN, "server", "--reach", "53/udp")
+    try:
+        wait_for(lambda: "listening on UDP" in log_of(server) or server.poll() is not None, "the VPS's server")
+        m.runs += 1
+        m.unit = f"udptun-client-{m.runs}"
+        m.sh("systemd-run", f"--unit={m.unit}", "python3", "/opt/udptun/udptun.py", "client", "198.51.100.10",
+             *client_args)
+        wait_for(lambda: "server is answering" in m.client_log(), "the client to reach the server", timeout=30)
+        yield
+    finally:
+        if m.unit:
+            m.sh("systemctl", "stop", m.unit, check=False)
+        stop(server)
+
+
+def test_booted_the_unit_starts_survives_kill_9_and_stops_clean(machine):
+    """udptun.service as the README installs it, on a minimal Debian (no
+    procps; Debian 13 without iptables): it starts (Type=notify), carries
+    a client's traffic, comes back after kill -9, and a stop leaves the
+    machine as it found it."""
+    m = machine
+    m.sh("install", "-m", "755", "/opt/udptun/udptun.py", "/usr/local/bin/udptun.py")
+    m.sh("install", "-m", "644", "/opt/udptun/udptun.service", "/etc/systemd/system/udptun.service")
+    m.sh("systemctl", "daemon-reload")
+    before = state_of(m)
+    client = None
+    try:
+        m.sh("systemctl", "start", "udptun", timeout=60)   # (back once udptun says READY=1)
+        client = m.start("web", sys.executable, UDPTUN, "client", "198.51.100.20")
+        through = lambda: m.at("web", "ping", "-c", "1", "-W", "1", "10.0.0.2", check=False).count(" 0% packet loss")
+        wait_for(through, "a ping from the web host's client through the machine's server", timeout=30)
+        main = m.sh("systemctl", "show", "--property=MainPID", "--value", "udptun").strip()
+        m.sh("python3", "-c", f"import os; os.kill({main}, 9)")
+        wait_for(lambda: m.sh("systemctl", "show", "--property=NRestarts", "--value", "udptun").strip() == "1"
+                 and m.sh("systemctl", "is-active", "udptun", check=False).strip() == "active", "the unit back",
+                 timeout=30)
+        wait_for(through, "the tunnel back after kill -9", timeout=30)
+        rc, log = stop(client)
+        assert rc == 0, log
+        m.sh("systemctl", "stop", "udptun", timeout=60)
+        assert m.sh("systemctl", "show", "--property=Result", "--value", "udptun").strip() == "success"
+        assert state_of(m) == before
+    finally:
+        if client:
+            end(client)
+        m.sh("systemctl", "stop", "udptun", check=False)
+
+
+def test_booted_a_client_with_resolved_keeps_dns_and_traffic_in_the_tunnel_when_networkd_restarts(machine):
+    """The client on a machine whose network systemd-networkd manages and
+    whose resolver is systemd-resolved, with --dns through the tunnel:
+    names resolve through it; `systemctl restart systemd-networkd`
+    (which deletes every routing rule it did not make) while pinging 100
+    times a second leaks nothing, and the tunnel is back within 5 s; a
+    stop, or kill -9 and `down`, gives back exactly what was there."""
+    m = machine
+    before = state_of(m)
+    lan_dns = ["INPUT", "-i", "eth0", "-s", "198.51.100.20", "-p", "udp", "--dport", "53"]
+    m.at("vps", "iptables", "-I", *lan_dns)
+    queries = lambda: sum(int(line.split()[0]) for line in m.at("vps", "iptables", "-L", "INPUT", "-v", "-x", "-n")
+                          .splitlines() if "198.51.100.20" in line and "dpt:53" in line)
+    try:
+        with tunnel_from(m, "--dns", "10.0.0.2"):
+            assert "203.0.113.80" in m.sh("getent", "hosts", "web.example")
+            assert "10.0.0.2" in m.sh("resolvectl", "dns", "tun0")
+            rules = len(m.sh("ip", "-4", "rule").splitlines()), len(m.sh("ip", "-6", "rule").splitlines())
+            around, asked = m.around_the_tunnel(), queries()
+            with running(["nsenter", "-t", str(m.pid), "-n", "ping", "-q", "-i", "0.01", "-c", "400",
+                          "203.0.113.80"]), \
+                 running(["nsenter", "-t", str(m.pid), "-n", "ping", "-q", "-i", "0.01", "-c", "400",
+                          "2001:db8:203::80"]):
+                m.sh("systemctl", "restart", "systemd-networkd")
+                restarted = time.monotonic()
+                wait_for(lambda: (len(m.sh("ip", "-4", "rule").splitlines()),
+                                  len(m.sh("ip", "-6", "rule").splitlines())) == rules, "the rules back", timeout=5)
+                wait_for(lambda: m.ping("203.0.113.80") and m.ping("2001:db8:203::80"), "the tunnel back",
+                         timeout=max(0.1, 5 - (time.monotonic() - restarted)))
+                m.sh("getent", "hosts", "web.example")
+            assert (m.around_the_tunnel() - around, queries() - asked) == (0, 0)
+            # (Debian 13's networkd deleted them; Debian 12's, systemd 252, leaves them at a restart.)
+            assert "were deleted by another program: put back" in m.client_log() or m.name == "udptun-debian12"
+        assert state_of(m) == before
+        with tunnel_from(m, "--dns", "10.0.0.2"):
+            m.sh("systemctl", "kill", "--signal=KILL", m.unit)
+            m.sh("python3", "/opt/udptun/udptun.py", "down")
+        assert state_of(m) == before
+    finally:
+        m.at("vps", "iptables", "-D", *lan_dns)
+
+
+def test_booted_a_client_with_debians_resolvconf(machine_with_resolvconf):
+    """Debian's resolvconf: our server first while the client runs, and
+    resolv.conf exactly as it was after a stop, and after kill -9 and `down`."""
+    m = machine_with_resolvconf
+    # The LAN's resolver, as a DHCP client would give it to resolvconf.
+    m.sh("sh", "-c", "echo nameserver 198.51.100.10 | resolvconf -a host0.dhclient")
+    before = state_of(m)
+    assert "nameserver 198.51.100.10" in before["resolv.conf"]
+    with tunnel_from(m, "--dns", "10.0.0.2"):
+        servers = re.findall(r"^nameserver (\S+)", m.sh("cat", "/etc/resolv.conf"), re.M)
+        assert servers[0] == "10.0.0.2", servers
+        assert "203.0.113.80" in m.sh("getent", "hosts", "web.example")
+    assert state_of(m) == before
+    with tunnel_from(m, "--dns", "10.0.0.2"):
+        m.sh("systemctl", "kill", "--signal=KILL", m.unit)
+        m.sh("python3", "/opt/udptun/udptun.py", "down")
+    assert state_of(m) == before
+
+
+def test_booted_a_client_leaks_nothing_when_the_tunnel_cannot_carry_ipv6_or_fails(machine):
+    """--mtu 1200 (below IPv6's minimum): IPv6 to the web host fails at
+    once, not around the tunnel. Then its device deleted under it: the
+    client fails closed, and nothing leaves around the tunnel until `down`."""
+    m = machine
+    before = state_of(m)
+    around = m.around_the_tunnel()
+    with tunnel_from(m, "--mtu", "1200"):
+        started = time.monotonic()
+        assert not m.ping("2001:db8:203::80") and time.monotonic() - started < 1
+        assert m.ping("203.0.113.80")
+    assert state_of(m) == before
+    with tunnel_from(m):
+        m.sh("ip", "link", "del", "tun0")
+        wait_for(lambda: "udptun: error: the tunnel stopped" in m.client_log(), "the client to fail closed")
+        assert not m.ping("203.0.113.80") and not m.ping("2001:db8:203::80")
+        m.sh("python3", "/opt/udptun/udptun.py", "down")
+    assert m.around_the_tunnel() == around
+    assert state_of(m) == before
+
+
 # ================================================================ benchmark (on demand)
 # Deselected from the test run by its marker (the README's command says
 # -m "not bench"). Timings never decide pass or fail; the figures are
