@@ -733,8 +733,8 @@ FIREWALL = """\
 {t} -w -t filter -N udptun-fwd-tun0
 {t} -w -t filter -N udptun-in-tun0
 {t} -w -t nat -A POSTROUTING -s {net} -o eth9 -m comment --comment udptun:tun0 -j MASQUERADE
-{t} -w -t filter -A udptun-fwd-tun0 -i tun0 -m conntrack --ctstate NEW -m hashlimit --hashlimit-above 100/sec --hashlimit-burst 1000 --hashlimit-mode srcip --hashlimit-name udptun-tun0 -m comment --comment udptun:tun0 -j DROP
-{t} -w -t filter -A udptun-fwd-tun0 -i tun0 -m conntrack --ctstate NEW -m connlimit --connlimit-above 4096 --connlimit-mask {mask} -m comment --comment udptun:tun0 -j DROP
+{t} -w -t filter -A udptun-fwd-tun0 -i tun0 -m conntrack --ctstate NEW '!' --ctstatus CONFIRMED -m hashlimit --hashlimit-above 100/sec --hashlimit-burst 1000 --hashlimit-mode srcip --hashlimit-name udptun-tun0 -m comment --comment udptun:tun0 -j DROP
+{t} -w -t filter -A udptun-fwd-tun0 -i tun0 -m conntrack --ctstate NEW '!' --ctstatus CONFIRMED -m connlimit --connlimit-above 4096 --connlimit-mask {mask} -m comment --comment udptun:tun0 -j DROP
 {private}{t} -w -t filter -A udptun-fwd-tun0 -i tun0 -o eth9 -m comment --comment udptun:tun0 -j ACCEPT
 {t} -w -t filter -A udptun-fwd-tun0 -o tun0 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment udptun:tun0 -j ACCEPT
 {t} -w -t filter -A udptun-fwd-tun0 -i tun0 -m comment --comment udptun:tun0 -j DROP
@@ -902,8 +902,8 @@ nft add table {f} udptun_tun0
 nft add set {f} udptun_tun0 connections '{{ type ipv{v}_addr ; size 65535 ; flags dynamic ; }}'
 nft add set {f} udptun_tun0 new_connections '{{ type ipv{v}_addr ; size 65535 ; flags dynamic,timeout ; timeout 1m ; }}'
 nft add chain {f} udptun_tun0 forward '{{ type filter hook forward priority 0 ; }}'
-nft add rule {f} udptun_tun0 forward iifname tun0 ct state new update @new_connections '{{ {f} saddr limit rate over 100/second burst 1000 packets }}' drop
-nft add rule {f} udptun_tun0 forward iifname tun0 ct state new add @connections '{{ {f} saddr ct count over 4096 }}' drop
+nft add rule {f} udptun_tun0 forward iifname tun0 ct state new ct status '&' confirmed == 0 update @new_connections '{{ {f} saddr limit rate over 100/second burst 1000 packets }}' drop
+nft add rule {f} udptun_tun0 forward iifname tun0 ct state new ct status '&' confirmed == 0 add @connections '{{ {f} saddr ct count over 4096 }}' drop
 nft add rule {f} udptun_tun0 forward iifname tun0 {f} daddr '{{ {private} }}' drop
 nft add rule {f} udptun_tun0 forward iifname tun0 oifname eth9 accept
 nft add rule {f} udptun_tun0 forward oifname tun0 ct state established,related accept
@@ -946,9 +946,9 @@ def test_client_to_client_and_reach_open_forward_too(canned, capsys):
                              "--reach", "169.254.169.254/32", "--reach", "fd00:ec2::254/128", "--reach", "53/udp"])
     c = "-m comment --comment udptun:tun0"
     assert [line for line in setup if line.startswith("iptables -w -t filter -A")] == [
-        "iptables -w -t filter -A udptun-fwd-tun0 -i tun0 -m conntrack --ctstate NEW -m hashlimit --hashlimit-above "
+        "iptables -w -t filter -A udptun-fwd-tun0 -i tun0 -m conntrack --ctstate NEW '!' --ctstatus CONFIRMED -m hashlimit --hashlimit-above "
         f"100/sec --hashlimit-burst 1000 --hashlimit-mode srcip --hashlimit-name udptun-tun0 {c} -j DROP",
-        "iptables -w -t filter -A udptun-fwd-tun0 -i tun0 -m conntrack --ctstate NEW -m connlimit --connlimit-above "
+        "iptables -w -t filter -A udptun-fwd-tun0 -i tun0 -m conntrack --ctstate NEW '!' --ctstatus CONFIRMED -m connlimit --connlimit-above "
         f"4096 --connlimit-mask 32 {c} -j DROP",
         f"iptables -w -t filter -A udptun-fwd-tun0 -i tun0 -d 169.254.169.254/32 {c} -j ACCEPT",
         f"iptables -w -t filter -A udptun-fwd-tun0 -i tun0 -o tun0 {c} -j ACCEPT",

@@ -2206,7 +2206,10 @@ def iptables_rules(o):
     rules = []
     if o.nat and o.out_if:
         rules.append(("nat", "POSTROUTING", ["-s", str(o.network), "-o", o.out_if, *c, "-j", "MASQUERADE"]))
-    new = ["-i", dev, "-m", "conntrack", "--ctstate", "NEW"]
+    # A connection's first packet: the kernel confirms a connection once
+    # its first packet is through, and calls it NEW until a reply comes,
+    # so a one-way UDP stream's every packet would count as a new connection.
+    new = ["-i", dev, "-m", "conntrack", "--ctstate", "NEW", "!", "--ctstatus", "CONFIRMED"]
     # (A hashlimit's name: at most 15 characters in the match's first
     # revisions, IFNAMSIZ less its NUL in <linux/netfilter/xt_hashlimit.h>.
     # IPv4's and IPv6's are apart in the kernel, though they share it.)
@@ -2261,14 +2264,15 @@ def nft_commands(o):
         "add", "chain", *t, name, f"{{ type {kind} hook {hook} priority {priority} ; }}"]
     rule = lambda name, *words: ["add", "rule", *t, name, *words]
     address_type = {4: "ipv4_addr", 6: "ipv6_addr"}[o.version]
+    first = ["ct", "state", "new", "ct", "status", "&", "confirmed", "==", "0"]   # (a connection's first packet)
     commands = [["add", "set", *t, "connections", f"{{ type {address_type} ; size 65535 ; flags dynamic ; }}"],
                 ["add", "set", *t, "new_connections",
                  f"{{ type {address_type} ; size 65535 ; flags dynamic,timeout ; timeout 1m ; }}"],
                 chain("forward", "forward", 0),
-                rule("forward", "iifname", dev, "ct", "state", "new", "update", "@new_connections",
+                rule("forward", "iifname", dev, *first, "update", "@new_connections",
                      f"{{ {family} saddr limit rate over {NEW_CONNECTIONS_PER_SECOND}/second "
                      f"burst {NEW_CONNECTIONS_BURST} packets }}", "drop"),
-                rule("forward", "iifname", dev, "ct", "state", "new", "add", "@connections",
+                rule("forward", "iifname", dev, *first, "add", "@connections",
                      f"{{ {family} saddr ct count over {o.connections} }}", "drop")]
     commands += [rule("forward", "iifname", dev, family, "daddr", str(net), "accept") for net in o.reach]
     if o.client_to_client:
