@@ -40,7 +40,7 @@ rest is what makes it safe to run, and fast.
 
   1. What a tunnel is: this text; then the imports and constants.
   2. Plumbing: UserError, log, System (the one place that runs commands),
-     Journal (what to undo after a crash), Changes (the stack of undos).
+     Changes (the stack of undos).
   3. Packets: pure functions on bytes, IPv4 and IPv6 headers checked.
   4. The TUN device and the UDP socket: Tun (and FakeTun, for --dry-run);
      open_udp_socket, listen, connect_udp, resolve.
@@ -49,14 +49,14 @@ rest is what makes it safe to run, and fast.
   6. The server's policy: ClientTable (who owns a tunnel address), Server
      (what may pass, where replies go).
   7. The client: Client (what may come in, keepalives, a laptop whose
-     network changes), and the routing that sends everything into the
-     tunnel but the tunnel itself.
-  8. System changes and their undo: the device, sysctls, the firewall
-     (iptables or nft), the resolver; recovery after a crash.
+     network changes, routing that other programs change).
+  8. System changes and their undo: the device, sysctls, the server's
+     firewall (iptables or nft), the client's routing (Routing) and kill
+     switch, the resolver; the Journal, and recovery after a crash.
   9. Going faster: Batching, a layer mixed into Server and Client
      (FastServer, FastClient) that moves many packets per system call:
-     UDP GSO and GRO, merged writes (MergingWriter, with mergeable and
-     merge), fair queues (FairQueue). `--plain` leaves it out, and the
+     UDP GSO and GRO, merged writes (VnetTun, MergingWriter, with mergeable
+     and merge), fair queues (FairQueue). `--plain` leaves it out, and the
      tunnel works the same.
  10. The command line: the checks of what the user typed; run_server,
      run_client (with connect_client and forward), run_down, run_status;
@@ -194,8 +194,9 @@ RESOLV_CONF = "/etc/resolv.conf"
 # What every other chapter leans on. An error the user can act on is a
 # UserError, printed as one line. Every change to the system goes through
 # System (the one place that runs a command, echoing it as `[#] ...`) and is
-# pushed on Changes with its undo, which the Journal keeps on disk so that a
-# run killed with -9 is undone by the next one, or by `down`.
+# pushed on Changes with its undo, which a journal keeps on disk so that a
+# run killed with -9 is undone by the next one, or by `down` (see Journal,
+# in chapter 8).
 class UserError(Exception):
     """Something the user can fix: printed as one line, with the fix, and exit 1."""
 
@@ -359,171 +360,6 @@ class System:
             raise UserError(f"{what}: {error.strerror}") from None
         log(f"    (failed: {error.strerror})")
         return error.strerror
-
-
-def state_dir():
-    """Where this run keeps its journal and status.
-
-    /run is shared by all network namespaces of a machine, so two udptuns
-    with the same device name in different namespaces (the tests, a lab)
-    would overwrite each other's files. A run inside `ip netns exec NAME`
-    uses /run/udptun/netns-NAME instead, found the way `ip netns identify`
-    does: by the inode of the namespace.
-    """
-    try:
-        me = os.stat("/proc/self/ns/net")
-        for name in sorted(os.listdir("/run/netns")):
-            st = os.stat(os.path.join("/run/netns", name))
-            if (st.st_dev, st.st_ino) == (me.st_dev, me.st_ino):
-                return os.path.join(STATE_ROOT, "netns-" + name)
-    except OSError:
-        pass
-    return STATE_ROOT
-
-
-def state_path(dev, suffix):
-    return os.path.join(state_dir(), dev + suffix)
-
-
-class Journal:
-    """A file that lists the undo commands of changes not yet undone, and a
-    lock that says a run is using the device.
-
-    The journal is written *before* each change is made (write-ahead), so
-    that after a `kill -9` the next start, or `udptun down`, can replay the
-    undos. It is read back with care: root's own regular file, writable by
-    root only, not through a link, and only commands of the shapes udptun
-    writes are replayed (see replayable), whatever else the file says.
-
-    The lock is an flock(2) on DEV.lock, held for the whole run: the kernel
-    lets go of it however the process ends, so a lock that cannot be taken
-    means a live run, never a stale file or a reused pid.
-    """
-
-    def __init__(self, dev, dry_run=False):
-        self.path = state_path(dev, ".journal")
-        self.lock_path = state_path(dev, ".lock")
-        self.dev, self.dry_run = dev, dry_run
-        self.lock_fd = None
-
-    def lock(self):
-        """Take the device's lock, or a UserError if a live run holds it.
-        (A dry run takes none: it changes nothing, and may not be root.)"""
-        if self.dry_run:
-            return
-        while True:
-            try:
-                os.makedirs(os.path.dirname(self.lock_path), mode=0o755, exist_ok=True)
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            except FileNotFoundError:
-                # Another run, stopping, removed the folders (see release)
-                # between our mkdir and our open. Make them again.
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise UserError(f"udptun is already running on {self.dev} here: stop it first, "
-                                "or pick another --dev") from None
-            # The run before us may have removed the file as we opened it:
-            # then our lock is on a file nobody else will see. Start over.
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino:
-                    self.lock_fd = fd
-                    return
-            os.close(fd)
-
-    def held(self):
-        """Whether a live run holds the lock: /proc/locks lists the inode of
-        every file locked with flock(2). Only looks: taking the lock, even
-        for a moment, could turn away a run that is starting."""
-        try:
-            st = os.stat(self.lock_path)
-            with open("/proc/locks") as f:   # "1: FLOCK ADVISORY WRITE pid MAJ:MIN:INODE 0 EOF"
-                where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-                return any(line.split()[1:2] == ["FLOCK"] and line.split()[5:6] == [where] for line in f)
-        except OSError:
-            return False
-
-    def load(self):
-        """The undo commands an earlier run left, or []."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return []
-        except OSError as e:   # ELOOP: a link
-            log(f"udptun: warning: {self.path} not read: {e.strerror}")
-            return []
-        with os.fdopen(fd) as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
-                log(f"udptun: warning: {self.path} not read: not a regular file that only root may write")
-                return []
-            try:
-                undo = json.load(f).get("undo", [])
-            except (ValueError, AttributeError):
-                return []
-        if not isinstance(undo, list):
-            return []
-        good = [argv for argv in undo if replayable(argv)]
-        for argv in undo:
-            if argv not in good:
-                log(f"udptun: warning: {self.path}: not a command udptun writes, not run: {argv!r}"[:300])
-        return good
-
-    def save(self, undos):
-        """Write the list of undos (an empty list: no journal at all)."""
-        if self.dry_run:
-            return
-        if not undos:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            return
-        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
-        tmp = self.path + ".tmp"
-        # 0644 whatever the umask: load() reads only a file that only root may write.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"undo": undos}, f)   # (who is running is the lock's to say, not a pid's)
-        os.replace(tmp, self.path)   # atomic: a reader sees the old or the new list
-
-    def release(self):
-        """Let go of the lock (removing its file first), and remove the
-        folders if that leaves them empty."""
-        if self.dry_run:
-            return
-        if self.lock_fd is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.lock_path)
-            os.close(self.lock_fd)
-            self.lock_fd = None
-        for folder in (os.path.dirname(self.path), STATE_ROOT):
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
-
-
-def replayable(argv):
-    """Whether `argv` has the shape of an undo that udptun writes: the one
-    check between a journal file and a root shell."""
-    if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
-        return False
-    tool = argv[0]
-    if tool == "ip":
-        return argv[1:2] in (["-4"], ["-6"]) and argv[2:4] in (["rule", "del"], ["route", "del"])
-    if tool in ("iptables", "ip6tables"):
-        return (argv[1:3] == ["-w", "-t"] and argv[3:4] in (["filter"], ["nat"], ["mangle"])
-                and not any(a.startswith("--modprobe") for a in argv)   # (it names a program to run)
-                and (argv[4:5] == ["-D"] or len(argv) == 6 and argv[4] in ("-F", "-X") and argv[5].startswith("udptun-")))
-    if tool == "nft":
-        return (len(argv) == 5 and argv[1:3] == ["delete", "table"] and argv[3] in ("ip", "ip6")
-                and argv[4].startswith("udptun_"))
-    if tool == "sysctl":
-        return (len(argv) in (3, 4) and argv[1] == "-w" and argv[2].startswith(("net.", "net/")) and "=" in argv[2]
-                and ".." not in argv[2] and "\0" not in argv[2] and (len(argv) == 3 or argv[3].startswith(tag(""))))
-    if tool in ("resolvectl", "resolvconf"):
-        return argv[1:2] in (["revert"], ["-d"])
-    return tool == "write" and argv[1:2] == [RESOLV_CONF] and len(argv) == 4
 
 
 class Changes:
@@ -794,21 +630,6 @@ def as_text(value):
 # packets it routes into the tunnel and takes the ones we give it; and a
 # UDP socket, which carries them to the other end.
 
-# With the speed layer (chapter 9), every read() and write() on the device
-# starts with a header that can describe many packets as one.
-IFF_VNET_HDR = 0x4000   # <linux/if_tun.h>: read() and write() start with a struct virtio_net_hdr
-
-# struct virtio_net_hdr (<linux/virtio_net.h>; host byte order on a TUN
-# device): flags, gso_type, hdr_len, gso_size, csum_start, csum_offset. It
-# lets one write() carry many packets of one flow at once (see merge).
-VNET_HDR = struct.Struct("=BBHHHH")
-VIRTIO_NET_HDR_F_NEEDS_CSUM = 1   # the kernel completes the checksum at csum_start + csum_offset
-VIRTIO_NET_HDR_GSO_TCPV4 = 1      # the packet stands for TCP segments of gso_size payload bytes
-VIRTIO_NET_HDR_GSO_TCPV6 = 4      # ... the same over IPv6
-VIRTIO_NET_HDR_GSO_UDP_L4 = 5     # ... for UDP datagrams of gso_size (TUN devices: Linux 6.2)
-PLAIN_VNET_HDR = bytes(VNET_HDR.size)      # the header of an ordinary packet: no offload, checksums done
-
-
 class Tun:
     """A TUN device: read() gives one IP packet the kernel routed into it,
     write() hands one IP packet to the kernel as if it had arrived on it.
@@ -817,14 +638,11 @@ class Tun:
     persistent: when our file descriptor closes (however the process ends,
     kill -9 included) the kernel deletes it, and its addresses and routes
     with it. That is one undo we never have to write.
-
-    `vnet`: every read() and write() starts with a struct virtio_net_hdr
-    (IFF_VNET_HDR), which lets one write() carry many packets of a flow. We never
-    ask the kernel for offloads on what we read (TUNSETOFFLOAD), so what we
-    read is always one ordinary packet behind a header of zeros.
     """
+    FLAGS = IFF_TUN | IFF_NO_PI | IFF_TUN_EXCL
+    vnet = False   # (see VnetTun, in chapter 9)
 
-    def __init__(self, name, vnet=False):
+    def __init__(self, name):
         try:
             self.fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -838,9 +656,8 @@ class Tun:
         # new device, never one that exists (a persistent one that `ip tuntap
         # add` or `openvpn --mktun` made, which we would otherwise adopt, and
         # whose addresses and routes would outlive us).
-        flags = IFF_TUN | IFF_NO_PI | IFF_TUN_EXCL | (IFF_VNET_HDR if vnet else 0)
         try:
-            ifreq = fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+            ifreq = fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), self.FLAGS))
         except OSError as e:
             os.close(self.fd)
             if e.errno == errno.EBUSY:
@@ -851,19 +668,16 @@ class Tun:
                 raise UserError("creating a TUN device needs root: run with sudo") from None
             raise UserError(f"cannot create TUN device {name}: {e.strerror}") from None
         self.name = ifreq[:16].rstrip(b"\0").decode()
-        self.vnet = vnet
-        self.skip = VNET_HDR.size if vnet else 0
 
     def read(self):
         """One packet, or None if there is none."""
         try:
-            packet = os.read(self.fd, self.skip + MAX_PACKET)
+            return os.read(self.fd, MAX_PACKET)
         except BlockingIOError:
             return None
-        return packet[self.skip:] if self.skip else packet
 
     def write(self, packet):
-        os.write(self.fd, PLAIN_VNET_HDR + packet if self.vnet else packet)
+        os.write(self.fd, packet)
 
     def close(self):
         os.close(self.fd)
@@ -1016,17 +830,13 @@ class Forwarder:
 
     What may pass is the subclass's business (Server, Client), which fills
     in these hooks:
-    - admit(data, addr, count=1): may this datagram from socket address
-      `addr` go into the TUN device? It counts what it refuses, with
-      drop(), once; and what it lets in `count` times: the speed layer asks
-      once for datagrams that are alike (see Batching.admit_glued), and
-      asks again for each of them if the answer is no.
+    - admit(data, addr): may this datagram from socket address `addr` go
+      into the TUN device? It counts what it refuses, with drop().
     - address_for(packet, count=1, length=None): where a packet read from
       the TUN device goes: a socket address, None for the connected peer,
       or False (dropped). Its answer depends on the destination alone: the
       speed layer asks once for a run of `count` packets of one flow,
       `length` bytes in all.
-    - ADMIT_READS: the header fields admit() reads of a TCP or UDP packet.
     - tick(now), status(); and unreachable(error), told when the socket
       reports an error.
     Callers: run(); and, for the subclasses, send_one() (a keepalive, a
@@ -1188,9 +998,7 @@ class Forwarder:
             self.watch_socket(sock)
 
     # Hooks for the subclasses (see the class's docstring).
-    ADMIT_READS = {4: (), 6: ()}   # what admit() reads of a packet (see Server.ADMIT_READS): here, nothing
-
-    def admit(self, data, addr, count=1):
+    def admit(self, data, addr):
         return True
 
     def address_for(self, packet, count=1, length=None):
@@ -1441,13 +1249,7 @@ class Server(Forwarder):
         self.clients = None      # the epoll object of the clients' own sockets, once there is one
         self.crowded = False     # whether read_clients() left ready sockets for the next turn
 
-    # What admit() reads of a TCP or UDP packet, besides its first byte
-    # (the version, and IPv4's header length), its protocol, its length and
-    # its sender: the length field, and the addresses (see
-    # Batching.admit_glued).
-    ADMIT_READS = {4: (IPV4_LENGTH, IPV4_SRC, IPV4_DST), 6: (IPV6_LENGTH, IPV6_SRC, IPV6_DST)}
-
-    def admit(self, data, addr, count=1):
+    def admit(self, data, addr):
         """The checks, cheapest and most common first: a packet from the
         address that owns its source is one dict lookup away from passing."""
         problem = ip_problem(data)
@@ -1465,8 +1267,8 @@ class Server(Forwarder):
         if not self.client_to_client and dst not in self.own and self.in_subnet(dst):
             self.drop("client-to-client", src, "->", dst)
             return False
-        peer.rx_packets += count
-        peer.rx_bytes += len(data) * count
+        peer.rx_packets += 1
+        peer.rx_bytes += len(data)
         return True
 
     def claim(self, data, addr, problem, src):
@@ -1597,11 +1399,12 @@ def local_addresses(system):
             if len(line.split()) > 3}
 
 
-# ================ 7. The client: its routing, and a laptop's life
+# ================ 7. The client: a laptop's life
 # The client sends everything into the tunnel, except the tunnel's own
 # datagrams, which must go out the way they always did: policy routing, as
-# wg-quick does it. And a laptop sleeps, changes networks, and loses its
-# server for a while; the client follows.
+# wg-quick does it (see Routing, in chapter 8). And a laptop sleeps, changes
+# networks, and loses its server for a while, and other programs change its
+# routing; the client follows.
 class Client(Forwarder):
     """One server, one connected UDP socket, keepalives and liveness logs,
     and a laptop's life: its network changes, and the server's address may
@@ -1642,11 +1445,7 @@ class Client(Forwarder):
         self.last_tx = self.now
         return None
 
-    # What admit() reads of a TCP or UDP packet, as Server.ADMIT_READS says:
-    # not the source, which only the answer to a keepalive (ICMP) is judged by.
-    ADMIT_READS = {4: (IPV4_LENGTH, IPV4_DST), 6: (IPV6_LENGTH, IPV6_DST)}
-
-    def admit(self, data, addr, count=1):
+    def admit(self, data, addr):
         """Only packets for our own tunnel address go on. The kernel lets in
         only datagrams from the server's address and port, but anyone who
         can send as that address could otherwise reach this laptop's other
@@ -1659,8 +1458,8 @@ class Client(Forwarder):
         if dst not in self.mine:
             self.drop("not-for-us", dst)
             return False
-        self.rx_packets += count
-        self.rx_bytes += len(data) * count
+        self.rx_packets += 1
+        self.rx_bytes += len(data)
         self.last_rx = self.now
         if self.alive is not True:
             self.alive = True
@@ -1813,127 +1612,6 @@ def source_for(server, mark):
         return None
 
 
-def free_table(system, versions):
-    """A number that no routing rule (as a table or a mark) and no routing
-    table uses yet, from FIRST_TABLE on: the client's routing table and mark."""
-    used = "".join(system.query("ip", f"-{v}", what, "show", *table)
-                   for v in versions for what, table in (("rule", ()), ("route", ("table", "all"))))
-    n = FIRST_TABLE
-    while re.search(rf"(lookup|table) {n}\b|fwmark {n:#x}\b", used):
-        n += 1
-    return n
-
-
-class Routing:
-    """Send `routes` into the tunnel, all but the tunnel's own datagrams;
-    and keep it so, whatever other programs do to the routing rules.
-
-    The routes go into a routing table of their own, number `table`, and
-    two rules (ip-rule(8)) pick a table for each packet, the second first:
-      1. `table main suppress_prefixlength 0`: the main table, but not its
-         default route (prefix length 0). The laptop's own networks (its LAN,
-         the tunnel's subnet) stay reachable as before.
-      2. `not fwmark N table N`: every packet not marked N: the tunnel.
-    The tunnel's own datagrams carry mark N (SO_MARK, see connect_udp), so
-    rule 2 passes them by and they take the main table's default route,
-    whichever it is at that moment. Nothing pins a gateway that a new Wi-Fi
-    or a resume from suspend could make stale. This is wg-quick's design;
-    see https://www.wireguard.com/netns/ ("Improved Rule-based Routing").
-    IPv6 has its own rules and table, the same way.
-
-    Each route has an "unreachable" twin of the largest metric, which takes
-    over when the route itself goes, with the device (a crash) or with its
-    link (`ip link set tun0 down`): what belongs in the tunnel then fails
-    at once, and never falls through to the main table's default route. A
-    --dns server gets a rule of its own, ahead of rule 1, so its queries
-    take the tunnel even where the LAN's routes would win. A `blocked`
-    network (IPv6, when the tunnel cannot carry it) gets only its twin:
-    it fails at once, and never goes around the tunnel.
-
-    Each rule has a priority of its own, counting down from just below the
-    rules already there (where `ip rule add` would put it): so a rule that
-    is deleted can be put back in its place, and adding a rule that is
-    there fails ("File exists") instead of adding it twice. Other programs
-    do delete them: systemd-networkd, which manages the network on Ubuntu
-    Server and wherever netplan is used, deletes every rule it did not make
-    whenever it starts (ManageForeignRoutingPolicyRules=yes), at a package
-    upgrade or `netplan apply`. So repair() puts back what is gone (see
-    Client.tick); meanwhile the kill switch (see KillSwitch) stops what
-    would go around the tunnel.
-
-    What this does not stop: a route more specific than the default that
-    the LAN's DHCP server puts in the main table wins by rule 1 (as with
-    wg-quick; CVE-2024-3661, "TunnelVision"), and the kill switch lets it
-    through where it leads to a private network.
-    """
-
-    def __init__(self, changes, dev, table, priorities):
-        self.changes, self.dev, self.table = changes, dev, str(table)
-        self.priorities = dict(priorities)   # IP version -> the next rule's (see first_priorities)
-        self.kept = []                       # the commands that add what must stay in place
-
-    def add(self, routes, dns=(), blocked=()):
-        n = self.table
-        for version in sorted({net.version for net in [*routes, *blocked]}):
-            for net in [*routes, *blocked]:
-                if net.version == version:
-                    if net in routes:   # (goes with the device: no undo)
-                        self._make(version, "route", [str(net), "dev", self.dev, "table", n], undo=False)
-                    self._make(version, "route", ["unreachable", str(net), "table", n, "metric", str(LAST_RESORT)])
-            rules = [["not", "fwmark", n, "table", n], ["table", "main", "suppress_prefixlength", "0"]]
-            rules += [["to", str(a), "table", n] for a in dns if a.version == version]
-            for rule in rules:
-                self.rule(version, rule)
-
-    def around(self, server, nets):
-        """Send what goes to the server's own address (`ssh` to the VPS, say)
-        outside the tunnel, as the LAN would without it: a rule that looks
-        `server` up in the main table, ahead of the others. The VPS then
-        sees it come from the laptop's public address, through the
-        provider's security group, which never sees what comes out of the
-        tunnel (the server's firewall lets tunnel traffic reach no service
-        of the VPS's). Only where `nets` would take it into the tunnel:
-        return the address if so, else None."""
-        address = ipaddress.ip_address(server.split("%")[0])
-        if address.is_link_local or not any(address in net for net in nets):   # (the LAN's own: never tunnelled)
-            return None
-        self.rule(address.version, ["to", str(address), "table", "main"])
-        return address
-
-    def rule(self, version, words):
-        if self.priorities[version] < 1:   # (0 is the local table's)
-            raise UserError(f"no routing rule priority is free below the rules in place (`ip -{version} rule`): "
-                            "delete the one of the lowest priority but 0, or give it a larger number")
-        words = ["pref", str(self.priorities[version]), *words]
-        self.priorities[version] -= 1
-        self._make(version, "rule", words)
-
-    def _make(self, version, what, words, undo=True):
-        v = f"-{version}"
-        self.changes.make(["ip", v, what, "add", *words], undo=["ip", v, what, "del", *words] if undo else None)
-        self.kept.append(["ip", v, what, "add", *words])
-
-    def repair(self):
-        """Put back what another program deleted. Each rule and route is
-        added again; what is still there fails with "File exists", changes
-        nothing and is not shown. Return how many were put back."""
-        put_back = [argv for argv in self.kept if self.changes.system.again(*argv)]
-        if put_back:
-            log(f"udptun: {len(put_back)} of the tunnel's routes and rules were deleted by another program: put back")
-        return len(put_back)
-
-
-def first_priorities(system, versions):
-    """For each IP version, the priority just below the rules already there
-    but the `local` one (0): where `ip rule add` without a priority would
-    put a rule, ahead of the main table's (32766)."""
-    found = {}
-    for v in versions:
-        taken = [int(p) for p in re.findall(r"^(\d+):", system.query("ip", f"-{v}", "rule", "show"), re.M)]
-        found[v] = min([p for p in taken if p > 0] or [32766]) - 1
-    return found
-
-
 def strict_reverse_path_filters():
     """Interfaces whose reverse-path filter is strict (rp_filter 1: the
     larger of `all` and the interface's own counts). A strict filter drops
@@ -1950,7 +1628,8 @@ def strict_reverse_path_filters():
 # ================ 8. System changes and their undo
 # Everything udptun changes outside itself, each change paired with its
 # undo: the TUN device's addresses, sysctls, the server's firewall and NAT,
-# the client's resolver; and recovery from what a killed run left behind.
+# the client's routing, kill switch and resolver; and the journal of undos,
+# with the recovery from what a killed run left behind.
 def setup_tun(changes, system, args, addresses):
     """Create the TUN device, give it its addresses and bring it up. They
     belong to the device, so the kernel removes them when it closes: no undo.
@@ -1968,7 +1647,7 @@ def setup_tun(changes, system, args, addresses):
     a few milliseconds when the scheduler runs something else.
     """
     vnet = not args.plain   # the speed layer writes merged packets behind a virtio_net_hdr
-    tun = FakeTun(args.dev, vnet) if system.dry_run else Tun(args.dev, vnet)
+    tun = FakeTun(args.dev, vnet) if system.dry_run else (VnetTun if vnet else Tun)(args.dev)
     log(f"[#] open {TUN_PATH} as {tun.name} (TUNSETIFF, IFF_TUN | IFF_NO_PI | IFF_TUN_EXCL"
         f"{' | IFF_VNET_HDR' if vnet else ''})")
     changes.defer(tun.close, f"close {tun.name}: the kernel deletes it with its address and routes")
@@ -2325,6 +2004,127 @@ def add_firewall(changes, firewall, o):
                      undo=[*tool, "-t", "filter", "-D", builtin, *jump])
 
 
+def free_table(system, versions):
+    """A number that no routing rule (as a table or a mark) and no routing
+    table uses yet, from FIRST_TABLE on: the client's routing table and mark."""
+    used = "".join(system.query("ip", f"-{v}", what, "show", *table)
+                   for v in versions for what, table in (("rule", ()), ("route", ("table", "all"))))
+    n = FIRST_TABLE
+    while re.search(rf"(lookup|table) {n}\b|fwmark {n:#x}\b", used):
+        n += 1
+    return n
+
+
+class Routing:
+    """Send `routes` into the tunnel, all but the tunnel's own datagrams;
+    and keep it so, whatever other programs do to the routing rules.
+
+    The routes go into a routing table of their own, number `table`, and
+    two rules (ip-rule(8)) pick a table for each packet, the second first:
+      1. `table main suppress_prefixlength 0`: the main table, but not its
+         default route (prefix length 0). The laptop's own networks (its LAN,
+         the tunnel's subnet) stay reachable as before.
+      2. `not fwmark N table N`: every packet not marked N: the tunnel.
+    The tunnel's own datagrams carry mark N (SO_MARK, see connect_udp), so
+    rule 2 passes them by and they take the main table's default route,
+    whichever it is at that moment. Nothing pins a gateway that a new Wi-Fi
+    or a resume from suspend could make stale. This is wg-quick's design;
+    see https://www.wireguard.com/netns/ ("Improved Rule-based Routing").
+    IPv6 has its own rules and table, the same way.
+
+    Each route has an "unreachable" twin of the largest metric, which takes
+    over when the route itself goes, with the device (a crash) or with its
+    link (`ip link set tun0 down`): what belongs in the tunnel then fails
+    at once, and never falls through to the main table's default route. A
+    --dns server gets a rule of its own, ahead of rule 1, so its queries
+    take the tunnel even where the LAN's routes would win. A `blocked`
+    network (IPv6, when the tunnel cannot carry it) gets only its twin:
+    it fails at once, and never goes around the tunnel.
+
+    Each rule has a priority of its own, counting down from just below the
+    rules already there (where `ip rule add` would put it): so a rule that
+    is deleted can be put back in its place, and adding a rule that is
+    there fails ("File exists") instead of adding it twice. Other programs
+    do delete them: systemd-networkd, which manages the network on Ubuntu
+    Server and wherever netplan is used, deletes every rule it did not make
+    whenever it starts (ManageForeignRoutingPolicyRules=yes), at a package
+    upgrade or `netplan apply`. So repair() puts back what is gone (see
+    Client.tick); meanwhile the kill switch (see KillSwitch) stops what
+    would go around the tunnel.
+
+    What this does not stop: a route more specific than the default that
+    the LAN's DHCP server puts in the main table wins by rule 1 (as with
+    wg-quick; CVE-2024-3661, "TunnelVision"), and the kill switch lets it
+    through where it leads to a private network.
+    """
+
+    def __init__(self, changes, dev, table, priorities):
+        self.changes, self.dev, self.table = changes, dev, str(table)
+        self.priorities = dict(priorities)   # IP version -> the next rule's (see first_priorities)
+        self.kept = []                       # the commands that add what must stay in place
+
+    def add(self, routes, dns=(), blocked=()):
+        n = self.table
+        for version in sorted({net.version for net in [*routes, *blocked]}):
+            for net in [*routes, *blocked]:
+                if net.version == version:
+                    if net in routes:   # (goes with the device: no undo)
+                        self._make(version, "route", [str(net), "dev", self.dev, "table", n], undo=False)
+                    self._make(version, "route", ["unreachable", str(net), "table", n, "metric", str(LAST_RESORT)])
+            rules = [["not", "fwmark", n, "table", n], ["table", "main", "suppress_prefixlength", "0"]]
+            rules += [["to", str(a), "table", n] for a in dns if a.version == version]
+            for rule in rules:
+                self.rule(version, rule)
+
+    def around(self, server, nets):
+        """Send what goes to the server's own address (`ssh` to the VPS, say)
+        outside the tunnel, as the LAN would without it: a rule that looks
+        `server` up in the main table, ahead of the others. The VPS then
+        sees it come from the laptop's public address, through the
+        provider's security group, which never sees what comes out of the
+        tunnel (the server's firewall lets tunnel traffic reach no service
+        of the VPS's). Only where `nets` would take it into the tunnel:
+        return the address if so, else None."""
+        address = ipaddress.ip_address(server.split("%")[0])
+        if address.is_link_local or not any(address in net for net in nets):   # (the LAN's own: never tunnelled)
+            return None
+        self.rule(address.version, ["to", str(address), "table", "main"])
+        return address
+
+    def rule(self, version, words):
+        if self.priorities[version] < 1:   # (0 is the local table's)
+            raise UserError(f"no routing rule priority is free below the rules in place (`ip -{version} rule`): "
+                            "delete the one of the lowest priority but 0, or give it a larger number")
+        words = ["pref", str(self.priorities[version]), *words]
+        self.priorities[version] -= 1
+        self._make(version, "rule", words)
+
+    def _make(self, version, what, words, undo=True):
+        v = f"-{version}"
+        self.changes.make(["ip", v, what, "add", *words], undo=["ip", v, what, "del", *words] if undo else None)
+        self.kept.append(["ip", v, what, "add", *words])
+
+    def repair(self):
+        """Put back what another program deleted. Each rule and route is
+        added again; what is still there fails with "File exists", changes
+        nothing and is not shown. Return how many were put back."""
+        put_back = [argv for argv in self.kept if self.changes.system.again(*argv)]
+        if put_back:
+            log(f"udptun: {len(put_back)} of the tunnel's routes and rules were deleted by another program: put back")
+        return len(put_back)
+
+
+def first_priorities(system, versions):
+    """For each IP version, the priority just below the rules already there
+    but the `local` one (0): where `ip rule add` without a priority would
+    put a rule, ahead of the main table's (32766)."""
+    found = {}
+    for v in versions:
+        taken = [int(p) for p in re.findall(r"^(\d+):", system.query("ip", f"-{v}", "rule", "show"), re.M)]
+        found[v] = min([p for p in taken if p > 0] or [32766]) - 1
+    return found
+
+
 # Where the client's kill switch lets packets out around the tunnel: what
 # never leaves the link (link-local, multicast, broadcast); and the LAN,
 # where it has private addresses (a printer, the home router's admin page).
@@ -2551,6 +2351,171 @@ class ResolvConf:
             self.ours = ours
 
 
+def state_dir():
+    """Where this run keeps its journal and status.
+
+    /run is shared by all network namespaces of a machine, so two udptuns
+    with the same device name in different namespaces (the tests, a lab)
+    would overwrite each other's files. A run inside `ip netns exec NAME`
+    uses /run/udptun/netns-NAME instead, found the way `ip netns identify`
+    does: by the inode of the namespace.
+    """
+    try:
+        me = os.stat("/proc/self/ns/net")
+        for name in sorted(os.listdir("/run/netns")):
+            st = os.stat(os.path.join("/run/netns", name))
+            if (st.st_dev, st.st_ino) == (me.st_dev, me.st_ino):
+                return os.path.join(STATE_ROOT, "netns-" + name)
+    except OSError:
+        pass
+    return STATE_ROOT
+
+
+def state_path(dev, suffix):
+    return os.path.join(state_dir(), dev + suffix)
+
+
+class Journal:
+    """A file that lists the undo commands of changes not yet undone, and a
+    lock that says a run is using the device.
+
+    The journal is written *before* each change is made (write-ahead), so
+    that after a `kill -9` the next start, or `udptun down`, can replay the
+    undos. It is read back with care: root's own regular file, writable by
+    root only, not through a link, and only commands of the shapes udptun
+    writes are replayed (see replayable), whatever else the file says.
+
+    The lock is an flock(2) on DEV.lock, held for the whole run: the kernel
+    lets go of it however the process ends, so a lock that cannot be taken
+    means a live run, never a stale file or a reused pid.
+    """
+
+    def __init__(self, dev, dry_run=False):
+        self.path = state_path(dev, ".journal")
+        self.lock_path = state_path(dev, ".lock")
+        self.dev, self.dry_run = dev, dry_run
+        self.lock_fd = None
+
+    def lock(self):
+        """Take the device's lock, or a UserError if a live run holds it.
+        (A dry run takes none: it changes nothing, and may not be root.)"""
+        if self.dry_run:
+            return
+        while True:
+            try:
+                os.makedirs(os.path.dirname(self.lock_path), mode=0o755, exist_ok=True)
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:
+                # Another run, stopping, removed the folders (see release)
+                # between our mkdir and our open. Make them again.
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise UserError(f"udptun is already running on {self.dev} here: stop it first, "
+                                "or pick another --dev") from None
+            # The run before us may have removed the file as we opened it:
+            # then our lock is on a file nobody else will see. Start over.
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino:
+                    self.lock_fd = fd
+                    return
+            os.close(fd)
+
+    def held(self):
+        """Whether a live run holds the lock: /proc/locks lists the inode of
+        every file locked with flock(2). Only looks: taking the lock, even
+        for a moment, could turn away a run that is starting."""
+        try:
+            st = os.stat(self.lock_path)
+            with open("/proc/locks") as f:   # "1: FLOCK ADVISORY WRITE pid MAJ:MIN:INODE 0 EOF"
+                where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+                return any(line.split()[1:2] == ["FLOCK"] and line.split()[5:6] == [where] for line in f)
+        except OSError:
+            return False
+
+    def load(self):
+        """The undo commands an earlier run left, or []."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return []
+        except OSError as e:   # ELOOP: a link
+            log(f"udptun: warning: {self.path} not read: {e.strerror}")
+            return []
+        with os.fdopen(fd) as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+                log(f"udptun: warning: {self.path} not read: not a regular file that only root may write")
+                return []
+            try:
+                undo = json.load(f).get("undo", [])
+            except (ValueError, AttributeError):
+                return []
+        if not isinstance(undo, list):
+            return []
+        good = [argv for argv in undo if replayable(argv)]
+        for argv in undo:
+            if argv not in good:
+                log(f"udptun: warning: {self.path}: not a command udptun writes, not run: {argv!r}"[:300])
+        return good
+
+    def save(self, undos):
+        """Write the list of undos (an empty list: no journal at all)."""
+        if self.dry_run:
+            return
+        if not undos:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            return
+        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+        tmp = self.path + ".tmp"
+        # 0644 whatever the umask: load() reads only a file that only root may write.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"undo": undos}, f)   # (who is running is the lock's to say, not a pid's)
+        os.replace(tmp, self.path)   # atomic: a reader sees the old or the new list
+
+    def release(self):
+        """Let go of the lock (removing its file first), and remove the
+        folders if that leaves them empty."""
+        if self.dry_run:
+            return
+        if self.lock_fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.lock_path)
+            os.close(self.lock_fd)
+            self.lock_fd = None
+        for folder in (os.path.dirname(self.path), STATE_ROOT):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+def replayable(argv):
+    """Whether `argv` has the shape of an undo that udptun writes: the one
+    check between a journal file and a root shell."""
+    if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+        return False
+    tool = argv[0]
+    if tool == "ip":
+        return argv[1:2] in (["-4"], ["-6"]) and argv[2:4] in (["rule", "del"], ["route", "del"])
+    if tool in ("iptables", "ip6tables"):
+        return (argv[1:3] == ["-w", "-t"] and argv[3:4] in (["filter"], ["nat"], ["mangle"])
+                and not any(a.startswith("--modprobe") for a in argv)   # (it names a program to run)
+                and (argv[4:5] == ["-D"] or len(argv) == 6 and argv[4] in ("-F", "-X") and argv[5].startswith("udptun-")))
+    if tool == "nft":
+        return (len(argv) == 5 and argv[1:3] == ["delete", "table"] and argv[3] in ("ip", "ip6")
+                and argv[4].startswith("udptun_"))
+    if tool == "sysctl":
+        return (len(argv) in (3, 4) and argv[1] == "-w" and argv[2].startswith(("net.", "net/")) and "=" in argv[2]
+                and ".." not in argv[2] and "\0" not in argv[2] and (len(argv) == 3 or argv[3].startswith(tag(""))))
+    if tool in ("resolvectl", "resolvconf"):
+        return argv[1:2] in (["revert"], ["-d"])
+    return tool == "write" and argv[1:2] == [RESOLV_CONF] and len(argv) == 4
+
+
 def recover(system, journal, dev):
     """Take the device's lock, then undo whatever an earlier run on `dev`
     left behind (killed with -9, or the machine lost power mid-run): replay
@@ -2600,6 +2565,41 @@ def lock_and_recover(args):
 # moves many packets per call. Nothing in it changes what passes, only how
 # fast: `--plain` leaves it out, and every test passes both ways.
 
+# The TUN device's side: every read() and write() on it can start with a
+# header that describes many packets as one.
+IFF_VNET_HDR = 0x4000   # <linux/if_tun.h>: read() and write() start with a struct virtio_net_hdr
+
+# struct virtio_net_hdr (<linux/virtio_net.h>; host byte order on a TUN
+# device): flags, gso_type, hdr_len, gso_size, csum_start, csum_offset. It
+# lets one write() carry many packets of one flow at once (see merge).
+VNET_HDR = struct.Struct("=BBHHHH")
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1   # the kernel completes the checksum at csum_start + csum_offset
+VIRTIO_NET_HDR_GSO_TCPV4 = 1      # the packet stands for TCP segments of gso_size payload bytes
+VIRTIO_NET_HDR_GSO_TCPV6 = 4      # ... the same over IPv6
+VIRTIO_NET_HDR_GSO_UDP_L4 = 5     # ... for UDP datagrams of gso_size (TUN devices: Linux 6.2)
+PLAIN_VNET_HDR = bytes(VNET_HDR.size)      # the header of an ordinary packet: no offload, checksums done
+
+
+class VnetTun(Tun):
+    """A TUN device whose every read() and write() starts with a struct
+    virtio_net_hdr (IFF_VNET_HDR), which lets one write() carry many packets
+    of a flow (see MergingWriter). We never ask the kernel for offloads on
+    what we read (TUNSETOFFLOAD), so what we read is always one ordinary
+    packet behind a header of zeros."""
+    FLAGS = Tun.FLAGS | IFF_VNET_HDR
+    vnet = True
+    skip = VNET_HDR.size   # what precedes each packet read
+
+    def read(self):
+        try:
+            return os.read(self.fd, self.skip + MAX_PACKET)[self.skip:]
+        except BlockingIOError:
+            return None
+
+    def write(self, packet):
+        super().write(PLAIN_VNET_HDR + packet)
+
+
 # Batching system calls on the UDP side (see Batching.send_packets and
 # recv_udp): one sendmsg() can carry many datagrams of one size (UDP GSO,
 # Linux 4.18), and one recvmsg() can return many coalesced by the kernel
@@ -2633,7 +2633,6 @@ WRITES = 16
 # by powers of two.
 TURN_COSTS = ("<1", "1", "2-3", "4-7", "8-15", "16-31", "32-63", "64+")
 GRO_CMSG_SPACE = socket.CMSG_SPACE(4)   # room for UDP GRO's control message (an int)
-GLUED_ALIKE = 4   # from this many glued datagrams on, admit_glued() compares them a byte at a time
 
 # Packets wait in our own queues, one per direction and within it one per
 # flow (see FairQueue). QUEUE_LIMIT bounds a direction: 2048 full-size
@@ -3070,8 +3069,6 @@ class Batching:
         self.longest_turn = 0.0    # seconds: how long a packet may have to wait for the rest of its turn
         self.costliest_turn = 0.0  # seconds of CPU time: the most a busy turn cost
         self.turn_costs = [0] * len(TURN_COSTS)   # how many busy turns cost each of TURN_COSTS
-        # The offsets of the bytes admit() reads (see admit_glued), by IP version.
-        self.admit_columns = {version: admit_columns(version, fields) for version, fields in self.ADMIT_READS.items()}
 
     def watch_socket(self, sock, poller=None):
         enable_gro(sock)
@@ -3137,7 +3134,7 @@ class Batching:
             self.socket_error(e)
             return
         if ancillary:   # datagrams glued by GRO after all
-            self.enqueue(self.to_tun, self.admit_glued(cut_apart(data, ancillary), data, addr))
+            self.enqueue(self.to_tun, [d for d in cut_apart(data, ancillary) if self.admit(d, addr)])
         elif self.admit(data, addr):
             self.write_one(data)
 
@@ -3170,7 +3167,7 @@ class Batching:
         the last), and we cut them apart again. Without GRO, or for a lone
         datagram, there is no control message.
         """
-        packets, count, admit, admit_glued = [], 0, self.admit, self.admit_glued
+        packets, count, admit = [], 0, self.admit
         while count < limit:
             try:
                 data, ancillary, _, addr = sock.recvmsg(MAX_PACKET, GRO_CMSG_SPACE, socket.MSG_DONTWAIT)
@@ -3182,51 +3179,15 @@ class Batching:
                 self.socket_error(e)
                 count += 1   # it takes a place in this turn: a flood of them cannot keep us here
                 continue
-            if ancillary:
+            if ancillary:   # (each judged alone: a forgery glued among a client's datagrams too)
                 datagrams = cut_apart(data, ancillary)
                 count += len(datagrams)
-                packets += admit_glued(datagrams, data, addr)
+                packets += [d for d in datagrams if admit(d, addr)]
             else:
                 count += 1
                 if admit(data, addr):
                     packets.append(data)
         return packets
-
-    def admit_glued(self, datagrams, data, addr):
-        """The datagrams admit() lets in, of those UDP GRO glued into `data`
-        (cut apart). They came from one sender, `addr`, and are all of one
-        size but the last.
-
-        admit() judges a packet by a few of its header bytes (ADMIT_READS),
-        so datagrams that agree on those get the same answer. Here they are
-        compared a byte at a time: data[j:end:size] is the j-th byte of
-        every datagram of full size, one slice in C, against a call to
-        admit() per datagram in Python (0.8 µs). Fewer than GLUED_ALIKE are
-        not worth it.
-
-        When admit() lets the first in, the datagrams that agree with it
-        come in with it. Those that differ, and a shorter last one, are
-        judged one by one; so are all of them if the first is refused, if it
-        is not TCP or UDP (admit() reads more of those), or if more than a
-        quarter differ. So a forged datagram glued among a client's is
-        judged alone, and cannot ride on the verdict for its neighbours.
-        """
-        first, admit = datagrams[0], self.admit
-        size, version = len(first), first[VERSION] >> 4 if first else 0
-        columns = self.admit_columns.get(version)
-        # (columns is sorted and holds the protocol's offset: a datagram
-        # longer than the last column has every byte the columns name)
-        proto = first[IPV4_PROTOCOL if version == 4 else IPV6_NEXT] if columns and size > columns[-1] else None
-        odd = None   # those that differ from the first, once compared
-        if len(datagrams) >= GLUED_ALIKE and proto in (TCP, UDP):
-            full = len(data) // size   # the datagrams of the first one's size
-            odd = unlike_the_first(data, size, full, columns)
-        if odd is None:
-            return [d for d in datagrams if admit(d, addr)]
-        if not admit(first, addr, full - len(odd)):
-            return [d for d in datagrams[1:] if admit(d, addr)]
-        packets = [d for k, d in enumerate(datagrams[:full]) if k not in odd or admit(d, addr)] if odd else datagrams[:full]
-        return packets + [d for d in datagrams[full:] if admit(d, addr)]   # (a shorter last one)
 
     def send_udp(self, runs):
         """Send runs of one flow's packets (see FairQueue.pop) where
@@ -3347,32 +3308,6 @@ def cut_apart(data, ancillary):
     if 0 < size < len(data):
         return [data[i:i + size] for i in range(0, len(data), size)]
     return [data]
-
-
-def unlike_the_first(data, size, full, columns):
-    """Which of the first `full` datagrams glued in `data`, `size` bytes
-    each, differ from the first at any of the offsets `columns`: a set of
-    their indices, or None if more than a quarter do. (Finding which costs
-    a step in Python per datagram, for each byte that differs: for a flood
-    of forgeries, more than judging each one.)"""
-    end, odd = full * size, set()
-    for j in columns:
-        column, value = data[j:end:size], data[j]
-        unlike = full - column.count(value)
-        if unlike:
-            if unlike * 4 > full:
-                return None
-            odd.update(k for k, byte in enumerate(column) if byte != value)
-            if len(odd) * 4 > full:
-                return None
-    return odd
-
-
-def admit_columns(version, fields):
-    """The offsets of the bytes admit() reads in a TCP or UDP packet of this
-    IP version: its first byte, its protocol and `fields` (its ADMIT_READS)."""
-    proto = IPV4_PROTOCOL if version == 4 else IPV6_NEXT
-    return sorted({VERSION, proto}.union(*(range(f.start, f.stop) for f in fields)))
 
 
 def enable_gro(sock):

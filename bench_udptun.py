@@ -1,0 +1,387 @@
+"""udptun's benchmark, on demand: udptun against socat (the same wire
+format) on the path a user's traffic takes, and a stranger's flood. It
+builds the tests' namespace lab (see test_udptun.py), as root:
+
+    python3 -m pytest bench_udptun.py -o markers=bench -s
+
+Timings never decide pass or fail: the figures are printed, next to
+socat's, measured in the same run."""
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+import udptun
+from test_udptun import (HERE, Lab, NEW_FLOWS, WEB4, WEB6, end, need, rss_kib, running, start_pair, status, stop,
+                         sysctl_in, wait_for)
+
+
+# ================================================================ the full path, against socat
+# Not part of the test run (the README's test commands name test_udptun.py
+# alone). The figures are printed next to socat's, measured in the same
+# run, as ratios:
+#
+#     python3 -m pytest bench_udptun.py -o markers=bench -s -k "not flood"
+#
+# UDPTUN_BENCH_REPS (3), UDPTUN_BENCH_TIME (5 s per iperf3 run) and
+# UDPTUN_BENCH_IMPLS (socat,udptun,udptun-ipv6,udptun-plain; socat-ipv6 and
+# python-floor on demand) tune it. Needs
+# iperf3, ethtool and socat.
+#
+# It measures the path a user's traffic takes: from the laptop behind its
+# home NAT, through the tunnel to the VPS, out of the VPS with NAT to the
+# web host (203.0.113.80), where iperf3 listens. Every tunnel crosses the
+# same firewall on the VPS, udptun's own (iptables_rules), and the same
+# routes on the laptop: everything into the tunnel. The links behave like
+# real NICs (see real_nics): UDP GSO batches are cut into wire packets
+# where they leave a host, and GRO coalesces them at the receiver.
+# Another peer, `python-floor`, is about the least a tunnel in Python can
+# do: the loop below, with no checks, no queues and no batching, behind the
+# same routes and firewall as socat. It is not a tunnel to use (it forwards
+# anything from anyone); it shows what Python's wake-ups alone cost next to
+# socat's: a floor for udptun's idle round trip.
+PYTHON_FLOOR = """
+import fcntl, os, select, socket, struct, subprocess, sys
+tun = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(tun, 0x400454CA, struct.pack("16sH22x", b"tun0", 0x1001))   # TUNSETIFF: IFF_TUN | IFF_NO_PI
+address, server = sys.argv[1], sys.argv[2:]
+subprocess.run(["ip", "address", "add", address, "dev", "tun0"], check=True)
+subprocess.run(["ip", "link", "set", "tun0", "mtu", "1400", "up"], check=True)
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+if server:
+    sock.connect((server[0], 5555))
+    peer = sock.getpeername()
+else:
+    sock.bind(("0.0.0.0", 5555))
+    peer = None
+poller = select.epoll()
+poller.register(tun, select.EPOLLIN)
+poller.register(sock.fileno(), select.EPOLLIN)
+while True:
+    for fd, _ in poller.poll():
+        if fd == tun:
+            packet = os.read(tun, 65535)
+            try:
+                if server:
+                    sock.send(packet)   # (connected: the kernel keeps the route)
+                elif peer:
+                    sock.sendto(packet, peer)
+            except OSError:   # an ICMP error reported late: the other end is not there yet
+                pass
+        else:
+            try:
+                packet, peer = sock.recvfrom(65535)
+            except OSError:
+                continue
+            os.write(tun, packet)
+"""
+BENCH_REPS = int(os.environ.get("UDPTUN_BENCH_REPS", "3"))
+BENCH_TIME = int(os.environ.get("UDPTUN_BENCH_TIME", "5"))
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])   # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p / 100))] if values else float("nan")
+
+
+class Bench:
+    """One tunnel's figures in one round: start it, measure, stop it."""
+
+    def __init__(self, lab):
+        self.lab = lab
+        self.undo = []   # the socat run's routes and firewall, newest last
+
+    def start(self, impl):
+        """Start a tunnel; return (the web host's address, the tunnel's pids)."""
+        lab = self.lab
+        if impl == "python-floor":
+            srv = lab.udptun_like("srv", [sys.executable, "-c", PYTHON_FLOOR, "10.0.0.2/24"])
+            wait_for(lambda: ":5555" in lab.sh("srv", "ss", "-lun") and "tun0" in lab.sh("srv", "ip", "link"),
+                     "the Python loop listening")
+            cli = lab.udptun_like("cli1", [sys.executable, "-c", PYTHON_FLOOR, "10.0.0.1/24", "198.51.100.10"])
+            wait_for(lambda: lab.ping("cli1", "10.0.0.2"), "a ping through the Python loop")
+            self.socat_full_path()
+            wait_for(lambda: lab.ping("cli1", WEB4), "the web host through the Python loop")
+            return WEB4, [srv.pid, cli.pid]
+        if impl in ("socat", "socat-ipv6"):
+            srv = lab.udptun_like("srv", ["socat", "UDP-LISTEN:5555", "TUN:10.0.0.2/24,tun-name=tun0,iff-no-pi,iff-up"])
+            wait_for(lambda: ":5555" in lab.sh("srv", "ss", "-lun"), "socat listening")
+            cli = lab.udptun_like("cli1", ["socat", "UDP:198.51.100.10:5555",
+                                           "TUN:10.0.0.1/24,tun-name=tun0,iff-no-pi,iff-up"])
+            wait_for(lambda: "tun0" in lab.sh("cli1", "ip", "link"), "socat's tun0")
+            lab.sh("cli1", "ip", "link", "set", "tun0", "mtu", "1400")
+            lab.ping("cli1", "10.0.0.2")   # socat opens its server TUN on the first datagram
+            wait_for(lambda: "tun0" in lab.sh("srv", "ip", "link"), "socat server's tun0")
+            lab.sh("srv", "ip", "link", "set", "tun0", "mtu", "1400")
+            self.socat_full_path()
+            wait_for(lambda: lab.ping("cli1", WEB4), "the web host through socat")
+            if impl == "socat":
+                return WEB4, [srv.pid, cli.pid]
+            self.socat_full_path_ipv6()
+            wait_for(lambda: lab.ping("cli1", WEB6), "the web host through socat, over IPv6")
+            return WEB6, [srv.pid, cli.pid]
+        args = ["--plain"] if impl == "udptun-plain" else []
+        srv, cli = start_pair(lab, server_args=args, client_args=args)
+        target = WEB6 if impl == "udptun-ipv6" else WEB4
+        wait_for(lambda: lab.ping("cli1", target), "the web host through udptun")
+        return target, [srv.pid, cli.pid]
+
+    def socat_full_path(self):
+        """What udptun does for itself: on the laptop, everything into the
+        tunnel but the tunnel's own datagrams (two halves of the address
+        space, and a route to the VPS by the home router, as OpenVPN's def1
+        does); on the VPS, forwarding and udptun's firewall and NAT."""
+        lab = self.lab
+        steps = [("cli1", ["ip", "route", "add", "198.51.100.10/32", "via", "172.16.0.1"],
+                  ["ip", "route", "del", "198.51.100.10/32"]),
+                 ("cli1", ["ip", "route", "add", "0.0.0.0/1", "dev", "tun0"], ["ip", "route", "del", "0.0.0.0/1"]),
+                 ("cli1", ["ip", "route", "add", "128.0.0.0/1", "dev", "tun0"],
+                  ["ip", "route", "del", "128.0.0.0/1"]),
+                 ("srv", ["sysctl", "-qw", "net.ipv4.ip_forward=1"], ["sysctl", "-qw", "net.ipv4.ip_forward=0"])]
+        for name, do, undo in steps:
+            lab.sh(name, *do)
+            self.undo.append((name, undo))
+        self.firewall("10.0.0.2/24")
+
+    def firewall(self, address):
+        commands, undos = firewall_of_udptun(address)
+        for do in commands:
+            self.lab.sh("srv", *do)
+        self.undo += [("srv", undo) for undo in undos]   # (popped newest first)
+
+    def socat_full_path_ipv6(self):
+        """The same for IPv6 inside socat's tunnel (socat-ipv6, to compare
+        with udptun-ipv6): udptun's addresses, routes, forwarding, firewall
+        and NAT."""
+        steps = [("cli1", ["ip", "-6", "address", "add", "fd75:6470:746e::1/64", "dev", "tun0", "nodad"], None),
+                 ("srv", ["ip", "-6", "address", "add", "fd75:6470:746e::2/64", "dev", "tun0", "nodad"], None),
+                 ("cli1", ["ip", "-6", "route", "add", "::/1", "dev", "tun0"], None),
+                 ("cli1", ["ip", "-6", "route", "add", "8000::/1", "dev", "tun0"], None),
+                 ("srv", ["sysctl", "-qw", "net.ipv6.conf.eth0.accept_ra=2"],
+                  ["sysctl", "-qw", f"net.ipv6.conf.eth0.accept_ra={sysctl_in(self.lab, 'srv', 'net.ipv6.conf.eth0.accept_ra')}"]),
+                 ("srv", ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
+                  ["sysctl", "-qw", f"net.ipv6.conf.all.forwarding={sysctl_in(self.lab, 'srv', 'net.ipv6.conf.all.forwarding')}"])]
+        # (tun0's addresses and routes go with it)
+        for name, do, undo in steps:
+            self.lab.sh(name, *do)
+            if undo:
+                self.undo.append((name, undo))
+        self.firewall("fd75:6470:746e::2/64")
+
+    def stop(self):
+        for p in reversed(self.lab.procs):
+            if p.poll() is None:
+                stop(p)
+        self.lab.procs.clear()
+        while self.undo:
+            name, undo = self.undo.pop()
+            self.lab.sh(name, *undo, check=False)
+        # Until the devices are gone (socat's go when it exits; udptun's when it closes them).
+        for name in ("cli1", "srv"):
+            wait_for(lambda: "tun0" not in self.lab.sh(name, "ip", "link"), f"{name}'s tun0 gone")
+
+    def iperf(self, target, *args):
+        out = self.lab.sh("cli1", "iperf3", "-c", target, "-t", str(BENCH_TIME), "-J", *args,
+                          timeout=BENCH_TIME + 30)
+        return json.loads(out)["end"]
+
+    def run(self, impl):
+        target, pids = self.start(impl)
+        r = {}
+        try:
+            # Idle first, on a quiet machine: 100 pings a second, and 5 (typing in ssh),
+            # after 50 that go unmeasured (neighbour entries, NAT mappings, routes: for every tunnel alike).
+            self.ping(target, 0.01, 50)
+            r["ping100_p50"], r["ping100_p99"] = self.ping(target, 0.01, 300)
+            r["ping5_p50"], r["ping5_p99"] = self.ping(target, 0.2, 5 * (BENCH_TIME + 3))
+            before = cpu_seconds(pids)
+            end = self.iperf(target)
+            cpu = cpu_seconds(pids) - before
+            r["tcp1"] = end["sum_received"]["bits_per_second"] / 1e9
+            r["cpu_s_per_gb"] = cpu / (end["sum_received"]["bytes"] / 1e9)
+            r["tcp1R"] = self.iperf(target, "-R")["sum_received"]["bits_per_second"] / 1e9
+            r["tcp4"] = self.iperf(target, "-P", "4")["sum_received"]["bits_per_second"] / 1e9
+            u = self.iperf(target, "-u", "-l", "64", "-b", "200M")["sum"]
+            r["udp64_kpps"] = (u["packets"] - u["lost_packets"]) / u["seconds"] / 1e3
+            for key, reverse in (("ping_load", []), ("ping_loadR", ["-R"])):   # upload, download
+                with running(["ip", "netns", "exec", self.lab.ns("cli1"), "iperf3", "-c", target,
+                              "-t", str(BENCH_TIME + 2), *reverse], stdout=subprocess.DEVNULL) as load:
+                    wait_for(lambda: "5201" in self.lab.sh("cli1", "ss", "-tn", "state", "established"),
+                             "iperf3 under way")
+                    r[key], _ = self.ping(target, 0.05, 20 * BENCH_TIME)
+                    load.wait(timeout=BENCH_TIME + 30)
+        finally:
+            self.stop()
+        return r
+
+    def ping(self, target, interval, count):
+        """Round-trip time p50 and p99, in microseconds."""
+        out = self.lab.sh("cli1", "ping", "-c", str(count), "-i", str(interval), "-n", target,
+                          check=False, timeout=count * interval + 30)
+        times = [float(t) * 1000 for t in re.findall(r"time=([\d.]+) ms", out)]
+        return percentile(times, 50), percentile(times, 99)
+
+
+def firewall_of_udptun(address):
+    """udptun's own firewall and NAT on the VPS, for a tunnel address: the
+    commands, and their undos, oldest first. (Every tunnel compared passes
+    the same firewall.)"""
+    system = udptun.System(dry_run=True)
+    changes = udptun.Changes(system, udptun.Journal("tun0", dry_run=True))
+    with contextlib.redirect_stderr(io.StringIO()):   # (the dry run echoes its plan)
+        udptun.add_firewall(changes, "iptables", udptun.Openings("tun0", "eth0", ipaddress.ip_interface(address), 1400))
+    return system.plan, [argv for _, argv in changes.stack]
+
+
+def real_nics(lab):
+    """Make the veth links behave like real network cards (see topo.sh "real")."""
+    for name, dev, features in (("cli1", "eth0", ["tx-udp-segmentation", "off", "gro", "on"]),
+                                ("srv", "eth0", ["tx-udp-segmentation", "off", "gro", "on"]),
+                                ("core", "e-srv", ["tso", "off", "tx-udp-segmentation", "off"]),
+                                ("nat", "lan1", ["tso", "off", "tx-udp-segmentation", "off"])):
+        lab.sh(name, "ethtool", "-K", dev, *features)
+
+
+@pytest.mark.bench
+def test_bench():
+    need(os.geteuid() == 0, "the benchmark needs root")
+    for tool in ("iperf3", "ethtool", "socat"):
+        need(shutil.which(tool), f"the benchmark needs {tool}")
+    lab = Lab()
+    lab.prefix = f"ub{os.getpid()}"
+    lab.names = [lab.ns(n) for n in ("cli1", "cli2", "nat", "core", "srv", "web", "iso", "prv")]
+
+    def udptun_like(name, argv):
+        proc = subprocess.Popen(["ip", "netns", "exec", lab.ns(name), *argv],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc.log = io.StringIO()
+        lab.procs.append(proc)
+        return proc
+
+    lab.udptun_like = udptun_like
+    impls = os.environ.get("UDPTUN_BENCH_IMPLS", "socat,udptun,udptun-ipv6,udptun-plain").split(",")
+    results = {name: [] for name in impls}
+    try:
+        lab.up()
+        real_nics(lab)
+        with running(["ip", "netns", "exec", lab.ns("web"), "iperf3", "-s"], stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL):
+            wait_for(lambda: ":5201" in lab.sh("web", "ss", "-ltn"), "iperf3 server on the web host")
+            for rep in range(BENCH_REPS):          # round robin: drift hits all alike
+                for name in impls:
+                    results[name].append(Bench(lab).run(name))
+                    print(f"rep {rep + 1} {name}: {results[name][-1]}", flush=True)
+    finally:
+        lab.down()
+    report(results)
+
+
+FLOOD_TIME = int(os.environ.get("UDPTUN_FLOOD_TIME", "60"))
+# How fast the stranger floods: about as fast as udptun's server takes
+# datagrams in on this lab, and as fast as one core sends them.
+FLOOD_RATES = {"paced": 120000, "flat out": 10 ** 9}
+
+
+def download_rate(lab, seconds):
+    """MB/s that downloads from the web host (back to back, on the full
+    path) get through the tunnel for `seconds`."""
+    out = subprocess.run(f"ip netns exec {lab.ns('cli1')} timeout {seconds} curl -sS --connect-timeout 3 "
+                         "'http://203.0.113.80/blob?[1-100000]' | wc -c", shell=True, capture_output=True,
+                         text=True, timeout=seconds + 30)
+    return int(out.stdout) / seconds / 1e6
+
+
+@pytest.mark.bench
+def test_bench_flood():
+    """What a stranger's flood takes from a client's download, on the full
+    path: downloads alone for FLOOD_TIME seconds; then while a stranger on
+    the web host holds a free tunnel address and sends 64-byte packets,
+    each from a new port (NEW_FLOWS), at each of FLOOD_RATES. Also: the
+    server's RSS before and after, its longest turn (status), and a ping's
+    round trip through the tunnel meanwhile.
+
+    The flood's sender has a core of its own (the last one), as a
+    stranger's machine would; everything else (udptun at both ends, the
+    web host, the download, the kernel's work for them) shares the others,
+    alone and flooded alike."""
+    need(os.geteuid() == 0, "the benchmark needs root")
+    cores = sorted(os.sched_getaffinity(0))
+    need(len(cores) >= 2, "the flood benchmark needs two cores")
+    saved, theirs = set(cores), str(cores[-1])
+    lab = Lab()
+    lab.prefix = f"ub{os.getpid()}"
+    lab.names = [lab.ns(n) for n in ("cli1", "cli2", "nat", "core", "srv", "web", "iso", "prv")]
+    rows, taken = [], 0
+    try:
+        os.sched_setaffinity(0, cores[:-1])   # (inherited by all that the lab starts)
+        lab.up()
+        real_nics(lab)
+        lab.sh("web", "iptables", "-I", "INPUT", "-p", "udp", "-s", "198.51.100.10", "-j", "DROP")   # quietly
+        server, _ = start_pair(lab)
+        alone = download_rate(lab, FLOOD_TIME)
+        for name, rate in FLOOD_RATES.items():
+            before = rss_kib(server.pid)
+            with running(["taskset", "-c", theirs, "ip", "netns", "exec", lab.ns("web"), sys.executable, "-c",
+                          NEW_FLOWS, HERE, str(10 ** 9), str(rate)]), \
+                 running(["ip", "netns", "exec", lab.ns("cli1"), "ping", "-n", "-i", "0.2", "-w", str(FLOOD_TIME),
+                          WEB4], stdout=subprocess.PIPE, text=True) as ping:
+                flooded = download_rate(lab, FLOOD_TIME)
+                rtt = [float(t) for t in re.findall(r"time=([\d.]+) ms", ping.communicate(timeout=30)[0])]
+                stranger = [c for c in status(lab)["clients"] if c["ip"] == "10.0.0.9"]
+            now = stranger[0]["rx_packets"] if stranger else 0
+            rows.append((name, flooded, rss_kib(server.pid) - before, rtt, now - taken))
+            taken = now
+            lab.sh("srv", "conntrack", "-F", check=False)
+        last = status(lab)
+        longest = last["longest_turn_ms"], last["costliest_turn_ms"], last["turns_by_cpu_ms"]
+    finally:
+        lab.down()
+        os.sched_setaffinity(0, saved)
+    print(f"\nfull path, {FLOOD_TIME} s each; downloads alone: {alone:.1f} MB/s")
+    print("| flood | download, MB/s | of alone | server RSS | ping p50 | ping p99 | pings answered | stranger's packets in |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, flooded, grown, rtt, took in rows:
+        print(f"| {name} | {flooded:.1f} | {flooded / alone:.2f} | {grown / 1024:+.1f} MiB | {percentile(rtt, 50):.1f} ms "
+              f"| {percentile(rtt, 99):.1f} ms | {len(rtt)} of {5 * FLOOD_TIME} | {took} |")
+    print("longest turn of the server's loop: {} ms; its costliest: {} ms of CPU time; "
+          "busy turns by their CPU time in ms: {}".format(*longest))
+
+
+BENCH_COLUMNS = [("tcp1", "TCP up, Gbit/s", "{:.2f}"), ("tcp1R", "TCP down", "{:.2f}"),
+                 ("tcp4", "TCP 4 up", "{:.2f}"), ("udp64_kpps", "64-byte UDP, kpps", "{:.0f}"),
+                 ("cpu_s_per_gb", "CPU s/GB", "{:.1f}"),
+                 ("ping100_p50", "ping 100/s p50 µs", "{:.0f}"), ("ping100_p99", "p99", "{:.0f}"),
+                 ("ping5_p50", "ping 5/s p50", "{:.0f}"), ("ping5_p99", "p99", "{:.0f}"),
+                 ("ping_load", "ping, upload p50", "{:.0f}"), ("ping_loadR", "download p50", "{:.0f}")]
+
+
+def report(results):
+    import statistics
+    keys = [k for k, _, _ in BENCH_COLUMNS]
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in keys} for n, rs in results.items() if rs}
+    print(f"\nfull path, medians of {BENCH_REPS} rounds of {BENCH_TIME} s:")
+    print("| | " + " | ".join(title for _, title, _ in BENCH_COLUMNS) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for n, m in med.items():
+        print(f"| {n} | " + " | ".join(f.format(m[k]) for k, _, f in BENCH_COLUMNS) + " |")
+    pairs = [(n, "socat") for n in med if n != "socat"] + [(f"{n}-ipv6", n) for n in ("udptun", "socat")]
+    for n, d in dict.fromkeys(pairs):
+        if n in med and d in med:
+            print(f"| {n} / {d} | " + " | ".join(
+                f"{med[n][k] / med[d][k]:.2f}×" if med[d][k] else "-" for k in keys) + " |")
