@@ -8,6 +8,8 @@ Timings never decide pass or fail: the figures are printed, next to
 socat's, measured in the same run."""
 
 import contextlib
+import io
+import ipaddress
 import json
 import os
 import re
