@@ -3126,17 +3126,11 @@ class Batching:
             limit = READ_AHEAD if hosts is None else min(READ_AHEAD, self.to_tun.room(hosts))
             self.enqueue(self.to_tun, self.recv_udp(sock, limit))
             return
-        try:   # one receive; a lone datagram goes straight on (as few steps as the plain loop's)
-            data, ancillary, _, addr = sock.recvmsg(MAX_PACKET, GRO_CMSG_SPACE, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            self.socket_error(e)
-            return
-        if ancillary:   # datagrams glued by GRO after all
-            self.enqueue(self.to_tun, [d for d in cut_apart(data, ancillary) if self.admit(d, addr)])
-        elif self.admit(data, addr):
-            self.write_one(data)
+        packets = self.recv_udp(sock, 1)   # one receive: a lone datagram goes straight on
+        if len(packets) == 1:
+            self.write_one(packets[0])
+        else:   # (datagrams glued by GRO after all)
+            self.enqueue(self.to_tun, packets)
 
     def take_from_tun(self):
         self.enqueue(self.to_udp, [p for p in self.read_tun(READ_AHEAD) if self.from_tun_ok(p)])
