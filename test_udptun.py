@@ -1415,6 +1415,15 @@ def need(condition, why):
         (pytest.fail if CI else pytest.skip)(why)
 
 
+def output_of(prefix, where, argv, check=True, timeout=60, env=None):
+    """What `argv` prints, run behind `prefix` (in a namespace: `where`);
+    with `check`, an AssertionError if it fails."""
+    done = subprocess.run([*prefix, *argv], capture_output=True, text=True, timeout=timeout, env=env)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{where}: {' '.join(argv)}: {(done.stderr or done.stdout).strip()}")
+    return done.stdout
+
+
 class Lab:
     """The namespaces of the drawing at the top of this file."""
 
@@ -1448,11 +1457,7 @@ http.server.ThreadingHTTPServer(("203.0.113.80", 80), H).serve_forever()
         return f"{self.prefix}-{name}"
 
     def sh(self, name, *argv, check=True, timeout=60):
-        done = subprocess.run(["ip", "netns", "exec", self.ns(name), *argv], capture_output=True,
-                              text=True, timeout=timeout)
-        if check and done.returncode != 0:
-            raise AssertionError(f"{name}: {' '.join(argv)}: {done.stderr.strip()}")
-        return done.stdout
+        return output_of(["ip", "netns", "exec", self.ns(name)], name, argv, check, timeout)
 
     def link(self, a, a_if, b, b_if):
         subprocess.run(["ip", "link", "add", "utA", "netns", self.ns(a), "type", "veth",
@@ -3975,19 +3980,11 @@ class Machine:
 
     def sh(self, *argv, check=True, timeout=60):
         """Run a command in the container, in all its namespaces."""
-        done = subprocess.run(["nsenter", "-t", str(self.pid), "-a", *argv], capture_output=True, text=True,
-                              timeout=timeout, env=SYSTEM_ENV)
-        if check and done.returncode != 0:
-            raise AssertionError(f"{self.name}: {' '.join(argv)}: {(done.stderr or done.stdout).strip()}")
-        return done.stdout
+        return output_of(["nsenter", "-t", str(self.pid), "-a"], self.name, argv, check, timeout, env=SYSTEM_ENV)
 
     def at(self, name, *argv, check=True, timeout=60):
         """Run a command in the VPS's namespace or the web host's."""
-        done = subprocess.run(["ip", "netns", "exec", self.ns(name), *argv], capture_output=True, text=True,
-                              timeout=timeout)
-        if check and done.returncode != 0:
-            raise AssertionError(f"{name}: {' '.join(argv)}: {(done.stderr or done.stdout).strip()}")
-        return done.stdout
+        return output_of(["ip", "netns", "exec", self.ns(name)], name, argv, check, timeout)
 
     def start(self, where, *argv):
         """A process in the container (where=None) or in a namespace, its

@@ -837,8 +837,9 @@ class Forwarder:
       or False (dropped). Its answer depends on the destination alone: the
       speed layer asks once for a run of `count` packets of one flow,
       `length` bytes in all.
-    - tick(now), status(); and unreachable(error), told when the socket
-      reports an error.
+    - tick(now), status(); unreachable(error), told when the socket
+      reports an error; and watch_more(), for descriptors of its own (the
+      client's routing monitor).
     Callers: run(); and, for the subclasses, send_one() (a keepalive, a
     probe), replace_socket() (the client's, when its network changes),
     watch_socket() and forget_socket() (the server's, a socket per client).
@@ -1857,9 +1858,9 @@ def iptables_rules(o):
           table, which is shared by the whole VPS: a stranger opening a
           new flow with each packet would fill it, and nobody could open
           a connection through the NAT any more). The kernel counts them
-          by walking the address's list: a stranger sending each packet
-          in a new flow made it a third of the server's CPU time, and its
-          turns took milliseconds, until the rate limit came first;
+          by walking the address's list for each new one, which the rate
+          limit above spares it under a flood of new flows (unlimited, the
+          walk took a third of the server's CPU time);
         --reach networks: accept;
         with --client-to-client, from the tunnel back into it: accept;
         PRIVATE networks (a VPC, the cloud's metadata service): drop;
@@ -2046,9 +2047,9 @@ class Routing:
     is deleted can be put back in its place, and adding a rule that is
     there fails ("File exists") instead of adding it twice. Other programs
     do delete them: systemd-networkd, which manages the network on Ubuntu
-    Server and wherever netplan is used, deletes every rule it did not make
-    whenever it starts (ManageForeignRoutingPolicyRules=yes), at a package
-    upgrade or `netplan apply`. So repair() puts back what is gone (see
+    Server and wherever netplan is used, may delete every rule it did not
+    make when it starts (ManageForeignRoutingPolicyRules=yes; systemd 257
+    does at a restart, 252 does not), at a package upgrade or `netplan apply`. So repair() puts back what is gone (see
     Client.tick); meanwhile the kill switch (see KillSwitch) stops what
     would go around the tunnel.
 
@@ -2101,8 +2102,9 @@ class Routing:
 
     def _make(self, version, what, words, undo=True):
         v = f"-{version}"
-        self.changes.make(["ip", v, what, "add", *words], undo=["ip", v, what, "del", *words] if undo else None)
-        self.kept.append(["ip", v, what, "add", *words])
+        add = ["ip", v, what, "add", *words]
+        self.changes.make(add, undo=["ip", v, what, "del", *words] if undo else None)
+        self.kept.append(add)
 
     def repair(self):
         """Put back what another program deleted. Each rule and route is
@@ -2316,8 +2318,7 @@ class ResolvConf:
     def __init__(self, changes, dev, text):
         self.changes, self.dev, self.text = changes, dev, text
         try:
-            with open(RESOLV_CONF, "rb") as f:
-                found = f.read().decode("latin-1")
+            found = self.read()
         except OSError as e:
             raise UserError(f"cannot read {RESOLV_CONF}: {e.strerror}") from None
         self.ours = self.over(found)
@@ -2326,11 +2327,8 @@ class ResolvConf:
 
     @staticmethod
     def read():
-        try:
-            with open(RESOLV_CONF, "rb") as f:
-                return f.read().decode("latin-1")
-        except OSError:
-            return None
+        with open(RESOLV_CONF, "rb") as f:
+            return f.read().decode("latin-1")
 
     def over(self, found):
         """Our file, in place of `found`."""
@@ -2339,8 +2337,11 @@ class ResolvConf:
         return f"# udptun ({self.dev}): the file as it was comes back when udptun stops\n" + self.text + keep
 
     def keep(self):
-        found = self.read()
-        if found is None or found == self.ours:
+        try:
+            found = self.read()
+        except OSError:   # (being replaced this very moment: the next tick sees it)
+            return
+        if found == self.ours:
             return
         log(f"udptun: {RESOLV_CONF} was written anew (a new network?): our --dns servers again")
         ours = self.over(found)
@@ -3464,6 +3465,7 @@ def connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, ro
         log(f"udptun: warning: strict reverse-path filtering (rp_filter 1) on {', '.join(strict)} drops the "
             "server's replies there: make it loose, as Debian and Ubuntu do: "
             "sysctl -w net.ipv4.conf.all.rp_filter=2 " + " ".join(f"net.ipv4.conf.{n}.rp_filter=2" for n in strict))
+    tunnelled = [*routes, *blocked]   # (blocked: what fails in the tunnel rather than go around it)
     all_versions = sorted({*versions, *(net.version for net in blocked)})
     table = free_table(system, all_versions)
     firewall = kill_switch_firewall(args.firewall)
@@ -3473,10 +3475,10 @@ def connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, ro
         resolv_conf = set_dns(changes, tun.name, [str(a) for a in dns]) if dns else None
         routing = Routing(changes, tun.name, table, first_priorities(system, all_versions))
         routing.add(routes, dns, blocked)
-        around = routing.around(server[0], [*routes, *blocked])
+        around = routing.around(server[0], tunnelled)
         kill_switch = KillSwitch(changes, firewall, tun.name, table) if firewall else None
         if kill_switch:
-            kill_switch.add([*routes, *blocked], dns, [around] if around else [])
+            kill_switch.add(tunnelled, dns, [around] if around else [])
         kind = Client if args.plain else FastClient
         client = kind(tun, sock, addresses, server_tunnel_ip, args.keepalive, table, name, family, args.verbose)
         client.routing, client.resolv_conf = routing, resolv_conf
@@ -3487,7 +3489,7 @@ def connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, ro
                 return
             seen.add(address)
             try:
-                around = routing.around(address, [*routes, *blocked])
+                around = routing.around(address, tunnelled)
                 if around and kill_switch:
                     kill_switch.let_through(around)
             except UserError as e:   # (the tunnel goes on: only ssh to the VPS goes through it)
