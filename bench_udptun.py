@@ -1,11 +1,14 @@
 """udptun's benchmark, on demand: udptun against socat (the same wire
-format) on the path a user's traffic takes, and a stranger's flood. It
-builds the tests' namespace lab (see test_udptun.py), as root:
+format) on the path a user's traffic takes (test_bench), each of the speed
+layer's mechanisms left out in turn (the same test, see WITHOUT), two
+clients' mixed load against another udptun.py (test_bench_mixed), and a
+stranger's flood (test_bench_flood). It builds the tests' namespace lab
+(see test_udptun.py), as root:
 
-    python3 -m pytest bench_udptun.py -o markers=bench -s
+    python3 -m pytest bench_udptun.py -o markers=bench -s -k "not flood and not mixed"
 
 Timings never decide pass or fail: the figures are printed, next to
-socat's, measured in the same run."""
+those of a peer measured in the same run."""
 
 import contextlib
 import io
@@ -20,6 +23,7 @@ import sys
 
 import pytest
 
+import test_udptun
 import udptun
 from test_udptun import (HERE, Lab, NEW_FLOWS, WEB4, WEB6, end, need, rss_kib, running, start_pair, status, stop,
                          sysctl_in, wait_for)
@@ -30,11 +34,11 @@ from test_udptun import (HERE, Lab, NEW_FLOWS, WEB4, WEB6, end, need, rss_kib, r
 # alone). The figures are printed next to socat's, measured in the same
 # run, as ratios:
 #
-#     python3 -m pytest bench_udptun.py -o markers=bench -s -k "not flood"
+#     python3 -m pytest bench_udptun.py -o markers=bench -s -k "not flood and not mixed"
 #
 # UDPTUN_BENCH_REPS (3), UDPTUN_BENCH_TIME (5 s per iperf3 run) and
-# UDPTUN_BENCH_IMPLS (socat,udptun,udptun-ipv6,udptun-plain; socat-ipv6 and
-# python-floor on demand) tune it. Needs
+# UDPTUN_BENCH_IMPLS (socat,udptun,udptun-ipv6,udptun-plain; socat-ipv6,
+# python-floor, udptun-old and the variants in WITHOUT on demand) tune it. Needs
 # iperf3, ethtool and socat.
 #
 # It measures the path a user's traffic takes: from the laptop behind its
@@ -84,6 +88,80 @@ while True:
                 continue
             os.write(tun, packet)
 """
+
+# Each of chapter 9's mechanisms, left out of an otherwise whole speed
+# layer, to measure what it brings (an A/B run on the full path): the
+# variant runs udptun.py through a launcher that replaces one thing.
+WITHOUT = {
+    # one sendmsg() per datagram, as the plain loop sends
+    "udptun-no-gso": "udptun.Batching.send_gso = lambda self, batch, size, addr: "
+                     "[self.send_one(p, addr) for p in batch]",
+    # one datagram per recvmsg(): never ask the kernel to coalesce them
+    "udptun-no-gro": "udptun.enable_gro = lambda sock: None",
+    # a TUN device without the vnet header: one write() per packet
+    "udptun-no-merge": "udptun.VnetTun = type('Tun', (udptun.Tun,), {'skip': 0})",
+    # one FIFO per direction, dropping at its tail when full, instead of the FairQueue
+    "udptun-fifo": """
+class Fifo:
+    def __init__(self, limit=udptun.QUEUE_LIMIT, byte_limit=udptun.QUEUE_BYTES, **ignored):
+        self.queue, self.limit, self.byte_limit = collections.deque(), limit, byte_limit
+        self.length = self.bytes = 0
+    def push(self, packets):
+        dropped = 0
+        for p in packets:
+            if self.length >= self.limit or self.bytes + len(p) > self.byte_limit:
+                dropped += 1
+            else:
+                self.queue.append(p)
+                self.length += 1
+                self.bytes += len(p)
+        return dropped
+    def room(self, hosts):
+        return self.limit - self.length
+    def pop(self, budget, byte_budget=udptun.QUEUE_BYTES, run_budget=None):
+        runs, count, size, last = [], 0, 0, None
+        while self.queue and count < budget and size < byte_budget:
+            key = udptun.flow_of(self.queue[0])
+            if key != last:
+                if len(runs) == (run_budget or budget):
+                    break
+                runs.append([])
+                last = key
+            p = self.queue.popleft()
+            runs[-1].append(p)
+            count, size = count + 1, size + len(p)
+        self.length -= count
+        self.bytes -= size
+        return runs
+udptun.FairQueue = Fifo""",
+}
+LAUNCHER = """import collections, sys
+sys.path.insert(0, {here!r})
+import udptun
+{patch}
+sys.exit(udptun.main(sys.argv[1:]))
+"""
+# udptun-old runs another udptun.py, to compare with (UDPTUN_BENCH_OLD: its path).
+OLD = os.environ.get("UDPTUN_BENCH_OLD")
+
+
+@contextlib.contextmanager
+def udptun_of(lab, impl):
+    """Run this udptun, or one of its variants (WITHOUT, udptun-old), as `udptun`."""
+    path = test_udptun.UDPTUN
+    if impl in WITHOUT:
+        test_udptun.UDPTUN = os.path.join(lab.tmp, f"{impl}.py")
+        with open(test_udptun.UDPTUN, "w") as f:
+            f.write(LAUNCHER.format(here=HERE, patch=WITHOUT[impl]))
+    elif impl == "udptun-old":
+        need(OLD, "udptun-old needs UDPTUN_BENCH_OLD, the path of the udptun.py to compare with")
+        test_udptun.UDPTUN = OLD
+    try:
+        yield
+    finally:
+        test_udptun.UDPTUN = path
+
+
 BENCH_REPS = int(os.environ.get("UDPTUN_BENCH_REPS", "3"))
 BENCH_TIME = int(os.environ.get("UDPTUN_BENCH_TIME", "5"))
 
@@ -139,7 +217,8 @@ class Bench:
             wait_for(lambda: lab.ping("cli1", WEB6), "the web host through socat, over IPv6")
             return WEB6, [srv.pid, cli.pid]
         args = ["--plain"] if impl == "udptun-plain" else []
-        srv, cli = start_pair(lab, server_args=args, client_args=args)
+        with udptun_of(lab, impl):
+            srv, cli = start_pair(lab, server_args=args, client_args=args)
         target = WEB6 if impl == "udptun-ipv6" else WEB4
         wait_for(lambda: lab.ping("cli1", target), "the web host through udptun")
         return target, [srv.pid, cli.pid]
@@ -260,14 +339,22 @@ def real_nics(lab):
         lab.sh(name, "ethtool", "-K", dev, *features)
 
 
+def lab_for_bench(blob=None):
+    """The tests' lab, under names of its own; the web host serves `blob` bytes."""
+    lab = Lab()
+    lab.prefix = f"ub{os.getpid()}"
+    lab.names = [lab.ns(n) for n in ("cli1", "cli2", "nat", "core", "srv", "web", "iso", "prv")]
+    if blob:
+        lab.BLOB = blob
+    return lab
+
+
 @pytest.mark.bench
 def test_bench():
     need(os.geteuid() == 0, "the benchmark needs root")
     for tool in ("iperf3", "ethtool", "socat"):
         need(shutil.which(tool), f"the benchmark needs {tool}")
-    lab = Lab()
-    lab.prefix = f"ub{os.getpid()}"
-    lab.names = [lab.ns(n) for n in ("cli1", "cli2", "nat", "core", "srv", "web", "iso", "prv")]
+    lab = lab_for_bench()
 
     def udptun_like(name, argv):
         proc = subprocess.Popen(["ip", "netns", "exec", lab.ns(name), *argv],
@@ -292,6 +379,67 @@ def test_bench():
     finally:
         lab.down()
     report(results)
+
+
+MIXED_TIME = int(os.environ.get("UDPTUN_MIXED_TIME", "180"))
+
+
+@pytest.mark.bench
+def test_bench_mixed():
+    """Two clients at once, on the full path, for MIXED_TIME seconds: one
+    with a TCP stream each way at 300 Mbit/s (iperf3 --bidir), the other
+    fetching 20 MiB files from the web host back to back. What counts is
+    the bytes the tunnel carried for both, each udptun of
+    UDPTUN_BENCH_IMPLS (udptun,udptun-old: this one and UDPTUN_BENCH_OLD's)
+    in turn, UDPTUN_BENCH_REPS rounds."""
+    need(os.geteuid() == 0, "the benchmark needs root")
+    need(shutil.which("iperf3"), "the benchmark needs iperf3")
+    impls = os.environ.get("UDPTUN_BENCH_IMPLS", "udptun,udptun-old").split(",")
+    lab = lab_for_bench(blob=20 << 20)
+    results = {name: [] for name in impls}
+    try:
+        lab.up()
+        real_nics(lab)
+        with running(["ip", "netns", "exec", lab.ns("web"), "iperf3", "-s"], stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL):
+            wait_for(lambda: ":5201" in lab.sh("web", "ss", "-ltn"), "iperf3 server on the web host")
+            for rep in range(BENCH_REPS):
+                for name in impls:
+                    results[name].append(mixed_load(lab, name))
+                    print(f"rep {rep + 1} {name}: {results[name][-1]}", flush=True)
+    finally:
+        lab.down()
+    print(f"\nfull path, two clients for {MIXED_TIME} s, medians of {BENCH_REPS} rounds, MB carried:")
+    print("| | TCP up | TCP down | fetches | all |")
+    print("|---|---|---|---|---|")
+    keys = ("up", "down", "fetched", "all")
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in keys} for n, rs in results.items()}
+    for n, m in med.items():
+        print(f"| {n} | " + " | ".join(f"{m[k]:.0f}" for k in keys) + " |")
+    if "udptun" in med and "udptun-old" in med:
+        print("| udptun / udptun-old | " + " | ".join(f"{med['udptun'][k] / med['udptun-old'][k]:.2f}×" for k in keys)
+              + " |")
+
+
+def mixed_load(lab, impl):
+    """One round of test_bench_mixed: MB carried each way and fetched."""
+    with udptun_of(lab, impl):
+        start_pair(lab)
+        lab.udptun("cli2", "client", "198.51.100.10", "--address", "10.0.0.3/24")
+    try:
+        # (through its tunnel: the web host answers directly too, until the client's routes are in)
+        wait_for(lambda: lab.fetch("cli2", "/ip") == "198.51.100.10", "the second client's tunnel")
+        with running(["ip", "netns", "exec", lab.ns("cli1"), "iperf3", "-c", WEB4, "--bidir", "-b", "300M",
+                      "-t", str(MIXED_TIME), "-J"], stdout=subprocess.PIPE, text=True) as stream:
+            fetched = subprocess.run(f"ip netns exec {lab.ns('cli2')} timeout {MIXED_TIME} curl -sS "
+                                     f"--connect-timeout 3 'http://{WEB4}/blob?[1-100000]' | wc -c", shell=True,
+                                     capture_output=True, text=True, timeout=MIXED_TIME + 30)
+            end = json.loads(stream.communicate(timeout=60)[0])["end"]
+    finally:
+        Bench(lab).stop()
+    up, down = end["sum_received"]["bytes"] / 1e6, end["sum_received_bidir_reverse"]["bytes"] / 1e6
+    got = int(fetched.stdout) / 1e6
+    return {"up": up, "down": down, "fetched": got, "all": up + down + got}
 
 
 FLOOD_TIME = int(os.environ.get("UDPTUN_FLOOD_TIME", "60"))
@@ -326,9 +474,7 @@ def test_bench_flood():
     cores = sorted(os.sched_getaffinity(0))
     need(len(cores) >= 2, "the flood benchmark needs two cores")
     saved, theirs = set(cores), str(cores[-1])
-    lab = Lab()
-    lab.prefix = f"ub{os.getpid()}"
-    lab.names = [lab.ns(n) for n in ("cli1", "cli2", "nat", "core", "srv", "web", "iso", "prv")]
+    lab = lab_for_bench()
     rows, taken = [], 0
     try:
         os.sched_setaffinity(0, cores[:-1])   # (inherited by all that the lab starts)

@@ -1544,7 +1544,7 @@ http.server.ThreadingHTTPServer(("203.0.113.80", 80), H).serve_forever()
             self.sh("srv", "ip6tables", *[{"icmp": "ipv6-icmp"}.get(word, word) for word in rule])
         self.blob = os.path.join(self.tmp, "blob")
         with open(self.blob, "wb") as f:
-            f.write(os.urandom(8 << 20))
+            f.write(os.urandom(self.BLOB))
         self.blob_sha = hashlib.sha256(open(self.blob, "rb").read()).hexdigest()
         self.web = subprocess.Popen(["ip", "netns", "exec", self.ns("web"), sys.executable, "-c",
                                      self.WEB_SERVER, self.blob])
@@ -1580,6 +1580,7 @@ http.server.ThreadingHTTPServer(("203.0.113.80", 80), H).serve_forever()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     server_env = None   # the environment of udptun servers (the firewall fixture sets PATH)
+    BLOB = 8 << 20      # the size of what the web host serves
     # Answers "secret" on port 80 of each address given.
     SECRET = r"""
 import http.server, socket, sys, threading
