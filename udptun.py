@@ -2566,8 +2566,8 @@ def lock_and_recover(args):
 # with 2 cores. "Without it" is udptun with that one mechanism taken out
 # (the benchmark's udptun-no-gso, udptun-no-gro, udptun-no-merge and
 # udptun-fifo), in the same run as the whole of it, which carried TCP
-# 1.16 Gbit/s up and 1.20 down, 1.12 with 4 streams up, and 78 kpps of
-# 64-byte UDP, at 11.5 CPU seconds per GB (both ends).
+# 1.29 Gbit/s up and 1.28 down, 1.18 with 4 streams up, and 81 kpps of
+# 64-byte UDP, at 10.4 CPU seconds per GB (both ends).
 
 # The TUN device's side: every read() and write() on it can start with a
 # header that describes many packets as one.
@@ -2618,8 +2618,8 @@ GSO_MAX_BYTES = 65507   # the largest UDP payload: 65535 - 20 (IPv4) - 8 (UDP)
 # no more than BATCH_BYTES, and reads or receives up to READ_AHEAD (more
 # than it passes on: see FairQueue). A packet that arrives during a turn
 # waits for the rest of it, so a turn's length is the delay a ping sees
-# through a busy tunnel: about 0.9 ms on the benchmark's full path with 32
-# full-size packets a turn, 1.4 ms with 64. But each turn also costs its
+# through a busy tunnel: on the benchmark's full path, 0.7 ms (p50) with
+# 32 full-size packets a turn, 1.0 to 1.2 ms with 64. But each turn costs its
 # own system calls, and with two clients at once (the benchmark's mixed
 # load: a 300 Mbit/s TCP stream each way, and downloads back to back), 32
 # carried 14.3 GB in 2 minutes, 64 carried 15.4 GB. So 64 of 1400 bytes;
@@ -2893,12 +2893,12 @@ class FairQueue:
 
     What it brings is time, not speed. With one FIFO per direction instead
     (dropping at its tail when full), in the A/B run (see the chapter's
-    top), a ping through the tunnel during a TCP upload took 2.0 ms (p50),
-    and 0.71 ms with the FairQueue; during a download, 2.7 ms, and 0.68 to
-    3.9 ms (the two rounds). Its cost: the FIFO carried 9% more TCP up, 7%
-    more down, 5% more 64-byte UDP, for 0.91 times the CPU. And a FIFO
-    would let a stranger's flood take the whole queue (see Security in the
-    README).
+    top), a ping through the tunnel took 3.2 ms (p50) during a TCP upload
+    and 3.3 ms during a download; with the FairQueue 1.2 and 1.0 ms. The
+    throughputs of the two differed by less than this machine's noise (the
+    FIFO's were 5% lower up, 1% higher down, in an earlier run up to 9%
+    higher). And a FIFO would let a stranger's flood take the whole queue
+    (see Security in the README).
     """
 
     def __init__(self, limit=QUEUE_LIMIT, byte_limit=QUEUE_BYTES, quantum=QUANTUM, buckets=None, host=None):
@@ -3065,9 +3065,9 @@ class Batching:
     call) pays for none of this.
 
     Without all of it (--plain), in the A/B run (see the chapter's top):
-    TCP 0.38 Gbit/s up, 0.54 down, 0.38 with 4 streams, 28 kpps of 64-byte
-    UDP, 29.2 CPU s/GB; with it 3.1, 2.2, 2.9 and 2.8 times as much, for
-    0.39 times the CPU.
+    TCP 0.36 Gbit/s up, 0.53 down, 0.37 with 4 streams, 32 kpps of 64-byte
+    UDP, 30.3 CPU s/GB; with it 3.6, 2.4, 3.2 and 2.5 times as much, for
+    0.34 times the CPU.
 
     Hooks: HOSTS, where the queues find whose a packet is, to be fair
     between users (see FairQueue); hosts_of(sock), who sends on a socket,
@@ -3183,9 +3183,9 @@ class Batching:
         the last), and we cut them apart again. Without GRO, or for a lone
         datagram, there is no control message.
 
-        Without GRO, in the A/B run (see the chapter's top): TCP 0.98 Gbit/s
-        up, 1.07 down, 0.92 with 4 streams, 60 kpps, 13.6 CPU s/GB. GRO
-        brings 18%, 12%, 22% and 30% more, for 0.85 times the CPU.
+        Without GRO, in the A/B run (see the chapter's top): TCP 1.01 Gbit/s
+        up, 1.15 down, 0.94 with 4 streams, 57 kpps, 13.3 CPU s/GB. GRO
+        brings 28%, 11%, 26% and 42% more, for 0.78 times the CPU.
         """
         packets, count, admit = [], 0, self.admit
         while count < limit:
@@ -3231,9 +3231,9 @@ class Batching:
         equal size into one sendmsg() with UDP GSO: the kernel cuts the
         buffer into datagrams of that size; a shorter packet may end a run.
 
-        Without GSO, in the A/B run (see the chapter's top): TCP 0.71 Gbit/s
-        up, 0.68 down, 0.67 with 4 streams, 56 kpps, 19.5 CPU s/GB. GSO
-        brings 63%, 76%, 67% and 39% more, for 0.59 times the CPU."""
+        Without GSO, in the A/B run (see the chapter's top): TCP 0.72 Gbit/s
+        up, 0.74 down, 0.75 with 4 streams, 53 kpps, 19.1 CPU s/GB. GSO
+        brings 79%, 73%, 57% and 53% more, for 0.54 times the CPU."""
         i, n = 0, len(packets)
         while i < n:
             size = len(packets[i])
@@ -3290,9 +3290,9 @@ class MergingWriter:
     the forwarder's, to count what could not be written.
 
     Without merged writes (a TUN device without the vnet header), in the
-    A/B run (see the chapter's top): TCP 0.75 Gbit/s up, 1.03 down, 0.74
-    with 4 streams, 48 kpps, 16.0 CPU s/GB. Merging brings 55%, 17%, 51%
-    and 63% more, for 0.72 times the CPU.
+    A/B run (see the chapter's top): TCP 0.79 Gbit/s up, 1.02 down, 0.79
+    with 4 streams, 63 kpps, 15.0 CPU s/GB. Merging brings 63%, 25%, 49%
+    and 29% more, for 0.69 times the CPU.
     """
 
     def __init__(self, tun, drop):
