@@ -365,6 +365,14 @@ def test_bench():
 
     lab.udptun_like = udptun_like
     impls = os.environ.get("UDPTUN_BENCH_IMPLS", "socat,udptun,udptun-ipv6,udptun-plain").split(",")
+    report(in_rounds(lab, impls, lambda name: Bench(lab).run(name)))
+
+
+def in_rounds(lab, impls, one_round):
+    """Build the lab, with iperf3 listening on the web host; for each of
+    BENCH_REPS rounds, one_round(name) for each of `impls` in turn (round
+    robin: the machine's drift hits all alike); take the lab down. Returns
+    {name: its rounds' results}."""
     results = {name: [] for name in impls}
     try:
         lab.up()
@@ -372,13 +380,13 @@ def test_bench():
         with running(["ip", "netns", "exec", lab.ns("web"), "iperf3", "-s"], stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL):
             wait_for(lambda: ":5201" in lab.sh("web", "ss", "-ltn"), "iperf3 server on the web host")
-            for rep in range(BENCH_REPS):          # round robin: drift hits all alike
+            for rep in range(BENCH_REPS):
                 for name in impls:
-                    results[name].append(Bench(lab).run(name))
+                    results[name].append(one_round(name))
                     print(f"rep {rep + 1} {name}: {results[name][-1]}", flush=True)
     finally:
         lab.down()
-    report(results)
+    return results
 
 
 MIXED_TIME = int(os.environ.get("UDPTUN_MIXED_TIME", "180"))
@@ -396,19 +404,7 @@ def test_bench_mixed():
     need(shutil.which("iperf3"), "the benchmark needs iperf3")
     impls = os.environ.get("UDPTUN_BENCH_IMPLS", "udptun,udptun-old").split(",")
     lab = lab_for_bench(blob=20 << 20)
-    results = {name: [] for name in impls}
-    try:
-        lab.up()
-        real_nics(lab)
-        with running(["ip", "netns", "exec", lab.ns("web"), "iperf3", "-s"], stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL):
-            wait_for(lambda: ":5201" in lab.sh("web", "ss", "-ltn"), "iperf3 server on the web host")
-            for rep in range(BENCH_REPS):
-                for name in impls:
-                    results[name].append(mixed_load(lab, name))
-                    print(f"rep {rep + 1} {name}: {results[name][-1]}", flush=True)
-    finally:
-        lab.down()
+    results = in_rounds(lab, impls, lambda name: mixed_load(lab, name))
     print(f"\nfull path, two clients for {MIXED_TIME} s, medians of {BENCH_REPS} rounds, MB carried:")
     print("| | TCP up | TCP down | fetches | all |")
     print("|---|---|---|---|---|")
@@ -520,7 +516,6 @@ BENCH_COLUMNS = [("tcp1", "TCP up, Gbit/s", "{:.2f}"), ("tcp1R", "TCP down", "{:
 
 
 def report(results):
-    import statistics
     keys = [k for k, _, _ in BENCH_COLUMNS]
     med = {n: {k: statistics.median(r[k] for r in rs) for k in keys} for n, rs in results.items() if rs}
     print(f"\nfull path, medians of {BENCH_REPS} rounds of {BENCH_TIME} s:")
