@@ -507,8 +507,10 @@ IPV4_CHECKSUM = slice(10, 12)
 IPV4_SRC, IPV4_DST = slice(12, 16), slice(16, 20)
 IPV4_HEADER = 20   # without options
 # Reading a 16-bit field with unpack_from costs half what int.from_bytes of
-# a slice does; it matters where it runs for every packet.
+# a slice does; it matters where it runs for every packet. IPv4's checks
+# read the first byte and the total length with one.
 BE16 = struct.Struct("!H")   # network byte order: big-endian
+IPV4_START = struct.Struct("!BxH")   # version | IHL, (type of service), total length
 # The IPv6 header (RFC 8200) is 40 bytes, with no options (they follow as
 # extension headers) and no checksum:
 #    0: version (4 bits) | traffic class | flow label
@@ -527,14 +529,15 @@ def ipv4_problem(packet):
     n = len(packet)
     if n < IPV4_HEADER:
         return "short"
-    if packet[VERSION] >> 4 != 4:
+    first, length = IPV4_START.unpack_from(packet)
+    if first >> 4 != 4:
         return "not-ipv4"
-    header = (packet[VERSION] & 0x0F) * 4
+    header = (first & 0x0F) * 4
     if header < IPV4_HEADER:
         return "bad-ihl"      # IHL < 5 is forbidden by RFC 791
     if header > n:
         return "truncated"
-    if BE16.unpack_from(packet, IPV4_LENGTH.start)[0] != n:
+    if length != n:
         return "bad-length"   # total length must match the datagram exactly
     return None
 
@@ -930,7 +933,9 @@ class Forwarder:
     def tun_to_udp(self):
         packet = self.tun.read()
         if packet is not None and self.from_tun_ok(packet):
-            self.send_on(packet)
+            addr = self.address_for(packet)
+            if addr is not False:
+                self.send_one(packet, addr)
 
     def udp_to_tun(self, sock):
         try:
@@ -954,12 +959,6 @@ class Forwarder:
             return True
         self.drop("tun-not-ip")
         return False
-
-    def send_on(self, packet):
-        """Send a packet from the TUN device where address_for() says."""
-        addr = self.address_for(packet)
-        if addr is not False:
-            self.send_one(packet, addr)
 
     def send_one(self, packet, addr):
         """Send one datagram to `addr` (None: the connected peer)."""
@@ -2601,7 +2600,7 @@ class VnetTun(Tun):
             return None
 
     def write(self, packet):
-        super().write(PLAIN_VNET_HDR + packet)
+        os.write(self.fd, PLAIN_VNET_HDR + packet)
 
 
 # Batching system calls on the UDP side (see Batching.send_packets and
@@ -3009,12 +3008,17 @@ class FairQueue:
                 queue = bucket[0]
                 # Up to the host's share, cut where the bytes reach the
                 # budget. (Slices and sums, not a step per packet: this
-                # runs for every packet of a download.)
+                # runs for every packet of a download. Most turns end on
+                # the count, not the bytes: only then look for the cut.)
                 k = min(len(queue), share)
                 if k:
-                    ends = list(accumulate(map(len, queue[:k]), initial=size))   # the size after each packet
-                    k = min(k, bisect.bisect_left(ends, byte_budget, 1))
-                    run, flows = queue[:k], bucket[1][:k]
+                    run = queue[:k]
+                    end = size + sum(map(len, run))
+                    if end >= byte_budget:
+                        ends = list(accumulate(map(len, run), initial=size))   # the size after each packet
+                        k = bisect.bisect_left(ends, byte_budget, 1)
+                        run, end = run[:k], ends[k]
+                    flows = bucket[1][:k]
                     del queue[:k], bucket[1][:k]
                     if flows.count(flows[0]) == k:   # one flow, as nearly always
                         runs.append(run)
@@ -3025,7 +3029,7 @@ class FairQueue:
                             runs.append(run[i:i + n])
                             i += n
                     share -= k
-                    count, size = count + k, ends[k]
+                    count, size = count + k, end
                 if queue or from_new:
                     old.append(b)
                 else:
