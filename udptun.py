@@ -2617,15 +2617,15 @@ GSO_MAX_BYTES = 65507   # the largest UDP payload: 65535 - 20 (IPv4) - 8 (UDP)
 # no more than BATCH_BYTES, and reads or receives up to READ_AHEAD (more
 # than it passes on: see FairQueue). A packet that arrives during a turn
 # waits for the rest of it, so a turn's length is the delay a ping sees
-# through a busy tunnel: on the benchmark's full path, 0.7 ms (p50) with
-# 32 full-size packets a turn, 1.0 to 1.2 ms with 64. But each turn costs its
-# own system calls, and with two clients at once (the benchmark's mixed
-# load: a 300 Mbit/s TCP stream each way, and downloads back to back), 32
-# carried 14.3 GB in 2 minutes, 64 carried 15.4 GB. So 64 of 1400 bytes;
-# with a larger MTU the bytes bind first.
-BATCH = 64
-BATCH_BYTES = 64 * 1400
-READ_AHEAD = 4 * BATCH
+# through a busy tunnel. But each turn costs its own system calls, and
+# longer runs of a flow merge better. With two clients at once (the
+# benchmark's mixed load: a 300 Mbit/s TCP stream each way, and downloads
+# back to back), in 150 s, 64 full-size packets a turn carried 19.9 GB,
+# 128 carried 21.2 GB. So 128 of 1400 bytes, as wireguard-go's batches
+# (IdealBatchSize); with a larger MTU the bytes bind first.
+BATCH = 128
+BATCH_BYTES = 128 * 1400
+READ_AHEAD = 2 * BATCH
 # What a turn costs is mostly its writes to the TUN device: the kernel
 # routes, filters and NATs each written packet in that write() (and on a
 # VPS, sends it on), the same work for a run of 64 packets merged into one
@@ -2648,7 +2648,7 @@ GRO_CMSG_SPACE = socket.CMSG_SPACE(4)   # room for UDP GRO's control message (an
 # not bytes).
 QUEUE_LIMIT = 2048
 QUEUE_BYTES = 4 << 20   # and 4 MiB: with a large --mtu, the bytes bind first
-QUANTUM = 64   # (so a flow's turn is whole batches: its packets stay together for merge())
+QUANTUM = 64   # (GSO_MAX_SEGMENTS: a flow's turn is at most one merged write, see merge())
 BUCKETS = 1024   # FIFOs that flows are hashed into: RFC 8290's default number of flow queues
 HOST_BUCKETS = 64   # the server's: as many for each client (see FairQueue)
 # Where a flow's key (see flow_of) holds a host's address, for IPv4's and
