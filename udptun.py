@@ -2565,8 +2565,8 @@ def lock_and_recover(args):
 # with 2 cores. "Without it" is udptun with that one mechanism taken out
 # (the benchmark's udptun-no-gso, udptun-no-gro, udptun-no-merge and
 # udptun-fifo), in the same run as the whole of it, which carried TCP
-# 1.29 Gbit/s up and 1.28 down, 1.18 with 4 streams up, and 81 kpps of
-# 64-byte UDP, at 10.4 CPU seconds per GB (both ends).
+# 1.29 Gbit/s up and 1.29 down, 1.21 with 4 streams up, and 86 kpps of
+# 64-byte UDP, at 10.0 CPU seconds per GB (both ends).
 
 # The TUN device's side: every read() and write() on it can start with a
 # header that describes many packets as one.
@@ -2618,11 +2618,16 @@ GSO_MAX_BYTES = 65507   # the largest UDP payload: 65535 - 20 (IPv4) - 8 (UDP)
 # than it passes on: see FairQueue). A packet that arrives during a turn
 # waits for the rest of it, so a turn's length is the delay a ping sees
 # through a busy tunnel. But each turn costs its own system calls, and
-# longer runs of a flow merge better. With two clients at once (the
+# longer runs of a flow merge better. In one run of the benchmark on the
+# full path (medians of 2 rounds), 128 full-size packets a turn against 64:
+# TCP 1.31 against 1.24 Gbit/s up, 1.32 against 1.23 down, 1.23 against
+# 1.10 with 4 streams, 86 against 73 kpps of 64-byte UDP, 9.9 against
+# 10.6 CPU s/GB; a ping waited 2.0 against 1.2 ms (p50) during an upload,
+# 1.5 against 0.9 during a download. With two clients at once (the
 # benchmark's mixed load: a 300 Mbit/s TCP stream each way, and downloads
-# back to back), in 150 s, 64 full-size packets a turn carried 19.9 GB,
-# 128 carried 21.2 GB. So 128 of 1400 bytes, as wireguard-go's batches
-# (IdealBatchSize); with a larger MTU the bytes bind first.
+# back to back), in 150 s, 128 carried 21.2 GB, 64 carried 19.9 GB. So 128
+# of 1400 bytes, as wireguard-go's batches (IdealBatchSize); with a larger
+# MTU the bytes bind first.
 BATCH = 128
 BATCH_BYTES = 128 * 1400
 READ_AHEAD = 2 * BATCH
@@ -2892,9 +2897,10 @@ class FairQueue:
 
     What it brings is time, not speed. With one FIFO per direction instead
     (dropping at its tail when full), in the A/B run (see the chapter's
-    top), a ping through the tunnel took 3.2 ms (p50) during a TCP upload
-    and 3.3 ms during a download; with the FairQueue 1.2 and 1.0 ms. Their
-    throughputs differed by 7% at most, less than this machine's noise.
+    top), a ping through the tunnel took 2.6 ms (p50) during a TCP upload
+    and 3.3 ms during a download; with the FairQueue 2.1 and 1.6 ms. The
+    FIFO moved up to 9% more (TCP down; 64-byte UDP 8%), about this
+    machine's noise.
     And a FIFO would let a stranger's flood take the whole queue (see
     Security in the README).
     """
@@ -3068,9 +3074,9 @@ class Batching:
     call) pays for none of this.
 
     Without all of it (--plain), in the A/B run (see the chapter's top):
-    TCP 0.36 Gbit/s up, 0.53 down, 0.37 with 4 streams, 32 kpps of 64-byte
-    UDP, 30.3 CPU s/GB; with it 3.6, 2.4, 3.2 and 2.5 times as much, for
-    0.34 times the CPU.
+    TCP 0.36 Gbit/s up, 0.50 down, 0.38 with 4 streams, 29 kpps of 64-byte
+    UDP, 30.9 CPU s/GB; with it 3.6, 2.6, 3.2 and 3.0 times as much, for
+    0.32 times the CPU.
 
     Hooks: HOSTS, where the queues find whose a packet is, to be fair
     between users (see FairQueue); hosts_of(sock), who sends on a socket,
@@ -3186,9 +3192,9 @@ class Batching:
         the last), and we cut them apart again. Without GRO, or for a lone
         datagram, there is no control message.
 
-        Without GRO, in the A/B run (see the chapter's top): TCP 1.01 Gbit/s
-        up, 1.15 down, 0.94 with 4 streams, 57 kpps, 13.3 CPU s/GB. GRO
-        brings 28%, 11%, 26% and 42% more, for 0.78 times the CPU.
+        Without GRO, in the A/B run (see the chapter's top): TCP 1.07 Gbit/s
+        up, 1.19 down, 1.07 with 4 streams, 71 kpps, 12.6 CPU s/GB. GRO
+        brings 21%, 8%, 13% and 21% more, for 0.79 times the CPU.
         """
         packets, count, admit = [], 0, self.admit
         while count < limit:
@@ -3234,9 +3240,9 @@ class Batching:
         equal size into one sendmsg() with UDP GSO: the kernel cuts the
         buffer into datagrams of that size; a shorter packet may end a run.
 
-        Without GSO, in the A/B run (see the chapter's top): TCP 0.72 Gbit/s
-        up, 0.74 down, 0.75 with 4 streams, 53 kpps, 19.1 CPU s/GB. GSO
-        brings 79%, 73%, 57% and 53% more, for 0.54 times the CPU."""
+        Without GSO, in the A/B run (see the chapter's top): TCP 0.77 Gbit/s
+        up, 0.76 down, 0.77 with 4 streams, 52 kpps, 17.7 CPU s/GB. GSO
+        brings 68%, 70%, 57% and 65% more, for 0.56 times the CPU."""
         i, n = 0, len(packets)
         while i < n:
             size = len(packets[i])
@@ -3293,9 +3299,9 @@ class MergingWriter:
     the forwarder's, to count what could not be written.
 
     Without merged writes (a TUN device without the vnet header), in the
-    A/B run (see the chapter's top): TCP 0.79 Gbit/s up, 1.02 down, 0.79
-    with 4 streams, 63 kpps, 15.0 CPU s/GB. Merging brings 63%, 25%, 49%
-    and 29% more, for 0.69 times the CPU.
+    A/B run (see the chapter's top): TCP 0.70 Gbit/s up, 1.04 down, 0.75
+    with 4 streams, 49 kpps, 16.5 CPU s/GB. Merging brings 84%, 24%, 61%
+    and 76% more, for 0.61 times the CPU.
     """
 
     def __init__(self, tun, drop):
