@@ -3626,9 +3626,9 @@ def test_short_packets_are_written_as_they_are():
     short = [ipv4(src="10.0.0.1", proto=6, payload=b"abcd"), ipv4(src="10.0.0.1", proto=17, payload=b"ab")]
     server, tun = make_server([(p, CLIENT) for p in short + short], vnet=True)
     receive(server)
-    # (Each flow's in its order. The fair queue gives each flow its turn,
-    # unless the two share a bucket, which is down to the hash: then they
-    # come in the order they arrived.)
+    # (Each flow's packets stay in order. The fair queue gives each flow its
+    # turn, unless the two share a bucket, which is down to the hash: then
+    # they come in the order they arrived.)
     tcp, udp = short
     assert tun.written() in {b"".join(udptun.PLAIN_VNET_HDR + p for p in order)
                              for order in ([tcp, tcp, udp, udp], [tcp, udp, tcp, udp])}

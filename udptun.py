@@ -508,7 +508,7 @@ IPV4_SRC, IPV4_DST = slice(12, 16), slice(16, 20)
 IPV4_HEADER = 20   # without options
 # Reading a 16-bit field with unpack_from costs half what int.from_bytes of
 # a slice does; it matters where it runs for every packet. IPv4's checks
-# read the first byte and the total length with one.
+# read the first byte and the total length with one (IPV4_START).
 BE16 = struct.Struct("!H")   # network byte order: big-endian
 IPV4_START = struct.Struct("!BxH")   # version | IHL, (type of service), total length
 # The IPv6 header (RFC 8200) is 40 bytes, with no options (they follow as
@@ -2617,27 +2617,29 @@ GSO_MAX_BYTES = 65507   # the largest UDP payload: 65535 - 20 (IPv4) - 8 (UDP)
 # no more than BATCH_BYTES, and reads or receives up to READ_AHEAD (more
 # than it passes on: see FairQueue). A packet that arrives during a turn
 # waits for the rest of it, so a turn's length is the delay a ping sees
-# through a busy tunnel. But each turn costs its own system calls, and
-# longer runs of a flow merge better. In one run of the benchmark on the
-# full path (medians of 2 rounds), 128 full-size packets a turn against 64:
+# through a busy tunnel. But each turn costs its own system calls, spread
+# over more packets in a longer turn. In a run of the benchmark on the
+# full path of its own (medians of 2 rounds), 128 packets a turn against 64:
 # TCP 1.31 against 1.24 Gbit/s up, 1.32 against 1.23 down, 1.23 against
 # 1.10 with 4 streams, 86 against 73 kpps of 64-byte UDP, 9.9 against
 # 10.6 CPU s/GB; a ping waited 2.0 against 1.2 ms (p50) during an upload,
 # 1.5 against 0.9 during a download. With two clients at once (the
 # benchmark's mixed load: a 300 Mbit/s TCP stream each way, and downloads
-# back to back), in 150 s, 128 carried 21.2 GB, 64 carried 19.9 GB. So 128
-# of 1400 bytes, as wireguard-go's batches (IdealBatchSize); with a larger
-# MTU the bytes bind first.
+# back to back), in 150 s, 128 carried 21.2 GB, 64 carried 19.9 GB. So a
+# turn passes on 128 packets, as wireguard-go's batches do (IdealBatchSize),
+# and 128 full-size (1400-byte) ones at most: with a larger MTU the bytes
+# bind first.
 BATCH = 128
 BATCH_BYTES = 128 * 1400
 READ_AHEAD = 2 * BATCH
 # What a turn costs is mostly its writes to the TUN device: the kernel
 # routes, filters and NATs each written packet in that write() (and on a
-# VPS, sends it on), the same work for a run of 64 packets merged into one
+# VPS, sends it on), the same work for a run of packets merged into one
 # (see MergingWriter) as for one packet that cannot be merged. So a turn
 # writes at most WRITES runs, however few packets they hold: a stranger
-# who sends each packet in a flow of its own cannot make a turn 64 times
-# as costly as a download's, and the queue is fair in cost between hosts.
+# who sends each packet in a flow of its own cannot make a turn write 128
+# times where a download's writes 3, and the queue is fair in cost
+# between hosts.
 WRITES = 16
 
 # What the turns with a backlog cost, in ms of CPU time, counted in `status`
@@ -2653,7 +2655,7 @@ GRO_CMSG_SPACE = socket.CMSG_SPACE(4)   # room for UDP GRO's control message (an
 # not bytes).
 QUEUE_LIMIT = 2048
 QUEUE_BYTES = 4 << 20   # and 4 MiB: with a large --mtu, the bytes bind first
-QUANTUM = 64   # (GSO_MAX_SEGMENTS: a flow's turn is at most one merged write, see merge())
+QUANTUM = 64   # (GSO_MAX_SEGMENTS: as many as one merged write may hold, see mergeable())
 BUCKETS = 1024   # FIFOs that flows are hashed into: RFC 8290's default number of flow queues
 HOST_BUCKETS = 64   # the server's: as many for each client (see FairQueue)
 # Where a flow's key (see flow_of) holds a host's address, for IPv4's and
@@ -3014,8 +3016,9 @@ class FairQueue:
                 queue = bucket[0]
                 # Up to the host's share, cut where the bytes reach the
                 # budget. (Slices and sums, not a step per packet: this
-                # runs for every packet of a download. Most turns end on
-                # the count, not the bytes: only then look for the cut.)
+                # runs for every packet of a download. The count binds
+                # more often than the bytes: look for where the bytes cut
+                # a run only when it reaches the budget.)
                 k = min(len(queue), share)
                 if k:
                     run = queue[:k]
