@@ -409,7 +409,7 @@ def test_bench_mixed():
     print("| | TCP up | TCP down | fetches | all |")
     print("|---|---|---|---|---|")
     keys = ("up", "down", "fetched", "all")
-    med = {n: {k: statistics.median(r[k] for r in rs) for k in keys} for n, rs in results.items()}
+    med = medians(results, keys)
     for n, m in med.items():
         print(f"| {n} | " + " | ".join(f"{m[k]:.0f}" for k in keys) + " |")
     if "udptun" in med and "udptun-old" in med:
@@ -515,9 +515,14 @@ BENCH_COLUMNS = [("tcp1", "TCP up, Gbit/s", "{:.2f}"), ("tcp1R", "TCP down", "{:
                  ("ping_load", "ping, upload p50", "{:.0f}"), ("ping_loadR", "download p50", "{:.0f}")]
 
 
+def medians(results, keys):
+    """{name: {key: the median of its rounds}} for the tunnels that ran."""
+    return {n: {k: statistics.median(r[k] for r in rs) for k in keys} for n, rs in results.items() if rs}
+
+
 def report(results):
     keys = [k for k, _, _ in BENCH_COLUMNS]
-    med = {n: {k: statistics.median(r[k] for r in rs) for k in keys} for n, rs in results.items() if rs}
+    med = medians(results, keys)
     print(f"\nfull path, medians of {BENCH_REPS} rounds of {BENCH_TIME} s:")
     print("| | " + " | ".join(title for _, title, _ in BENCH_COLUMNS) + " |")
     print("|---" * (len(keys) + 1) + "|")

@@ -2600,7 +2600,7 @@ class VnetTun(Tun):
             return None
 
     def write(self, packet):
-        os.write(self.fd, PLAIN_VNET_HDR + packet)
+        super().write(PLAIN_VNET_HDR + packet)
 
 
 # Batching system calls on the UDP side (see Batching.send_packets and
@@ -2902,9 +2902,8 @@ class FairQueue:
     top), a ping through the tunnel took 2.6 ms (p50) during a TCP upload
     and 3.3 ms during a download; with the FairQueue 2.1 and 1.6 ms. The
     FIFO moved up to 9% more (TCP down; 64-byte UDP 8%), about this
-    machine's noise.
-    And a FIFO would let a stranger's flood take the whole queue (see
-    Security in the README).
+    machine's noise. And a FIFO would let a stranger's flood take the
+    whole queue (see Security in the README).
     """
 
     def __init__(self, limit=QUEUE_LIMIT, byte_limit=QUEUE_BYTES, quantum=QUANTUM, buckets=None, host=None):
