@@ -2627,10 +2627,10 @@ GSO_MAX_BYTES = 65507   # the largest UDP payload: 65535 - 20 (IPv4) - 8 (UDP)
 # benchmark's mixed load: a 300 Mbit/s TCP stream each way, and downloads
 # back to back), in 150 s, 128 carried 21.2 GB, 64 carried 19.9 GB. So a
 # turn passes on 128 packets, as wireguard-go's batches do (IdealBatchSize),
-# and 128 full-size (1400-byte) ones at most: with a larger MTU the bytes
-# bind first.
+# and the bytes of 128 at the default MTU at most: with a larger MTU the
+# bytes bind first.
 BATCH = 128
-BATCH_BYTES = 128 * 1400
+BATCH_BYTES = BATCH * DEFAULT_MTU
 READ_AHEAD = 2 * BATCH
 # What a turn costs is mostly its writes to the TUN device: the kernel
 # routes, filters and NATs each written packet in that write() (and on a
@@ -2655,7 +2655,7 @@ GRO_CMSG_SPACE = socket.CMSG_SPACE(4)   # room for UDP GRO's control message (an
 # not bytes).
 QUEUE_LIMIT = 2048
 QUEUE_BYTES = 4 << 20   # and 4 MiB: with a large --mtu, the bytes bind first
-QUANTUM = 64   # (GSO_MAX_SEGMENTS: as many as one merged write may hold, see mergeable())
+QUANTUM = GSO_MAX_SEGMENTS   # (as many as one merged write may hold, see mergeable())
 BUCKETS = 1024   # FIFOs that flows are hashed into: RFC 8290's default number of flow queues
 HOST_BUCKETS = 64   # the server's: as many for each client (see FairQueue)
 # Where a flow's key (see flow_of) holds a host's address, for IPv4's and
