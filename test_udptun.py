@@ -2103,9 +2103,9 @@ def test_hostile_ipv6_datagrams_are_never_forwarded(clean):
         assert lab.sh("web", sys.executable, "-c", FLOOD6) == ""
         seen = json.loads(listener.communicate(timeout=30)[0])
     assert seen == {"2001:db8:100::10": 1}
-    drops = status(lab)["drops"]
-    print("\ndrops:", drops)
-    assert {"short", "bad-length", "bad-source", "refused"} <= set(drops)
+    # (The status is published once a second: poll it.)
+    wait_for(lambda: {"short", "bad-length", "bad-source", "refused"} <= set(status(lab)["drops"]),
+             "each kind of forgery counted")
     assert lab.ping("cli1", "203.0.113.80") and server.poll() is None
 
 
@@ -2282,7 +2282,8 @@ def test_icmp_errors_never_end_the_client_or_the_server(clean):
     # and the client would rightly take it as a sign of trouble.)
     # The kernel reports the error on the socket's next call: a receive
     # (icmp-error), or a send if a ping was on its way out just then
-    # (send-error: that packet is lost, as the kernel refused it).
+    # (send-error: that packet is lost, as the kernel refused it; with the
+    # speed layer, every packet of the batch it was in).
     lines = log_of(client).count("\n")
     errors = lambda: sum(status(lab, "cli1")["drops"].get(kind, 0) for kind in ("icmp-error", "send-error"))
     before = errors()
@@ -2291,7 +2292,7 @@ def test_icmp_errors_never_end_the_client_or_the_server(clean):
                  stdout=subprocess.PIPE, text=True) as pings:
         wait_for(lambda: "bytes from" in pings.stdout.readline(), "answers every 0.1 s")
         lab.sh("srv", sys.executable, "-c", PARAMETER_PROBLEM, HERE, "192.0.2.20", nat_port(lab))
-        wait_for(lambda: errors() == before + 1, "the forged error to be counted")
+        wait_for(lambda: errors() > before, "the forged error to be counted")
     assert log_of(client).count("\n") == lines and client.poll() is None
     # The server's side: the client's home router refuses what the server sends.
     rule = ["FORWARD", "-s", "198.51.100.10", "-p", "udp", "-j", "REJECT", "--reject-with", "icmp-admin-prohibited"]
@@ -2855,8 +2856,10 @@ def test_a_stranger_in_the_tunnel_reaches_the_internet_and_nothing_else(firewall
     for tool in ("iptables", "ip6tables"):
         lab.sh("srv", tool, "-P", "FORWARD", "ACCEPT")
         lab.sh("srv", tool, "-P", "INPUT", "ACCEPT")
-    get = lambda url: subprocess.run(["ip", "netns", "exec", lab.ns("cli1"), "curl", "-sS", "--max-time", "1", url],
-                                     capture_output=True, text=True).stdout
+    # (A second where nothing should answer; where something should, time
+    # for a lost SYN to be sent again.)
+    get = lambda url, wait=1: subprocess.run(["ip", "netns", "exec", lab.ns("cli1"), "curl", "-sS", "--max-time",
+                                              str(wait), url], capture_output=True, text=True).stdout
     secrets = [f"http://{a}/" if ":" not in a else f"http://[{a}]/" for a in lab.CLOUD] + ["http://172.16.9.2/"]
     vps = ["http://10.0.0.2:8080/", "http://172.16.9.1:8080/", "http://[fd75:6470:746e::2]:8080/"]
     with running(["ip", "netns", "exec", lab.ns("srv"), sys.executable, "-c", WHO_ASKS]):
@@ -2870,7 +2873,7 @@ def test_a_stranger_in_the_tunnel_reaches_the_internet_and_nothing_else(firewall
                 == "2001:db8:100::10"   # (IPv6 too, through the tunnel)
             assert {url: get(url) for url in secrets + vps} == {url: "" for url in secrets + vps}
             # ssh to the VPS, say: around the tunnel, from the laptop's public address
-            assert get("http://198.51.100.10:8080/") == "192.0.2.20"
+            assert get("http://198.51.100.10:8080/", wait=10) == "192.0.2.20"
             # A connection from the internet to a client's tunnel address: refused.
             lab.sh("core", "ip", "route", "add", "10.0.0.0/24", "via", "198.51.100.10")   # as if the internet routed it
             listener = subprocess.Popen(["ip", "netns", "exec", lab.ns("cli1"), sys.executable, "-m", "http.server",
@@ -2889,8 +2892,8 @@ def test_a_stranger_in_the_tunnel_reaches_the_internet_and_nothing_else(firewall
                                 "--reach", "172.16.99.0/24", "--reach", "fd00:ec2::254/128", "--reach", "8080/tcp")
             wait_for(lambda: lab.ping("cli1", "10.0.0.2"), "the tunnel with --reach")
             opened = ["http://169.254.169.254/", "http://172.16.9.2/", "http://172.16.99.1/", "http://[fd00:ec2::254]/"]
-            assert {url: get(url) for url in opened} == {url: "secret" for url in opened}
-            assert get("http://10.0.0.2:8080/") == "10.0.0.1"
+            assert {url: get(url, wait=10) for url in opened} == {url: "secret" for url in opened}
+            assert get("http://10.0.0.2:8080/", wait=10) == "10.0.0.1"
             assert get("http://100.100.100.200/") == get("http://168.63.129.16/") == ""   # not opened
         finally:
             lab.sh("core", "ip", "route", "del", "10.0.0.0/24", check=False)
@@ -3667,20 +3670,32 @@ def popped(queue, *budgets):
     return [p for run in queue.pop(*budgets) for p in run]
 
 
+def apart(queue, make, *others):
+    """make(port) for the first port whose flow falls into a bucket of
+    `queue` that none of `others` falls into. (Python's hash of bytes is
+    keyed anew in each process: two given flows share a bucket in about
+    one process in a thousand, and then come out in the order they came.)"""
+    bucket = lambda packet: hash(udptun.flow_of(packet)) & queue.mask
+    taken = {bucket(p) for p in others}
+    return next(make(port) for port in range(40000, 41000) if bucket(make(port)) not in taken)
+
+
 def test_a_ping_overtakes_a_download_backlog():
     queue = udptun.FairQueue(limit=1000, quantum=4)
+    bulk = apart(queue, segment, echo(1))
     for _ in range(500):
-        assert queue.push([segment(40000)]) == 0
-    assert popped(queue, 8) == [segment(40000)] * 8
+        assert queue.push([bulk]) == 0
+    assert popped(queue, 8) == [bulk] * 8
     queue.push([echo(1)])
-    assert popped(queue, 5) == [echo(1)] + [segment(40000)] * 4   # not after 492 others
+    assert popped(queue, 5) == [echo(1)] + [bulk] * 4   # not after 492 others
     assert len(queue) == 488
     assert all(queue.pop(1000))   # no empty run, for the ping's flow waiting in `old` to be forgotten
 
 
 def test_busy_flows_take_turns_of_one_quantum():
     queue = udptun.FairQueue(limit=1000, quantum=3)
-    a, b = segment(1), segment(2)
+    a = segment(1)
+    b = apart(queue, segment, a)
     queue.push([a] * 10 + [b] * 10)
     assert queue.pop(12) == [[a] * 3, [b] * 3, [a] * 3, [b] * 3]   # a run per turn: one flow's packets
     assert popped(queue, 100) == [a] * 3 + [b] * 3 + [a, b] and len(queue) == 0 and not queue.buckets
@@ -3705,9 +3720,10 @@ def test_a_turn_stops_at_its_byte_budget():
     """Full-size packets bind a turn by bytes, small ones by count: a turn's
     length is the delay a ping waits through a busy tunnel."""
     queue = udptun.FairQueue(limit=1000)
-    queue.push([segment(1)] * 100 + [segment(2, size=100)] * 100)
-    assert popped(queue, 64, 10 * 1400) == [segment(1)] * 10            # the tenth reaches the budget
-    assert popped(queue, 64, 10 * 1400) == [segment(2, size=100)] * 64   # small ones: the count binds
+    small = apart(queue, lambda port: segment(port, size=100), segment(1))
+    queue.push([segment(1)] * 100 + [small] * 100)
+    assert popped(queue, 64, 10 * 1400) == [segment(1)] * 10   # the tenth reaches the budget
+    assert popped(queue, 64, 10 * 1400) == [small] * 64         # small ones: the count binds
     assert len(queue) == 200 - 74 and queue.bytes == 90 * 1400 + 36 * 100
 
 
@@ -3723,12 +3739,13 @@ def test_a_flow_that_keeps_its_queue_short_does_not_stay_first():
     round. Before, it was forgotten, and its next packet made it new again:
     first, every time, ahead of flows that had waited."""
     queue = udptun.FairQueue(limit=1000, quantum=4)
-    queue.push([segment(1)] * 100)
-    assert popped(queue, 4) == [segment(1)] * 4       # the bulk flow had its turn: now old
+    bulk = apart(queue, segment, echo(1))
+    queue.push([bulk] * 100)
+    assert popped(queue, 4) == [bulk] * 4             # the bulk flow had its turn: now old
     queue.push([echo(1)])
     assert popped(queue, 1) == [echo(1)]              # a newcomer goes first once...
     queue.push([echo(2)])
-    assert popped(queue, 5) == [segment(1)] * 4 + [echo(2)]   # ...then waits its turn
+    assert popped(queue, 5) == [bulk] * 4 + [echo(2)]   # ...then waits its turn
 
 
 def from_host(host, sport, size=64, dst="203.0.113.80"):
@@ -4072,8 +4089,8 @@ class Machine:
         """What the client (see tunnel_from) has logged so far."""
         return self.sh("journalctl", f"--unit={self.unit}", "--output=cat", "--no-pager", check=False)
 
-    def ping(self, address):
-        return subprocess.run(["nsenter", "-t", str(self.pid), "-n", "ping", "-c", "1", "-W", "1", address],
+    def ping(self, address, wait=1):
+        return subprocess.run(["nsenter", "-t", str(self.pid), "-n", "ping", "-c", "1", "-W", str(wait), address],
                               capture_output=True).returncode == 0
 
     def around_the_tunnel(self):
@@ -4220,14 +4237,17 @@ def test_booted_a_client_with_resolved_keeps_dns_and_traffic_in_the_tunnel_when_
                           "2001:db8:203::80"]):
                 m.sh("systemctl", "restart", "systemd-networkd")
                 restarted = time.monotonic()
+                # (The count of rules is the same before networkd deletes
+                # them as after they are back: wait for the client's word.)
+                # Debian 13's networkd deletes them; Debian 12's, systemd 252, leaves them at a restart.
+                wait_for(lambda: "were deleted by another program: put back" in m.client_log()
+                         or m.name == "udptun-debian12", "the client to put its rules back", timeout=5)
                 wait_for(lambda: (len(m.sh("ip", "-4", "rule").splitlines()),
                                   len(m.sh("ip", "-6", "rule").splitlines())) == rules, "the rules back", timeout=5)
                 wait_for(lambda: m.ping("203.0.113.80") and m.ping("2001:db8:203::80"), "the tunnel back",
                          timeout=max(0.1, 5 - (time.monotonic() - restarted)))
                 m.sh("getent", "hosts", "web.example")
             assert (m.around_the_tunnel() - around, queries() - asked) == (0, 0)
-            # (Debian 13's networkd deleted them; Debian 12's, systemd 252, leaves them at a restart.)
-            assert "were deleted by another program: put back" in m.client_log() or m.name == "udptun-debian12"
         assert state_of(m) == before
         with tunnel_from(m, "--dns", "10.0.0.2"):
             m.sh("systemctl", "kill", "--signal=KILL", m.unit)
@@ -4265,7 +4285,8 @@ def test_booted_a_client_leaks_nothing_when_the_tunnel_cannot_carry_ipv6_or_fail
     around = m.around_the_tunnel()
     with tunnel_from(m, "--mtu", "1200"):
         started = time.monotonic()
-        assert not m.ping("2001:db8:203::80") and time.monotonic() - started < 1
+        # (A black hole would take ping's whole 3 s; a refusal, only the time to start it.)
+        assert not m.ping("2001:db8:203::80", wait=3) and time.monotonic() - started < 2
         assert m.ping("203.0.113.80")
     assert state_of(m) == before
     with tunnel_from(m):
