@@ -3636,8 +3636,7 @@ def test_short_packets_are_written_as_they_are():
     tcp, udp = short
     # (The fair queue gives each flow its turn; but two flows that hash into
     # one bucket, as they may in this process, come in the order they came.)
-    mask = server.to_tun.mask
-    shared = hash(udptun.flow_of(tcp)) & mask == hash(udptun.flow_of(udp)) & mask
+    shared = bucket(server.to_tun, tcp) == bucket(server.to_tun, udp)
     receive(server)
     order = [tcp, udp, tcp, udp] if shared else [tcp, tcp, udp, udp]
     assert tun.written() == b"".join(udptun.PLAIN_VNET_HDR + p for p in order)
@@ -3670,14 +3669,18 @@ def popped(queue, *budgets):
     return [p for run in queue.pop(*budgets) for p in run]
 
 
+def bucket(queue, packet):
+    """The bucket of `queue` that the packet's flow falls into, as push() finds it."""
+    return hash(udptun.flow_of(packet)) & queue.mask
+
+
 def apart(queue, make, *others):
     """make(port) for the first port whose flow falls into a bucket of
     `queue` that none of `others` falls into. (Python's hash of bytes is
     keyed anew in each process: two given flows share a bucket in about
     one process in a thousand, and then come out in the order they came.)"""
-    bucket = lambda packet: hash(udptun.flow_of(packet)) & queue.mask
-    taken = {bucket(p) for p in others}
-    return next(make(port) for port in range(40000, 41000) if bucket(make(port)) not in taken)
+    taken = {bucket(queue, p) for p in others}
+    return next(make(port) for port in range(40000, 41000) if bucket(queue, make(port)) not in taken)
 
 
 def test_a_ping_overtakes_a_download_backlog():
@@ -4237,11 +4240,12 @@ def test_booted_a_client_with_resolved_keeps_dns_and_traffic_in_the_tunnel_when_
                           "2001:db8:203::80"]):
                 m.sh("systemctl", "restart", "systemd-networkd")
                 restarted = time.monotonic()
-                # (The count of rules is the same before networkd deletes
-                # them as after they are back: wait for the client's word.)
-                # Debian 13's networkd deletes them; Debian 12's, systemd 252, leaves them at a restart.
-                wait_for(lambda: "were deleted by another program: put back" in m.client_log()
-                         or m.name == "udptun-debian12", "the client to put its rules back", timeout=5)
+                # Debian 13's networkd deletes our rules; Debian 12's, systemd 252, leaves
+                # them at a restart. (Their count is the same before networkd deletes them
+                # as after they are back: wait for the client's word first.)
+                wait_for(lambda: m.name == "udptun-debian12"
+                         or "were deleted by another program: put back" in m.client_log(),
+                         "the client to put its rules back", timeout=5)
                 wait_for(lambda: (len(m.sh("ip", "-4", "rule").splitlines()),
                                   len(m.sh("ip", "-6", "rule").splitlines())) == rules, "the rules back", timeout=5)
                 wait_for(lambda: m.ping("203.0.113.80") and m.ping("2001:db8:203::80"), "the tunnel back",
