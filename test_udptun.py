@@ -333,6 +333,22 @@ def test_ipv6_packets_are_checked_too():
     assert udptun.ip_problem(ipv4()) is None
 
 
+def test_ip_problem_finds_what_each_version_s_checks_find():
+    """ip_problem lets the common case, IPv4 without options, through in
+    one step: for any first byte, size and length field, it names the
+    problem that version's own checks name (or none, as they do)."""
+    for first in range(256):
+        for size in (0, 1, 4, 19, 20, 23, 24, 39, 40, 41, 60, 1400):
+            for length in {size - 1, size, size + 1, 0, 20}:
+                head = struct.pack("!BBHH", first, 0, length & 0xFFFF, (length - 40) & 0xFFFF)  # IPv4's, IPv6's field
+                packet = (head + bytes(size))[:size]
+                version = first >> 4
+                want = (udptun.ipv4_problem(packet) if version == 4 and packet else
+                        udptun.ipv6_problem(packet) if version == 6 and packet else
+                        "short" if not packet else "not-ip")
+                assert udptun.ip_problem(packet) == want, (first, size, length)
+
+
 CLIENT = ("192.0.2.20", 40000)
 
 
@@ -596,7 +612,7 @@ def test_a_datagram_glued_among_a_clients_is_judged_alone():
     passed = [d for i, d in enumerate(glued) if i not in (2, 4, 6)]
     server, tun = make_server([(b"".join(glued), CLIENT, 1400)])
     receive(server)
-    assert sorted(ipv4_packets(tun.written())) == sorted(passed)   # (the fair queue may put the ping first)
+    assert sorted(ip_packets(tun.written())) == sorted(passed)   # (the fair queue may put the ping first)
     assert server.drops == {"bad-source": 1, "bad-length": 1, "client-to-client": 1}
     assert server.table.by_ip[A].rx_packets == 15 and server.table.by_ip[A].rx_bytes == 14 * 1400 + 100
     # Mostly forgeries: each is judged on its own (finding which differ would cost more).
@@ -655,11 +671,14 @@ def test_glued_ipv6_datagrams_that_differ_are_judged_alone():
     assert tun.written() == ours * 7 and client.drops == {"not-for-us": 1}
 
 
-def ipv4_packets(stream):
-    """The IPv4 packets written one after another into `stream`."""
+def ip_packets(stream):
+    """The IP packets written one after another into `stream`."""
     packets = []
     while stream:
-        length = max(struct.unpack_from("!H", stream, 2)[0], 20) if len(stream) >= 20 else len(stream)
+        if stream[0] >> 4 == 6 and len(stream) >= 40:
+            length = struct.unpack_from("!H", stream, 4)[0] + 40
+        else:
+            length = max(struct.unpack_from("!H", stream, 2)[0], 20) if len(stream) >= 20 else len(stream)
         packets.append(stream[:length])
         stream = stream[length:]
     return packets
@@ -3867,6 +3886,22 @@ def test_the_fair_queue_keys_packets_as_flow_of_does():
         assert flows == list(map(udptun.flow_of, queued))
     # (the ports, not the protocol: TCP and UDP on the same ones share one)
     assert len({key for _, flows, _ in queue.buckets.values() for key in flows}) == 6
+
+
+def test_every_packet_to_another_client_is_refused(plain):
+    """The server looks at a client's destination again only when it
+    changes (Server.admit): a packet to another client is refused wherever
+    it comes in the stream, right after one that went in, and after one
+    that was refused; to the server, or beyond it, what follows goes in."""
+    to = {"web": ipv4(src="10.0.0.1"), "other": ipv4(src="10.0.0.1", dst="10.0.0.3"),
+          "server": ipv4(src="10.0.0.1", dst="10.0.0.2"), "web6": ipv6(), "other6": ipv6(dst="fd75:6470:746e::3")}
+    order = ["web", "web", "other", "other", "web", "other", "server", "other", "web",
+             "web6", "other6", "other6", "web6", "other6", "web"]
+    server, tun = make_server([(to[name], CLIENT) for name in order], plain=plain)
+    receive(server)
+    # (The fair queue may put a flow's packets before another's.)
+    assert sorted(ip_packets(tun.written())) == sorted(to[name] for name in order if not name.startswith("other"))
+    assert server.drops == {"client-to-client": 7}
 
 
 def test_client_to_client_when_allowed():
