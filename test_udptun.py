@@ -333,7 +333,7 @@ def test_ipv6_packets_are_checked_too():
     assert udptun.ip_problem(ipv4()) is None
 
 
-def test_ip_problem_finds_what_each_version_s_checks_find():
+def test_ip_problem_s_shortcut_agrees_with_the_full_checks():
     """ip_problem lets the common case, IPv4 without options, through in
     one step: for any first byte, size and length field, it names the
     problem that version's own checks name (or none, as they do)."""

@@ -2581,8 +2581,8 @@ def lock_and_recover(args):
 # with 2 cores. "Without it" is udptun with that one mechanism taken out
 # (the benchmark's udptun-no-gso, udptun-no-gro, udptun-no-merge and
 # udptun-fifo), in the same run as the whole of it, which carried TCP
-# 1.29 Gbit/s up and 1.29 down, 1.21 with 4 streams up, and 86 kpps of
-# 64-byte UDP, at 10.0 CPU seconds per GB (both ends).
+# 1.25 Gbit/s up and 1.29 down, 1.18 with 4 streams up, and 86 kpps of
+# 64-byte UDP, at 10.2 CPU seconds per GB (both ends).
 
 # The TUN device's side: every read() and write() on it can start with a
 # header that describes many packets as one.
@@ -2915,9 +2915,9 @@ class FairQueue:
 
     What it brings is time, not speed. With one FIFO per direction instead
     (dropping at its tail when full), in the A/B run (see the chapter's
-    top), a ping through the tunnel took 2.6 ms (p50) during a TCP upload
-    and 3.3 ms during a download; with the FairQueue 2.1 and 1.6 ms. The
-    FIFO moved up to 9% more (TCP down; 64-byte UDP 8%), about this
+    top), a ping through the tunnel took 3.2 ms (p50) during a TCP upload
+    and 4.2 ms during a download; with the FairQueue 2.0 and 1.6 ms. The
+    FIFO moved up to 10% more (TCP up; 64-byte UDP 6%), about this
     machine's noise. And a FIFO would let a stranger's flood take the
     whole queue (see Security in the README).
     """
@@ -3092,9 +3092,9 @@ class Batching:
     call) pays for none of this.
 
     Without all of it (--plain), in the A/B run (see the chapter's top):
-    TCP 0.36 Gbit/s up, 0.50 down, 0.38 with 4 streams, 29 kpps of 64-byte
-    UDP, 30.9 CPU s/GB; with it 3.6, 2.6, 3.2 and 3.0 times as much, for
-    0.32 times the CPU.
+    TCP 0.34 Gbit/s up, 0.50 down, 0.34 with 4 streams, 33 kpps of 64-byte
+    UDP, 32.6 CPU s/GB; with it 3.7, 2.6, 3.5 and 2.6 times as much, for
+    0.31 times the CPU.
 
     Hooks: HOSTS, where the queues find whose a packet is, to be fair
     between users (see FairQueue); hosts_of(sock), who sends on a socket,
@@ -3210,9 +3210,9 @@ class Batching:
         the last), and we cut them apart again. Without GRO, or for a lone
         datagram, there is no control message.
 
-        Without GRO, in the A/B run (see the chapter's top): TCP 1.07 Gbit/s
-        up, 1.19 down, 1.07 with 4 streams, 71 kpps, 12.6 CPU s/GB. GRO
-        brings 21%, 8%, 13% and 21% more, for 0.79 times the CPU.
+        Without GRO, in the A/B run (see the chapter's top): TCP 1.11 Gbit/s
+        up, 1.15 down, 1.11 with 4 streams, 77 kpps, 12.1 CPU s/GB. GRO
+        brings 13%, 12%, 6% and 12% more, for 0.85 times the CPU.
         """
         packets, count, admit = [], 0, self.admit
         while count < limit:
@@ -3259,8 +3259,8 @@ class Batching:
         buffer into datagrams of that size; a shorter packet may end a run.
 
         Without GSO, in the A/B run (see the chapter's top): TCP 0.77 Gbit/s
-        up, 0.76 down, 0.77 with 4 streams, 52 kpps, 17.7 CPU s/GB. GSO
-        brings 68%, 70%, 57% and 65% more, for 0.56 times the CPU."""
+        up, 0.73 down, 0.78 with 4 streams, 53 kpps, 17.5 CPU s/GB. GSO
+        brings 61%, 78%, 52% and 64% more, for 0.59 times the CPU."""
         i, n = 0, len(packets)
         while i < n:
             size = len(packets[i])
@@ -3317,9 +3317,9 @@ class MergingWriter:
     the forwarder's, to count what could not be written.
 
     Without merged writes (a TUN device without the vnet header), in the
-    A/B run (see the chapter's top): TCP 0.70 Gbit/s up, 1.04 down, 0.75
-    with 4 streams, 49 kpps, 16.5 CPU s/GB. Merging brings 84%, 24%, 61%
-    and 76% more, for 0.61 times the CPU.
+    A/B run (see the chapter's top): TCP 0.77 Gbit/s up, 1.10 down, 0.76
+    with 4 streams, 51 kpps, 14.7 CPU s/GB. Merging brings 62%, 17%, 55%
+    and 71% more, for 0.70 times the CPU.
     """
 
     def __init__(self, tun, drop):
