@@ -335,18 +335,22 @@ def test_ipv6_packets_are_checked_too():
 
 def test_ip_problem_s_shortcut_agrees_with_the_full_checks():
     """ip_problem lets the common case, IPv4 without options, through in
-    one step: for any first byte, size and length field, it names the
-    problem that version's own checks name (or none, as they do)."""
+    one step: for every first byte, with sizes and length fields on either
+    side of the edges, it names the problem that version's own checks name
+    (or none, as they do). The field read must be the total length: one
+    case puts the size in the bytes one before it (type of service, and the
+    length's first byte)."""
     for first in range(256):
         for size in (0, 1, 4, 19, 20, 23, 24, 39, 40, 41, 60, 1400):
-            for length in {size - 1, size, size + 1, 0, 20}:
-                head = struct.pack("!BBHH", first, 0, length & 0xFFFF, (length - 40) & 0xFFFF)  # IPv4's, IPv6's field
-                packet = (head + bytes(size))[:size]
-                version = first >> 4
-                want = (udptun.ipv4_problem(packet) if version == 4 and packet else
-                        udptun.ipv6_problem(packet) if version == 6 and packet else
-                        "short" if not packet else "not-ip")
-                assert udptun.ip_problem(packet) == want, (first, size, length)
+            for length in {size - 1, size, size + 1, 0, 20, (size & 0xFF) << 8}:
+                for tos in {0, 0xB8, size >> 8}:   # (the byte between the first and the total length)
+                    head = struct.pack("!BBHH", first, tos, length & 0xFFFF, (length - 40) & 0xFFFF)  # IPv4's, IPv6's
+                    packet = (head + bytes(size))[:size]
+                    version = first >> 4
+                    want = (udptun.ipv4_problem(packet) if version == 4 and packet else
+                            udptun.ipv6_problem(packet) if version == 6 and packet else
+                            "short" if not packet else "not-ip")
+                    assert udptun.ip_problem(packet) == want, (first, tos, size, length)
 
 
 CLIENT = ("192.0.2.20", 40000)
@@ -3890,18 +3894,18 @@ def test_the_fair_queue_keys_packets_as_flow_of_does():
 
 def test_every_packet_to_another_client_is_refused(plain):
     """The server looks at a client's destination again only when it
-    changes (Server.admit): a packet to another client is refused wherever
-    it comes in the stream, right after one that went in, and after one
-    that was refused; to the server, or beyond it, what follows goes in."""
+    changes (Server.admit): a packet to another client is refused as the
+    first of its sender, right after one that went in, and after one that
+    was refused; to the server, or beyond it, what follows goes in."""
     to = {"web": ipv4(src="10.0.0.1"), "other": ipv4(src="10.0.0.1", dst="10.0.0.3"),
           "server": ipv4(src="10.0.0.1", dst="10.0.0.2"), "web6": ipv6(), "other6": ipv6(dst="fd75:6470:746e::3")}
-    order = ["web", "web", "other", "other", "web", "other", "server", "other", "web",
-             "web6", "other6", "other6", "web6", "other6", "web"]
+    order = ["other", "web", "web", "other", "other", "web", "other", "server", "other", "web",
+             "other6", "web6", "other6", "other6", "web6", "other6", "web"]
     server, tun = make_server([(to[name], CLIENT) for name in order], plain=plain)
     receive(server)
     # (The fair queue may put a flow's packets before another's.)
     assert sorted(ip_packets(tun.written())) == sorted(to[name] for name in order if not name.startswith("other"))
-    assert server.drops == {"client-to-client": 7}
+    assert server.drops == {"client-to-client": 9}
 
 
 def test_client_to_client_when_allowed():

@@ -560,9 +560,9 @@ def ip_problem(packet):
     format (no header of our own) has to go on.
 
     Nearly every packet is IPv4 without options, and it passes every check
-    of ipv4_problem when its first byte says so and its total length is
-    its size: that is looked at first, in one step. (It runs for every
-    packet that comes in, at both ends.)"""
+    of ipv4_problem when it is at least a header long, its first byte says
+    so and its total length is its size: that is looked at first, in one
+    step. (It runs for every packet that comes in, at both ends.)"""
     n = len(packet)
     if n >= IPV4_HEADER:
         first, length = IPV4_START.unpack_from(packet)
@@ -1271,7 +1271,8 @@ class Server(Forwarder):
                 return False
         # Whether a destination may be reached depends on it alone (and on
         # options fixed at the start), and a client's packets mostly go where
-        # its last one went: looked at again only when it changes.
+        # its last one went: looked at again only when it changes. (Never on
+        # who sends: what a Peer remembers holds when its owner moves.)
         if dst != peer.last_dst:
             if not self.client_to_client and dst not in self.own and self.in_subnet(dst):
                 self.drop("client-to-client", src, "->", dst)
