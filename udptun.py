@@ -1255,8 +1255,9 @@ class Server(Forwarder):
         self.crowded = False     # whether read_clients() left ready sockets for the next turn
 
     def admit(self, data, addr):
-        """The checks, cheapest and most common first: a packet from the
-        address that owns its source is one dict lookup away from passing."""
+        """The checks, cheapest and most common first: a well-formed packet
+        from the address that owns its source, going where the one before
+        it went, is a dict lookup and a comparison away from passing."""
         problem = ip_problem(data)
         if data and data[VERSION] >> 4 == 4:   # (written out: this runs for every packet)
             src, dst = data[IPV4_SRC], data[IPV4_DST]
