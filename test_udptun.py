@@ -35,6 +35,7 @@ import hashlib
 import io
 import ipaddress
 import functools
+import gc
 import json
 import os
 import random
@@ -484,6 +485,33 @@ def test_without_a_backlog_a_packet_goes_straight_on():
     assert tun.written() == a and len(server.sock.queue) == 2 and not server.to_tun
     server.handle([(-1, select.EPOLLIN)])
     assert tun.written() == b + c and not server.sock.queue and not server.to_tun
+
+
+def test_the_loop_sleeps_until_the_next_tick_unless_packets_are_queued(monkeypatch):
+    """run() sleeps in epoll until something is readable or the next tick
+    is due. While the speed layer holds packets it only looks (a timeout
+    of 0): asleep, it would leave them until the next datagram or tick."""
+    server, tun = make_server([])
+    server.sock.setsockopt = lambda *option: None   # (UDP GRO: asked for, not needed here)
+    timeouts = []
+
+    class Poller(FakePoller):
+        def poll(self, timeout=-1, maxevents=-1):
+            timeouts.append(timeout)
+            if len(timeouts) == 3:
+                raise udptun.Stop
+            return []
+    monkeypatch.setattr(udptun.select, "epoll", Poller)
+    turns = iter([lambda: server.to_tun.push([ipv4()]),    # the first turn leaves a packet queued,
+                  lambda: server.to_tun.pop(1)])           # the second passes it on
+    server.handle = lambda events: next(turns)()
+    server.next_tick = server.now + 100   # (no tick meanwhile)
+    try:
+        with pytest.raises(udptun.Stop):
+            server.run()
+    finally:
+        gc.unfreeze()   # (run() froze what existed: this process goes on)
+    assert timeouts[0] > 99 and timeouts[1] == 0 and timeouts[2] > 99, timeouts
 
 
 def test_server_drops_hostile_datagrams_and_keeps_the_client(plain):

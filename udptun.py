@@ -893,7 +893,9 @@ class Forwarder:
         # would hold up the packets of its turn by milliseconds.)
         gc.freeze()
         while True:
-            events = self.poller.poll(self.wait())
+            # Sleep until something is readable or a tick is due; while
+            # packets are queued (see queued()), only look, never sleep.
+            events = self.poller.poll(0 if self.queued() else max(0.0, self.next_tick - self.now))
             self.now = time.monotonic()
             self.handle(events)
             # The timers' work (a status file, a route lookup) waits for a
@@ -922,10 +924,6 @@ class Forwarder:
             (poller or self.poller).unregister(sock)
             self.handlers.pop(sock.fileno(), None)
         sock.close()
-
-    def wait(self):
-        """How long run() may sleep, in seconds: until the next tick is due."""
-        return max(0.0, self.next_tick - self.now)
 
     def queued(self):
         """Whether packets wait to be passed on (only the speed layer queues)."""
@@ -3072,10 +3070,10 @@ class FairQueue:
 class Batching:
     """The speed layer: mixed in before a policy class, as in
     `class FastServer(Batching, Server)`, the way socketserver's
-    ThreadingMixIn is. It overrides the plain loop's I/O methods (wait,
-    queued, handle, tun_to_udp, udp_to_tun, watch_socket), adds its
-    figures to status(), and calls the policy's hooks (admit, address_for)
-    for each packet, as the plain loop does.
+    ThreadingMixIn is. It overrides the plain loop's I/O methods (queued,
+    handle, tun_to_udp, udp_to_tun, watch_socket), adds its figures to
+    status(), and calls the policy's hooks (admit, address_for) for each
+    packet, as the plain loop does.
 
     Python spends microseconds on each system call and each packet, where
     the kernel spends fractions of one; a tunnel in Python is fast only if
@@ -3125,13 +3123,9 @@ class Batching:
         enable_gro(sock)
         super().watch_socket(sock, poller)
 
-    # (The queues' `length`, not len(), which would call a method of ours:
-    # a lone packet's wake-up should run as few steps as it can.)
-    def wait(self):
-        # While packets are queued we only look, never sleep.
-        return 0 if self.to_tun.length or self.to_udp.length else super().wait()
-
     def queued(self):
+        # (The queues' `length`, not len(), which would call a method of
+        # ours: a lone packet's wake-up should run as few steps as it can.)
         return bool(self.to_tun.length or self.to_udp.length)
 
     def handle(self, events):
