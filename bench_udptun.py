@@ -370,9 +370,10 @@ def test_bench():
 
 def in_rounds(lab, impls, one_round):
     """Build the lab, with iperf3 listening on the web host; for each of
-    BENCH_REPS rounds, one_round(name) for each of `impls` in turn (round
-    robin: the machine's drift hits all alike); take the lab down. Returns
-    {name: its rounds' results}."""
+    BENCH_REPS rounds, one_round(name) for each of `impls` in turn, in the
+    other order every second round (A B, B A: the machine's drift over a
+    run hits all alike); take the lab down. Returns {name: its rounds'
+    results}."""
     results = {name: [] for name in impls}
     try:
         lab.up()
@@ -381,7 +382,7 @@ def in_rounds(lab, impls, one_round):
                      stderr=subprocess.DEVNULL):
             wait_for(lambda: ":5201" in lab.sh("web", "ss", "-ltn"), "iperf3 server on the web host")
             for rep in range(BENCH_REPS):
-                for name in impls:
+                for name in (impls if rep % 2 == 0 else impls[::-1]):
                     results[name].append(one_round(name))
                     print(f"rep {rep + 1} {name}: {results[name][-1]}", flush=True)
     finally:
