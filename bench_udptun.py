@@ -371,9 +371,9 @@ def test_bench():
 def in_rounds(lab, impls, one_round):
     """Build the lab, with iperf3 listening on the web host; for each of
     BENCH_REPS rounds, one_round(name) for each of `impls` in turn, in the
-    other order every second round (A B, B A: the machine's drift over a
-    run hits all alike); take the lab down. Returns {name: its rounds'
-    results}."""
+    other order every second round (A B, B A: over an even number of
+    rounds, the machine's drift hits all alike); take the lab down.
+    Returns {name: its rounds' results}."""
     results = {name: [] for name in impls}
     try:
         lab.up()

@@ -498,20 +498,23 @@ def test_the_loop_sleeps_until_the_next_tick_unless_packets_are_queued(monkeypat
     class Poller(FakePoller):
         def poll(self, timeout=-1, maxevents=-1):
             timeouts.append(timeout)
-            if len(timeouts) == 3:
+            if len(timeouts) == 5:
                 raise udptun.Stop
             return []
     monkeypatch.setattr(udptun.select, "epoll", Poller)
-    turns = iter([lambda: server.to_tun.push([ipv4()]),    # the first turn leaves a packet queued,
-                  lambda: server.to_tun.pop(1)])           # the second passes it on
+    turns = iter([lambda: server.to_tun.push([ipv4()]),   # a turn leaves a packet queued for the TUN device,
+                  lambda: server.to_tun.pop(1),           # the next passes it on;
+                  lambda: server.to_udp.push([ipv4()]),   # the same on the way to the socket
+                  lambda: server.to_udp.pop(1)])
     server.handle = lambda events: next(turns)()
-    server.next_tick = server.now + 100   # (no tick meanwhile)
+    server.next_tick = server.now + 1000   # (no tick meanwhile)
     try:
         with pytest.raises(udptun.Stop):
             server.run()
     finally:
         gc.unfreeze()   # (run() froze what existed: this process goes on)
-    assert timeouts[0] > 99 and timeouts[1] == 0 and timeouts[2] > 99, timeouts
+    slept = [t > 900 for t in timeouts]
+    assert slept == [True, False, True, False, True] and timeouts[1] == timeouts[3] == 0, timeouts
 
 
 def test_server_drops_hostile_datagrams_and_keeps_the_client(plain):

@@ -893,8 +893,9 @@ class Forwarder:
         # would hold up the packets of its turn by milliseconds.)
         gc.freeze()
         while True:
-            # Sleep until something is readable or a tick is due; while
-            # packets are queued (see queued()), only look, never sleep.
+            # Sleep until something is readable or a tick is due. While
+            # packets are queued (see queued()), only look: asleep, we
+            # would leave them until the next datagram or tick.
             events = self.poller.poll(0 if self.queued() else max(0.0, self.next_tick - self.now))
             self.now = time.monotonic()
             self.handle(events)
