@@ -491,7 +491,7 @@ def test_the_loop_sleeps_until_the_next_tick_unless_packets_are_queued(monkeypat
     """run() sleeps in epoll until something is readable or the next tick
     is due. While the speed layer holds packets it only looks (a timeout
     of 0): asleep, it would leave them until the next datagram or tick."""
-    server, tun = make_server([])
+    server, _ = make_server([])
     server.sock.setsockopt = lambda *option: None   # (UDP GRO: asked for, not needed here)
     timeouts = []
 

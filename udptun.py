@@ -3071,10 +3071,10 @@ class FairQueue:
 class Batching:
     """The speed layer: mixed in before a policy class, as in
     `class FastServer(Batching, Server)`, the way socketserver's
-    ThreadingMixIn is. It overrides the plain loop's I/O methods (queued,
-    handle, tun_to_udp, udp_to_tun, watch_socket), adds its figures to
-    status(), and calls the policy's hooks (admit, address_for) for each
-    packet, as the plain loop does.
+    ThreadingMixIn is. It overrides how the plain loop moves packets
+    (queued, handle, tun_to_udp, udp_to_tun, watch_socket), adds its
+    figures to status(), and calls the policy's hooks (admit, address_for)
+    for each packet, as the plain loop does.
 
     Python spends microseconds on each system call and each packet, where
     the kernel spends fractions of one; a tunnel in Python is fast only if
