@@ -1,11 +1,12 @@
 """udptun's benchmark, on demand: udptun against socat (the same wire
 format) on the path a user's traffic takes (test_bench), each of the speed
 layer's mechanisms left out in turn (the same test, see WITHOUT), two
-clients' mixed load against another udptun.py (test_bench_mixed), and a
-stranger's flood (test_bench_flood). It builds the tests' namespace lab
-(see test_udptun.py), as root:
+clients' mixed load against another udptun.py (test_bench_mixed), a
+stranger's flood (test_bench_flood), and the idle round trip alone, with
+the tunnels taking turns (test_bench_idle). It builds the tests' namespace
+lab (see test_udptun.py), as root:
 
-    python3 -m pytest bench_udptun.py -o markers=bench -s -k "not flood and not mixed"
+    python3 -m pytest bench_udptun.py::test_bench -o markers=bench -s
 
 Timings never decide pass or fail: the figures are printed, next to
 those of a peer measured in the same run."""
@@ -34,7 +35,7 @@ from test_udptun import (HERE, Lab, NEW_FLOWS, WEB4, WEB6, end, need, rss_kib, r
 # alone). The figures are printed next to socat's, measured in the same
 # run, as ratios:
 #
-#     python3 -m pytest bench_udptun.py -o markers=bench -s -k "not flood and not mixed"
+#     python3 -m pytest bench_udptun.py::test_bench -o markers=bench -s
 #
 # UDPTUN_BENCH_REPS (3), UDPTUN_BENCH_TIME (5 s per iperf3 run) and
 # UDPTUN_BENCH_IMPLS (socat,udptun,udptun-ipv6,udptun-plain; socat-ipv6,
@@ -313,10 +314,14 @@ class Bench:
 
     def ping(self, target, interval, count):
         """Round-trip time p50 and p99, in microseconds."""
+        times = self.round_trips(target, interval, count)
+        return percentile(times, 50), percentile(times, 99)
+
+    def round_trips(self, target, interval, count):
+        """Each answered ping's round-trip time, in microseconds."""
         out = self.lab.sh("cli1", "ping", "-c", str(count), "-i", str(interval), "-n", target,
                           check=False, timeout=count * interval + 30)
-        times = [float(t) * 1000 for t in re.findall(r"time=([\d.]+) ms", out)]
-        return percentile(times, 50), percentile(times, 99)
+        return [float(t) * 1000 for t in re.findall(r"time=([\d.]+) ms", out)]
 
 
 def firewall_of_udptun(address):
@@ -339,13 +344,23 @@ def real_nics(lab):
         lab.sh(name, "ethtool", "-K", dev, *features)
 
 
-def lab_for_bench(blob=None):
-    """The tests' lab, under names of its own; the web host serves `blob` bytes."""
+def lab_for_bench(blob=None, tag=""):
+    """The tests' lab, under names of its own (`tag` tells several apart);
+    the web host serves `blob` bytes."""
     lab = Lab()
-    lab.prefix = f"ub{os.getpid()}"
+    lab.prefix = f"ub{os.getpid()}{tag}"
     lab.names = [lab.ns(n) for n in ("cli1", "cli2", "nat", "core", "srv", "web", "iso", "prv")]
     if blob:
         lab.BLOB = blob
+
+    def udptun_like(name, argv):   # (how Bench starts socat and python-floor)
+        proc = subprocess.Popen(["ip", "netns", "exec", lab.ns(name), *argv],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc.log = io.StringIO()
+        lab.procs.append(proc)
+        return proc
+
+    lab.udptun_like = udptun_like
     return lab
 
 
@@ -355,15 +370,6 @@ def test_bench():
     for tool in ("iperf3", "ethtool", "socat"):
         need(shutil.which(tool), f"the benchmark needs {tool}")
     lab = lab_for_bench()
-
-    def udptun_like(name, argv):
-        proc = subprocess.Popen(["ip", "netns", "exec", lab.ns(name), *argv],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        proc.log = io.StringIO()
-        lab.procs.append(proc)
-        return proc
-
-    lab.udptun_like = udptun_like
     impls = os.environ.get("UDPTUN_BENCH_IMPLS", "socat,udptun,udptun-ipv6,udptun-plain").split(",")
     report(in_rounds(lab, impls, lambda name: Bench(lab).run(name)))
 
@@ -388,6 +394,53 @@ def in_rounds(lab, impls, one_round):
     finally:
         lab.down()
     return results
+
+
+IDLE_ROUNDS = int(os.environ.get("UDPTUN_IDLE_ROUNDS", "20"))
+
+
+@pytest.mark.bench
+def test_bench_idle():
+    """The idle round trip alone, precise enough to tell a few percent
+    apart. In test_bench a tunnel's idle p50 varies by 10% and more from
+    one round to the next, as the machine's load drifts over the minutes
+    between them. Here every tunnel of UDPTUN_BENCH_IMPLS
+    (python-floor,udptun,udptun-plain) runs at once, each in a lab of its
+    own, and the pings take turns between them, in blocks of 60 at 100 a
+    second, then 8 at 5 a second, IDLE_ROUNDS times (A B C, then C B A):
+    each tunnel's pings see the same machine. The figures are the p50 of
+    all of a tunnel's pings, and its ratio to the first tunnel's."""
+    need(os.geteuid() == 0, "the benchmark needs root")
+    for tool in ("ethtool", "socat"):
+        need(shutil.which(tool), f"the benchmark needs {tool}")
+    impls = os.environ.get("UDPTUN_BENCH_IMPLS", "python-floor,udptun,udptun-plain").split(",")
+    benches, targets = {}, {}
+    fast, slow = {name: [] for name in impls}, {name: [] for name in impls}
+    with contextlib.ExitStack() as stack:
+        for i, name in enumerate(impls):
+            lab = lab_for_bench(tag=chr(ord("a") + i))
+            stack.callback(lab.down)   # (last: ExitStack undoes newest first)
+            lab.up()
+            real_nics(lab)
+            benches[name] = Bench(lab)
+            stack.callback(benches[name].stop)
+            targets[name], _ = benches[name].start(name)
+            benches[name].ping(targets[name], 0.01, 50)   # unmeasured, as in test_bench
+        for rep in range(IDLE_ROUNDS):
+            order = impls if rep % 2 == 0 else impls[::-1]
+            for name in order:
+                fast[name] += benches[name].round_trips(targets[name], 0.01, 60)
+            for name in order:
+                slow[name] += benches[name].round_trips(targets[name], 0.2, 8)
+    first = impls[0]
+    print(f"\nfull path, idle, {IDLE_ROUNDS} rounds of pings taking turns, p50 of each tunnel's:")
+    print(f"| | 100/s | 5/s | × {first}, 100/s | × {first}, 5/s |")
+    print("|---|---|---|---|---|")
+    for name in impls:
+        p = [percentile(rtts, 50) for rtts in (fast[name], slow[name], fast[first], slow[first])]
+        print(f"| {name} | {p[0]:.0f} µs | {p[1]:.0f} µs | {p[0] / p[2]:.2f}× | {p[1] / p[3]:.2f}× |")
+    for name in impls:   # (an idle tunnel loses none: a lost ping is a fault, not noise)
+        assert len(fast[name]) + len(slow[name]) >= 0.99 * 68 * IDLE_ROUNDS, f"{name} lost pings"
 
 
 MIXED_TIME = int(os.environ.get("UDPTUN_MIXED_TIME", "180"))
