@@ -1331,6 +1331,23 @@ def test_only_rules_of_another_run_keep_forwarding_on(monkeypatch):
         '-A FORWARD -m comment --comment "udptun:tun10" -j udptun-fwd-tun10']
 
 
+def test_the_state_folder_is_the_namespaces_own_while_another_namespace_goes(monkeypatch):
+    """A namespace deleted while state_dir() looks through /run/netns (another
+    lab going down) is skipped: the run still finds its own name, and never
+    falls back to the folder all namespaces share."""
+    me = os.stat("/proc/self/ns/net")
+    real_stat, real_listdir = os.stat, os.listdir
+
+    def stat(path, *args, **kwargs):
+        if path == "/run/netns/gone":
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        return me if path == "/run/netns/mine" else real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "listdir", lambda path=".": ["gone", "mine"] if path == "/run/netns" else real_listdir(path))
+    monkeypatch.setattr(os, "stat", stat)
+    assert udptun.state_dir() == os.path.join(udptun.STATE_ROOT, "netns-mine")
+
+
 def test_journal_replays_a_killed_run_and_only_what_udptun_writes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(udptun, "STATE_ROOT", str(tmp_path))
     monkeypatch.setattr(udptun, "state_dir", lambda: str(tmp_path))
