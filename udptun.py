@@ -3095,7 +3095,7 @@ class Batching:
     ready at the previous turn too. Otherwise the first packet goes straight
     on, as in the plain loop: an idle tunnel's round trip (ssh, a game, a
     call) waits in no queue. It still costs a little: in the idle
-    benchmark (bench_udptun.py's test_bench_idle, five runs of 20 rounds)
+    benchmark (bench_udptun.py's test_bench_idle, seven runs of 20 rounds)
     its p50 was 1.10 to 1.18 times the plain loop's, at 100 and at 5 pings
     a second.
 
