@@ -374,12 +374,17 @@ def test_bench():
     report(in_rounds(lab, impls, lambda name: Bench(lab).run(name)))
 
 
+def in_turn(impls, rep):
+    """The order of round `rep`: `impls`, and reversed every second round
+    (A B, B A: over an even number of rounds, the machine's drift hits all
+    alike)."""
+    return impls if rep % 2 == 0 else impls[::-1]
+
+
 def in_rounds(lab, impls, one_round):
     """Build the lab, with iperf3 listening on the web host; for each of
-    BENCH_REPS rounds, one_round(name) for each of `impls` in turn, in the
-    other order every second round (A B, B A: over an even number of
-    rounds, the machine's drift hits all alike); take the lab down.
-    Returns {name: its rounds' results}."""
+    BENCH_REPS rounds, one_round(name) for each of `impls` in turn (see
+    in_turn); take the lab down. Returns {name: its rounds' results}."""
     results = {name: [] for name in impls}
     try:
         lab.up()
@@ -388,7 +393,7 @@ def in_rounds(lab, impls, one_round):
                      stderr=subprocess.DEVNULL):
             wait_for(lambda: ":5201" in lab.sh("web", "ss", "-ltn"), "iperf3 server on the web host")
             for rep in range(BENCH_REPS):
-                for name in (impls if rep % 2 == 0 else impls[::-1]):
+                for name in in_turn(impls, rep):
                     results[name].append(one_round(name))
                     print(f"rep {rep + 1} {name}: {results[name][-1]}", flush=True)
     finally:
@@ -397,6 +402,7 @@ def in_rounds(lab, impls, one_round):
 
 
 IDLE_ROUNDS = int(os.environ.get("UDPTUN_IDLE_ROUNDS", "20"))
+IDLE_BLOCKS = {"100/s": (0.01, 60), "5/s": (0.2, 8)}   # each round's pings: interval (s), count
 
 
 @pytest.mark.bench
@@ -406,16 +412,16 @@ def test_bench_idle():
     one round to the next, as the machine's load drifts over the minutes
     between them. Here every tunnel of UDPTUN_BENCH_IMPLS
     (python-floor,udptun,udptun-plain) runs at once, each in a lab of its
-    own, and the pings take turns between them, in blocks of 60 at 100 a
-    second, then 8 at 5 a second, IDLE_ROUNDS times (A B C, then C B A):
-    each tunnel's pings see the same machine. The figures are the p50 of
+    own, and the pings take turns between them (see in_turn), in blocks
+    of IDLE_BLOCKS (60 at 100 a second, then 8 at 5 a second), IDLE_ROUNDS
+    times: each tunnel's pings see the same machine. The figures are the p50 of
     all of a tunnel's pings, and its ratio to the first tunnel's."""
     need(os.geteuid() == 0, "the benchmark needs root")
     impls = os.environ.get("UDPTUN_BENCH_IMPLS", "python-floor,udptun,udptun-plain").split(",")
     for tool in ["ethtool"] + (["socat"] if any(name.startswith("socat") for name in impls) else []):
         need(shutil.which(tool), f"the benchmark needs {tool}")
     benches, targets = {}, {}
-    fast, slow = {name: [] for name in impls}, {name: [] for name in impls}
+    rtts = {rate: {name: [] for name in impls} for rate in IDLE_BLOCKS}
     with contextlib.ExitStack() as stack:
         for i, name in enumerate(impls):
             lab = lab_for_bench(tag=chr(ord("a") + i))
@@ -427,22 +433,22 @@ def test_bench_idle():
             targets[name], _ = benches[name].start(name)
             benches[name].ping(targets[name], 0.01, 50)   # unmeasured, as in test_bench
         for rep in range(IDLE_ROUNDS):
-            order = impls if rep % 2 == 0 else impls[::-1]
-            for name in order:
-                fast[name] += benches[name].round_trips(targets[name], 0.01, 60)
-            for name in order:
-                slow[name] += benches[name].round_trips(targets[name], 0.2, 8)
+            for rate, (interval, count) in IDLE_BLOCKS.items():
+                for name in in_turn(impls, rep):
+                    rtts[rate][name] += benches[name].round_trips(targets[name], interval, count)
         # (Printed before the labs go down: a teardown that fails loses no figure.)
         first = impls[0]
+        p50 = {rate: {name: percentile(times, 50) for name, times in by_name.items()} for rate, by_name in rtts.items()}
         print(f"\nfull path, idle, {IDLE_ROUNDS} rounds of pings taking turns, p50 of each tunnel's:")
-        print(f"| | 100/s | 5/s | × {first}, 100/s | × {first}, 5/s |")
-        print("|---|---|---|---|---|")
+        print("| | " + " | ".join(f"{rate} | × {first}, {rate}" for rate in IDLE_BLOCKS) + " |")
+        print("|---" * (1 + 2 * len(IDLE_BLOCKS)) + "|")
         for name in impls:
-            p = [percentile(rtts, 50) for rtts in (fast[name], slow[name], fast[first], slow[first])]
-            print(f"| {name} | {p[0]:.0f} µs | {p[1]:.0f} µs | {p[0] / p[2]:.2f}× | {p[1] / p[3]:.2f}× |")
+            print(f"| {name} | " + " | ".join(f"{p50[rate][name]:.0f} µs | {p50[rate][name] / p50[rate][first]:.2f}×"
+                                             for rate in IDLE_BLOCKS) + " |")
     # An idle tunnel loses no ping in the lab: a lost one is a fault, not noise.
-    for name in impls:
-        assert (len(fast[name]), len(slow[name])) == (60 * IDLE_ROUNDS, 8 * IDLE_ROUNDS), f"{name} lost pings"
+    for rate, (_, count) in IDLE_BLOCKS.items():
+        for name in impls:
+            assert len(rtts[rate][name]) == count * IDLE_ROUNDS, f"{name} lost pings at {rate}"
 
 
 MIXED_TIME = int(os.environ.get("UDPTUN_MIXED_TIME", "180"))
