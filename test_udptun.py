@@ -3198,7 +3198,8 @@ def test_a_dry_run_after_a_crash_changes_nothing_even_as_a_user(clean):
     (["server", "--rebind-after", "0"], "--rebind-after 0.0: use 0.1 to"),
     (["server", "--mtu", "100"], "--mtu 100: use 576 to"),
     (["server", "--txqueuelen", "0"], "--txqueuelen 0: use 1 to"),
-    (["server", "--bogus"], "unrecognized arguments: --bogus"),
+    (["server", "--bogus"], "unrecognized arguments: --bogus (see: python3 udptun.py server --help)"),
+    (["client", "192.0.2.1", "--no-nat"], "unrecognized arguments: --no-nat (see: python3 udptun.py client --help)"),
     ([], "the following arguments are required: command"),
 ])
 def test_a_bad_command_line_is_one_line_and_status_1(argv, says, capsys):
@@ -3207,6 +3208,38 @@ def test_a_bad_command_line_is_one_line_and_status_1(argv, says, capsys):
     out = capsys.readouterr()
     assert out.out == "" and out.err.count("\n") == 1 and out.err.startswith("udptun: error: "), out.err
     assert says in out.err, out.err
+
+
+def test_allow_given_twice_keeps_both():
+    """Like --reach, --route and --dns: a second --allow adds to the first,
+    never silently shuts out the first one's clients."""
+    args = udptun.parse_args(["server", "--allow", "192.0.2.0/24", "--allow", "203.0.113.0/24", "2001:db8::/32"])
+    assert args.allow == ["192.0.2.0/24", "203.0.113.0/24", "2001:db8::/32"]
+
+
+def test_an_ipv4_mapped_server_address_is_reached_as_ipv4(canned, capsys):
+    """::ffff:198.51.100.10 is 198.51.100.10: its datagrams go over IPv4, so
+    the way around the tunnel (for them, and for ssh to the VPS) must be
+    IPv4's, as for the plain address."""
+    assert plan(capsys, ["client", "::ffff:198.51.100.10", "--dry-run"]) == \
+        plan(capsys, ["client", "198.51.100.10", "--dry-run"])
+
+
+@pytest.mark.parametrize("server, says", [
+    ("0.0.0.0", "server 0.0.0.0 is no host's address"),
+    ("::", "server :: is no host's address"),
+    ("224.0.0.1", "server 224.0.0.1 is a multicast address"),
+    ("ff02::1", "server ff02::1 is a multicast address"),
+    ("255.255.255.255", "server 255.255.255.255 is the broadcast address"),
+    ("10.0.0.2", "server 10.0.0.2 is inside the tunnel's own subnet 10.0.0.0/24"),
+    ("fd75:6470:746e::2", "server fd75:6470:746e::2 is inside the tunnel's own subnet fd75:6470:746e::/64"),
+])
+def test_a_server_address_no_server_can_have_is_refused(canned, capsys, server, says):
+    """Before anything is set up: one line, status 1. (A loopback address
+    is allowed: a local relay, such as udp2raw, may carry the datagrams.)"""
+    assert udptun.main(["client", server, "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("udptun: error: ") and says in err, err
 
 
 # 50,000 claims on tunnel addresses from 40,000 forged sources (250 addresses

@@ -178,7 +178,7 @@ NEW_CONNECTIONS_PER_SECOND, NEW_CONNECTIONS_BURST = 100, 1000
 STATE_ROOT = "/run/udptun"
 
 # The client sends everything into the tunnel by policy routing, as wg-quick
-# does (see chapter 7, "The client"): its own datagrams carry a firewall mark
+# does (see Routing, in chapter 8): its own datagrams carry a firewall mark
 # and skip the tunnel's routing table. The mark and the table share a number,
 # the first one from FIRST_TABLE that no routing rule or table uses yet.
 SO_MARK = 36        # <asm-generic/socket.h>: a socket's firewall mark (needs CAP_NET_ADMIN)
@@ -202,7 +202,7 @@ class UserError(Exception):
 
 
 class Stop(Exception):
-    """Raised by the SIGTERM/SIGHUP handler so that every undo runs."""
+    """Raised by the SIGTERM, SIGINT and SIGHUP handler so that every undo runs."""
 
 
 def log(message):
@@ -248,9 +248,10 @@ class System:
     Two commands are done here, not run:
     - `sysctl -w KEY=VALUE [TAG]` writes VALUE to /proc/sys/KEY, as sysctl(8)
       would, so a minimal image needs no procps. With TAG (udptun:DEV), the
-      undo of turning forwarding on, it does so only if no rule but TAG's
-      forwards or NATs (see forwarding_for_others): Docker, or another VPN
-      started since, may rely on forwarding now.
+      undo of turning forwarding on (or of the accept_ra that goes with
+      it), it does so only if no rule but TAG's forwards or NATs (see
+      forwarding_for_others): Docker, or another VPN started since, may
+      rely on forwarding now.
     - `write PATH TEXT [ONLY_IF]` puts TEXT in a file in place (a
       bind-mounted /etc/resolv.conf cannot be replaced by rename); with
       ONLY_IF, only if the file still holds ONLY_IF, so an undo never
@@ -821,11 +822,15 @@ def resolve(name, port, family=socket.AF_UNSPEC):
     gives (RFC 6724's order, as ssh and curl take it), or of `family` only
     (-4, -6). A UserError if there is none."""
     try:
-        return socket.getaddrinfo(name, port, family, socket.SOCK_DGRAM)[0][4]
+        addr = socket.getaddrinfo(name, port, family, socket.SOCK_DGRAM)[0][4]
     except (socket.gaierror, UnicodeError):
         kind = {socket.AF_INET: "IPv4 ", socket.AF_INET6: "IPv6 "}.get(family, "")
         raise UserError(f"cannot resolve server {name!r} to an {kind}address: check the name, "
                         "or give its address") from None
+    # ::ffff:192.0.2.1 is an IPv4 host, reached over IPv4: the way around
+    # the tunnel (see Routing.around) must be IPv4's.
+    mapped = getattr(ipaddress.ip_address(addr[0].split("%")[0]), "ipv4_mapped", None)
+    return (str(mapped), addr[1]) if mapped else addr
 
 
 # ================ 5. The plain forwarding loop
@@ -3522,6 +3527,7 @@ def connect_client(args, changes, addresses, server_tunnel_ip, dns, versions, ro
     """The client's part after lock_and_recover(): find the server, set up, forward."""
     system = changes.system
     server = resolve(args.server, args.port, family)
+    check_server(server[0], addresses)
     name = None if is_address(args.server) else args.server
     for address in addresses:
         check_subnet_free(system, address.network, args.dev)
@@ -3650,6 +3656,22 @@ def parse_ip(text, what, version=None):
     raise UserError(f"{what} {text!r} is not {kind} address, like 192.0.2.53") from None
 
 
+def check_server(host, addresses):
+    """Refuse a server address that no server can have: no one host's, or
+    one the tunnel's own routes would send into the tunnel. (A loopback
+    address is fine: a local relay, such as udp2raw, may carry the
+    datagrams.)"""
+    ip = ipaddress.ip_address(host.split("%")[0])
+    inside = [a.network for a in addresses if ip in a.network]
+    if inside:
+        raise UserError(f"server {ip} is inside the tunnel's own subnet {inside[0]}: give its public address, "
+                        "or pick another --address")
+    if ip.is_unspecified or ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
+        why = ("is no host's address" if ip.is_unspecified else
+               "is a multicast address" if ip.is_multicast else "is the broadcast address")
+        raise UserError(f"server {ip} {why}: give the address of the machine udptun's server runs on")
+
+
 def check_interface_name(name, what):
     """A name the kernel takes for an interface (dev_valid_name() in
     net/core/dev.c), checked before it is used in a path or a command.
@@ -3730,7 +3752,7 @@ def parse_args(argv):
         q.add_argument("--txqueuelen", type=int, default=1000,
                        help="TUN device's ring in packets (1000)")
         q.add_argument("--dry-run", action="store_true", help="print every command, change nothing")
-        q.add_argument("-v", "--verbose", action="store_true", help="log every dropped packet")
+        q.add_argument("-v", "--verbose", action="store_true", help="log dropped packets (each kind at most 10 lines per 10 s)")
         # The plain loop alone, without the speed layer (see Batching): for
         # reading, for testing, and to tell a bug in one from the other.
         q.add_argument("--plain", action="store_true",
@@ -3755,8 +3777,8 @@ def parse_args(argv):
     s.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                    help=f"most connections one tunnel address may have open through the VPS "
                         f"({DEFAULT_MAX_CONNECTIONS})")
-    s.add_argument("--allow", nargs="+", default=[], metavar="CIDR",
-                   help="outer addresses that may use the server (default: any)")
+    s.add_argument("--allow", nargs="+", action="extend", default=[], metavar="CIDR",
+                   help="outer addresses that may use the server (repeatable; default: any)")
     s.add_argument("--reach", action="append", default=[], metavar="CIDR|PORT/PROTO",
                    help="let clients reach this network too, though it is private, a cloud's metadata "
                         "service, or behind another interface than --out-interface; or PORT/tcp, PORT/udp: "
@@ -3788,7 +3810,13 @@ def parse_args(argv):
     t.add_argument("--dev", default="tun0", help="TUN device name (tun0)")
     t.add_argument("--json", action="store_true", help="print the raw status as JSON")
     t.set_defaults(func=run_status)
-    return p.parse_args(argv)
+    # What no subcommand takes is told by the top parser: say so with the
+    # help that lists the subcommand's options.
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        {"server": s, "client": c, "down": d, "status": t}[args.command].error(
+            f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def on_signal(signum, frame):
