@@ -3499,6 +3499,11 @@ def run_client(args):
     addresses = tunnel_addresses(args)
     server_tunnel_ip = parse_ip(args.server_tunnel_ip, "--server-tunnel-ip", 4)
     dns = list(dict.fromkeys(parse_ip(a, "--dns") for a in args.dns))   # each once, in order
+    for a in dns:
+        if a.is_unspecified or a.is_loopback or a.is_link_local or a.is_multicast:
+            raise UserError(f"--dns {a}: no resolver the tunnel can reach (a loopback, link-local, multicast or "
+                            "unspecified address never leaves this machine through it): give one beyond the VPS, "
+                            "like 192.0.2.53")
     versions = sorted({a.version for a in addresses})
     # Everything by default, IPv6 too, whether the server carries it or not:
     # never around the tunnel (a machine without IPv6 has none to send).
