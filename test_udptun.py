@@ -3180,8 +3180,7 @@ def test_a_dry_run_after_a_crash_changes_nothing_even_as_a_user(clean):
     (["server", "--reach", "nonsense"], "--reach 'nonsense' is not a network"),
     (["client", "192.0.2.1", "--route", "10.0.0.0/33"], "--route '10.0.0.0/33' is not a network"),
     (["client", "192.0.2.1", "--dns", "dns.example"], "--dns 'dns.example' is not an IP address"),
-    (["client", "192.0.2.1", "--dns", "0.0.0.0"], "--dns 0.0.0.0: no resolver the tunnel can reach"),
-    (["client", "192.0.2.1", "--dns", "127.0.0.53"], "--dns 127.0.0.53: no resolver the tunnel can reach"),
+    (["client", "192.0.2.1", "--dns", "224.0.0.251"], "--dns 224.0.0.251: no resolver the tunnel can reach"),
     (["client", "192.0.2.1", "--dns", "fe80::1"], "--dns fe80::1: no resolver the tunnel can reach"),
     (["client", "192.0.2.1", "--dns", "ff02::fb"], "--dns ff02::fb: no resolver the tunnel can reach"),
     (["server", "--dev", "../../x"], "--dev '../../x': an interface name"),
@@ -3230,8 +3229,6 @@ def test_an_ipv4_mapped_server_address_is_reached_as_ipv4(canned, capsys):
 
 
 @pytest.mark.parametrize("server, says", [
-    ("0.0.0.0", "server 0.0.0.0 is no host's address"),
-    ("::", "server :: is no host's address"),
     ("224.0.0.1", "server 224.0.0.1 is a multicast address"),
     ("ff02::1", "server ff02::1 is a multicast address"),
     ("255.255.255.255", "server 255.255.255.255 is the broadcast address"),
@@ -3244,6 +3241,29 @@ def test_a_server_address_no_server_can_have_is_refused(canned, capsys, server, 
     assert udptun.main(["client", server, "--dry-run"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("udptun: error: ") and says in err, err
+
+
+@pytest.mark.parametrize("argv", [["127.0.0.1"], ["0.0.0.0"],   # a local relay (Linux takes 0.0.0.0 as loopback)
+                                  ["198.51.100.10", "--dns", "127.0.0.1"],   # a local resolver
+                                  ["198.51.100.10", "--dns", "169.254.169.253"]])   # a cloud's, with --reach
+def test_a_local_relay_or_resolver_and_a_clouds_resolver_are_taken(canned, capsys, argv):
+    setup, _ = plan(capsys, ["client", *argv, "--dry-run"])
+    assert f"ip -4 rule add pref 32763 to {argv[-1]} table {'main' if len(argv) == 1 else 5555}" in setup, setup
+
+
+def test_a_new_address_of_the_servers_inside_the_tunnel_is_not_taken(monkeypatch):
+    """Looked up again (see Client.look_up_again), the server's name is
+    checked as at the start: an answer inside the tunnel's own subnet is
+    ignored, another one is taken."""
+    for answer, taken in ((("10.0.0.7", 5555), []), (("198.51.100.11", 5555), [("198.51.100.11", 5555)])):
+        client, _ = make_client([])
+        client.name, client.alive, reconnected = "vps.example", False, []
+        monkeypatch.setattr(udptun, "resolve", lambda name, port, family, answer=answer: answer)
+        monkeypatch.setattr(client, "reconnect", reconnected.append)
+        client.look_up_again(100.0, 30)
+        client.lookup.join()
+        client.look_up_again(100.1, 30)   # (the answer is taken at the next tick)
+        assert reconnected == taken
 
 
 # 50,000 claims on tunnel addresses from 40,000 forged sources (250 addresses

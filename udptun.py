@@ -1434,6 +1434,7 @@ class Client(Forwarder):
     def __init__(self, tun, sock, addresses, server_tunnel_ip, keepalive, mark, name=None, family=socket.AF_UNSPEC,
                  verbose=False):
         super().__init__(tun, sock, verbose)
+        self.addresses = addresses            # (a new address of the server's may not be inside them)
         self.my_ip = addresses[0].ip.packed   # where keepalives come from
         self.mine = {a.ip.packed for a in addresses}   # what we let in
         self.server_ip = server_tunnel_ip.packed
@@ -1586,7 +1587,9 @@ class Client(Forwarder):
 
         def lookup(name=self.name, port=self.server[1], family=self.family, round=self.round):
             try:
-                self.answers.put((round, resolve(name, port, family)))
+                address = resolve(name, port, family)
+                check_server(address[0], self.addresses)   # (as at the start)
+                self.answers.put((round, address))
             except UserError:
                 self.answers.put((round, None))
         self.lookup = threading.Thread(target=lookup, daemon=True)
@@ -3499,11 +3502,12 @@ def run_client(args):
     addresses = tunnel_addresses(args)
     server_tunnel_ip = parse_ip(args.server_tunnel_ip, "--server-tunnel-ip", 4)
     dns = list(dict.fromkeys(parse_ip(a, "--dns") for a in args.dns))   # each once, in order
+    # (A local resolver, 127.0.0.1, is fine: its own queries go through the
+    # tunnel. So is a cloud's, 169.254.169.253, with the server's --reach.)
     for a in dns:
-        if a.is_unspecified or a.is_loopback or a.is_link_local or a.is_multicast:
-            raise UserError(f"--dns {a}: no resolver the tunnel can reach (a loopback, link-local, multicast or "
-                            "unspecified address never leaves this machine through it): give one beyond the VPS, "
-                            "like 192.0.2.53")
+        if a.is_multicast or a.version == 6 and a.is_link_local:
+            raise UserError(f"--dns {a}: no resolver the tunnel can reach (no router forwards IPv6 link-local "
+                            "or multicast addresses): give one beyond the VPS, like 192.0.2.53")
     versions = sorted({a.version for a in addresses})
     # Everything by default, IPv6 too, whether the server carries it or not:
     # never around the tunnel (a machine without IPv6 has none to send).
@@ -3662,19 +3666,18 @@ def parse_ip(text, what, version=None):
 
 
 def check_server(host, addresses):
-    """Refuse a server address that no server can have: no one host's, or
-    one the tunnel's own routes would send into the tunnel. (A loopback
-    address is fine: a local relay, such as udp2raw, may carry the
-    datagrams.)"""
+    """Refuse a server address that no server can have: a group's, or one
+    the tunnel's own routes would send into the tunnel. (A loopback address
+    is fine, and so is 0.0.0.0, which Linux connects to as loopback: a
+    local relay, such as udp2raw, may carry the datagrams.)"""
     ip = ipaddress.ip_address(host.split("%")[0])
     inside = [a.network for a in addresses if ip in a.network]
     if inside:
         raise UserError(f"server {ip} is inside the tunnel's own subnet {inside[0]}: give its public address, "
                         "or pick another --address")
-    if ip.is_unspecified or ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
-        why = ("is no host's address" if ip.is_unspecified else
-               "is a multicast address" if ip.is_multicast else "is the broadcast address")
-        raise UserError(f"server {ip} {why}: give the address of the machine udptun's server runs on")
+    if ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
+        why = "a multicast address" if ip.is_multicast else "the broadcast address"
+        raise UserError(f"server {ip} is {why}: give the address of the machine udptun's server runs on")
 
 
 def check_interface_name(name, what):
