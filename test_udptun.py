@@ -181,6 +181,71 @@ def test_a_forged_move_is_undone_when_the_old_port_speaks():
     assert t.claim(A, forged, now=20.7) == (None, "refused")
 
 
+def answers(question):
+    """What a client's kernel answers to the server's question (an echo
+    request, ICMP or ICMPv6): an echo reply, addresses swapped."""
+    if question[0] >> 4 == 4:
+        reply = bytearray(question)
+        reply[12:16], reply[16:20], reply[20] = question[16:20], question[12:16], udptun.ICMP_ECHO_REPLY
+        return bytes(reply)
+    reply = bytearray(question)
+    reply[8:24], reply[24:40], reply[40] = question[24:40], question[8:24], 129   # ICMPv6 echo reply
+    return bytes(reply)
+
+
+packed = lambda text: ipaddress.ip_address(text).packed
+
+
+def is_question(packet, src, dst):
+    """Whether `packet` is a well-formed echo request from `src` to `dst`
+    (ICMP, or ICMPv6 with its checksum over the pseudo-header, RFC 8200)."""
+    if udptun.ip_problem(packet) is not None:
+        return False
+    if packet[0] >> 4 == 4:
+        return (packet[12:16], packet[16:20], packet[9], packet[20]) == (packed(src), packed(dst), 1, 8) \
+            and udptun.internet_checksum(packet[20:]) == 0
+    pseudo = packet[8:40] + struct.pack("!I3xB", len(packet) - 40, 58)
+    return (packet[8:24], packet[24:40], packet[6], packet[40]) == (packed(src), packed(dst), 58, 128) \
+        and udptun.internet_checksum(pseudo + packet[40:]) == 0
+
+
+def test_a_forged_move_of_either_address_is_asked_about_and_undone(plain):
+    """Someone who can send as the client's public IP (another user behind
+    its NAT) moves its idle address to a port of theirs, then, a second
+    later, to another: the port the client lost is no longer even the one
+    the binding left. The server asks the client's port at the first move
+    (see Server.probe), for IPv6 as for IPv4; the client's kernel answers
+    through the tunnel, and its binding is back before the second move.
+    Holding the second port with a packet every half second gains the
+    forger nothing: every one of the client's own packets goes through."""
+    for version, src, server_ip in ((4, "10.0.0.1", "10.0.0.2"), (6, "fd75:6470:746e::1", "fd75:6470:746e::2")):
+        server, tun = make_server([], plain=plain)
+        make = (lambda payload: ipv4(src=src, payload=payload)) if version == 4 else \
+            (lambda payload: ipv6(src=src, payload=payload))
+        legit, forged = make(b"legit!" + bytes(14)), make(b"forged" + bytes(14))
+
+        def send(data, addr):
+            """Deliver a datagram; the client's kernel answers each question to its port at once."""
+            asked = len(server.sock.sent)
+            server.sock.queue.append((data, addr))
+            receive(server)
+            for question, to in server.sock.sent[asked:]:
+                if to == CLIENT:
+                    assert is_question(question, server_ip, src)
+                    send(answers(question), CLIENT)
+        send(legit, CLIENT)
+        server.now += 1.5
+        send(forged, ("192.0.2.20", 50001))
+        server.now += 1.5
+        send(forged, ("192.0.2.20", 50002))
+        for _ in range(10):
+            server.now += 0.5
+            send(forged, ("192.0.2.20", 50002))
+            send(legit, CLIENT)
+        assert server.table.by_ip[packed(src)].addr == CLIENT, version
+        assert tun.written().count(b"legit!") == 11, version
+
+
 def test_stranger_is_refused_until_owner_is_silent():
     t = udptun.ClientTable(timeout=180, rebind_after=60)
     t.claim(A, ("192.0.2.20", 40000), now=0)
@@ -3326,6 +3391,48 @@ def test_a_flood_of_claims_is_bounded_and_the_client_keeps_working(clean):
         print(f"\nflood of claims: {added} log lines, RSS +{grown} KiB, {len(s['clients'])} addresses taken, "
               f"drops {s['drops']}")
         assert added <= 300 and grown <= 4096
+
+
+# Another user behind the client's home NAT (here the NAT itself: its
+# public address, ports of its own) moves the client's idle IPv6 tunnel
+# address to a port, 1.5 s later to another, and holds that one with a
+# datagram every 0.3 s for argv[1] seconds.
+SAME_NAT = r"""
+import socket, struct, sys, time
+udp = struct.pack("!HHHH", 4000, 9999, 8 + 6, 0) + b"forged"
+inner = (struct.pack("!IHBB", 6 << 28, len(udp), 17, 64) + socket.inet_pton(socket.AF_INET6, "fd75:6470:746e::1")
+         + socket.inet_pton(socket.AF_INET6, "2001:db8:203::80") + udp)
+first, second = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+first.bind(("192.0.2.20", 50001))
+second.bind(("192.0.2.20", 50002))
+first.sendto(inner, ("198.51.100.10", 5555))
+time.sleep(1.5)
+print("holding", flush=True)
+for _ in range(int(float(sys.argv[1]) / 0.3)):
+    second.sendto(inner, ("198.51.100.10", 5555))
+    time.sleep(0.3)
+"""
+
+
+def test_another_user_behind_the_nat_cannot_keep_a_clients_idle_ipv6_address(clean):
+    """The server asks the client's port at each forged move (see
+    Server.probe), for IPv6 as for IPv4: the client's kernel answers, and
+    its binding comes back, so its pings go through while the forger holds
+    a port of its own."""
+    lab = clean
+    start_pair(lab)
+    wait_for(lambda: lab.ping("cli1", WEB6), "IPv6 through the tunnel")
+    port = nat_port(lab)
+    six = lambda: [c for c in status(lab)["clients"] if c["ip"] == "fd75:6470:746e::1"]
+    wait_for(lambda: six() and six()[0]["idle"] >= 1.2, "the client's IPv6 idle for over a second")
+    with running(["ip", "netns", "exec", lab.ns("nat"), sys.executable, "-c", SAME_NAT, "6"],
+                 stdout=subprocess.PIPE, text=True) as forger:
+        assert forger.stdout.readline() == "holding\n"
+        answered = lab.sh("cli1", "ping", "-c", "10", "-i", "0.2", "-W", "1", WEB6, check=False).count("bytes from")
+        forger.wait(timeout=30)
+    assert answered >= 8, answered
+    wait_for(lambda: six()[0]["udp"] == f"192.0.2.20:{port}", "the binding on the client's own port")
+    assert status(lab)["drops"].get("refused", 0) >= 1   # (the forger was there, and was refused at times)
 
 
 def test_a_thousand_clients_each_get_their_own_replies(clean):

@@ -620,6 +620,24 @@ def echo_request(src, dst, ident, seq, payload=b"udptun keepalive"):
     return header[:IPV4_CHECKSUM.start] + checksum + header[IPV4_CHECKSUM.stop:] + icmp
 
 
+# ICMPv6 (RFC 4443) has the same echo messages, as types 128 and 129. Its
+# checksum also covers a pseudo-header (RFC 8200, section 8.1): source,
+# destination, the message's length (32 bits) and its next header number.
+ICMPV6 = 58   # the next header number (IANA)
+ICMPV6_ECHO_REQUEST = 128
+ICMPV6_PSEUDO_HEADER = struct.Struct("!16s16sI3xB")
+IPV6_HEADER_FORMAT = struct.Struct("!IHBB16s16s")   # version | class | flow, length, next header, hop limit
+
+
+def echo_request6(src, dst, ident, seq, payload=b"udptun probe"):
+    """An ICMPv6 echo request from src to dst, both 16-byte addresses."""
+    data = ICMP_ECHO.pack(ICMPV6_ECHO_REQUEST, 0, 0, ident, seq) + payload
+    checksum = internet_checksum(ICMPV6_PSEUDO_HEADER.pack(src, dst, len(data), ICMPV6) + data)
+    icmp = ICMP_ECHO.pack(ICMPV6_ECHO_REQUEST, 0, checksum, ident, seq) + payload
+    hop_limit = 64
+    return IPV6_HEADER_FORMAT.pack(6 << 28, len(icmp), ICMPV6, hop_limit, src, dst) + icmp
+
+
 def is_echo_reply(packet, src, ident):
     """True for the reply to one of our keepalives (well-formed IPv4 packets only)."""
     at = (packet[VERSION] & 0x0F) * 4   # where the ICMP message starts
@@ -1251,6 +1269,7 @@ class Server(Forwarder):
             self.reserved |= {a.ip.packed, net.network_address.packed, net.broadcast_address.packed}
         self.allow = allow   # --allow: outer networks that may use us, or None: anyone
         self.ip4 = next((a.ip.packed for a in addresses if a.version == 4), None)   # for probes
+        self.ip6 = next((a.ip.packed for a in addresses if a.version == 6), None)
         self.seq = 0
         self.last_host = self.last_verdict = None   # claim()'s outer host, and whether it is (allowed, looped)
         self.last_refusal = (None, None, None, None)   # (source, address, turn, why): claim()'s last refusal
@@ -1346,13 +1365,16 @@ class Server(Forwarder):
 
     def probe(self, peer):
         """Ask the address a binding just left whether it is still there: an
-        echo request to the client's tunnel address (IPv4 only; an IPv6
-        binding waits for the client's next packet). A live client's kernel
-        answers through the tunnel, from that address, and takes its binding
-        back (see ClientTable.claim); one that really moved never answers."""
+        echo request (ICMP or ICMPv6) to the client's tunnel address. A live
+        client's kernel answers through the tunnel, from that address, and
+        takes its binding back (see ClientTable.claim) before a second
+        forged move could leave it neither owner nor previous owner; one
+        that really moved never answers."""
+        self.seq = (self.seq + 1) & 0xFFFF
         if len(peer.ip) == 4 and self.ip4:
-            self.seq = (self.seq + 1) & 0xFFFF
             self.send_one(echo_request(self.ip4, peer.ip, 0x5555, self.seq), peer.previous)
+        elif len(peer.ip) == 16 and self.ip6:
+            self.send_one(echo_request6(self.ip6, peer.ip, 0x5555, self.seq), peer.previous)
 
     def address_for(self, packet):
         """The owner of the packet's destination."""
