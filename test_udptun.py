@@ -184,12 +184,11 @@ def test_a_forged_move_is_undone_when_the_old_port_speaks():
 def answers(question):
     """What a client's kernel answers to the server's question (an echo
     request, ICMP or ICMPv6): an echo reply, addresses swapped."""
-    if question[0] >> 4 == 4:
-        reply = bytearray(question)
-        reply[12:16], reply[16:20], reply[20] = question[16:20], question[12:16], udptun.ICMP_ECHO_REPLY
-        return bytes(reply)
+    u = udptun
+    src, dst, kind, reply_kind = ((u.IPV4_SRC, u.IPV4_DST, u.IPV4_HEADER, u.ICMP_ECHO_REPLY) if question[0] >> 4 == 4
+                                  else (u.IPV6_SRC, u.IPV6_DST, u.IPV6_HEADER, u.ICMPV6_ECHO_REPLY))
     reply = bytearray(question)
-    reply[8:24], reply[24:40], reply[40] = question[24:40], question[8:24], 129   # ICMPv6 echo reply
+    reply[src], reply[dst], reply[kind] = question[dst], question[src], reply_kind
     return bytes(reply)
 
 

@@ -605,6 +605,13 @@ ICMP_ECHO = struct.Struct("!BBHHH")
 IPV4_HEADER_FORMAT = struct.Struct("!BBHHHBBH4s4s")   # as laid out above, 20 bytes
 
 
+def echo_message(kind, ident, seq, payload, pseudo_header=b""):
+    """An echo request or reply (ICMP, or ICMPv6 with its pseudo-header,
+    below): its checksum covers the message with a checksum of 0."""
+    data = ICMP_ECHO.pack(kind, 0, 0, ident, seq) + payload
+    return ICMP_ECHO.pack(kind, 0, internet_checksum(pseudo_header + data), ident, seq) + payload
+
+
 def echo_request(src, dst, ident, seq, payload=b"udptun keepalive"):
     """An ICMP echo request from src to dst, both 4-byte addresses.
 
@@ -612,8 +619,7 @@ def echo_request(src, dst, ident, seq, payload=b"udptun keepalive"):
     TUN device (an empty datagram would end socat's stream), and any peer's
     kernel answers it, so it also tells the client the server is alive.
     """
-    data = ICMP_ECHO.pack(ICMP_ECHO_REQUEST, 0, 0, ident, seq) + payload
-    icmp = ICMP_ECHO.pack(ICMP_ECHO_REQUEST, 0, internet_checksum(data), ident, seq) + payload
+    icmp = echo_message(ICMP_ECHO_REQUEST, ident, seq, payload)
     ttl = 64
     header = IPV4_HEADER_FORMAT.pack(IPV4_NO_OPTIONS, 0, IPV4_HEADER + len(icmp), 0, 0, ttl, ICMP, 0, src, dst)
     checksum = internet_checksum(header).to_bytes(2, "big")
@@ -624,16 +630,15 @@ def echo_request(src, dst, ident, seq, payload=b"udptun keepalive"):
 # checksum also covers a pseudo-header (RFC 8200, section 8.1): source,
 # destination, the message's length (32 bits) and its next header number.
 ICMPV6 = 58   # the next header number (IANA)
-ICMPV6_ECHO_REQUEST = 128
+ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY = 128, 129
 ICMPV6_PSEUDO_HEADER = struct.Struct("!16s16sI3xB")
 IPV6_HEADER_FORMAT = struct.Struct("!IHBB16s16s")   # version | class | flow, length, next header, hop limit
 
 
 def echo_request6(src, dst, ident, seq, payload=b"udptun probe"):
     """An ICMPv6 echo request from src to dst, both 16-byte addresses."""
-    data = ICMP_ECHO.pack(ICMPV6_ECHO_REQUEST, 0, 0, ident, seq) + payload
-    checksum = internet_checksum(ICMPV6_PSEUDO_HEADER.pack(src, dst, len(data), ICMPV6) + data)
-    icmp = ICMP_ECHO.pack(ICMPV6_ECHO_REQUEST, 0, checksum, ident, seq) + payload
+    pseudo_header = ICMPV6_PSEUDO_HEADER.pack(src, dst, ICMP_ECHO.size + len(payload), ICMPV6)
+    icmp = echo_message(ICMPV6_ECHO_REQUEST, ident, seq, payload, pseudo_header)
     hop_limit = 64
     return IPV6_HEADER_FORMAT.pack(6 << 28, len(icmp), ICMPV6, hop_limit, src, dst) + icmp
 
@@ -760,6 +765,15 @@ def family_of(sockaddr):
     return socket.AF_INET6 if ":" in sockaddr[0] else socket.AF_INET
 
 
+def host_ip(host):
+    """The host of a socket address as an ip_address: without its IPv6 scope
+    (fe80::1%eth0: Python 3.8 takes none), and as IPv4 if it is an
+    IPv4-mapped one (::ffff:192.0.2.1: an IPv4 peer of a dual-stack socket,
+    reached over IPv4)."""
+    ip = ipaddress.ip_address(host.split("%")[0])
+    return getattr(ip, "ipv4_mapped", None) or ip
+
+
 def listen(port):
     """The server's socket: dual-stack (IPv4 and IPv6 on one socket) where
     the machine has IPv6, else IPv4."""
@@ -847,8 +861,8 @@ def resolve(name, port, family=socket.AF_UNSPEC):
                         "or give its address") from None
     # ::ffff:192.0.2.1 is an IPv4 host, reached over IPv4: the way around
     # the tunnel (see Routing.around) must be IPv4's.
-    mapped = getattr(ipaddress.ip_address(addr[0].split("%")[0]), "ipv4_mapped", None)
-    return (str(mapped), addr[1]) if mapped else addr
+    ip = host_ip(addr[0])
+    return (str(ip), addr[1]) if ip.version == 4 else addr
 
 
 # ================ 5. The plain forwarding loop
@@ -1353,14 +1367,12 @@ class Server(Forwarder):
         inside the tunnel. The last is a packet we wrote to the TUN device
         that came back to our own port (a client's packet to 10.0.0.2:5555):
         so it is never parsed as a tunnel datagram, and cannot loop."""
-        ip = ipaddress.ip_address(host.split("%")[0])
-        ip = getattr(ip, "ipv4_mapped", None) or ip
+        ip = host_ip(host)
         return (ip.is_loopback or ip.is_multicast or ip.is_unspecified or str(ip) in self.local
                 or self.in_subnet(ip.packed))
 
     def allowed(self, host):
-        ip = ipaddress.ip_address(host.split("%")[0])   # (fe80::1%eth0: Python 3.8 takes no scope)
-        ip = getattr(ip, "ipv4_mapped", None) or ip   # an IPv4 peer of our dual-stack socket
+        ip = host_ip(host)
         return any(ip in net for net in self.allow)
 
     def probe(self, peer):
@@ -2126,7 +2138,7 @@ class Routing:
         tunnel (the server's firewall lets tunnel traffic reach no service
         of the VPS's). Only where `nets` would take it into the tunnel:
         return the address if so, else None."""
-        address = ipaddress.ip_address(server.split("%")[0])
+        address = host_ip(server)
         if address.is_link_local or not any(address in net for net in nets):   # (the LAN's own: never tunnelled)
             return None
         self.rule(address.version, ["to", str(address), "table", "main"])
@@ -3125,8 +3137,8 @@ class Batching:
     ready at the previous turn too. Otherwise the first packet goes straight
     on, as in the plain loop: an idle tunnel's round trip (ssh, a game, a
     call) waits in no queue. It still costs a little: in the idle
-    benchmark (bench_udptun.py's test_bench_idle, seven runs of 20 rounds)
-    its p50 was 1.10 to 1.18 times the plain loop's, at 100 and at 5 pings
+    benchmark (bench_udptun.py's test_bench_idle, ten runs of 20 rounds)
+    its p50 was 1.08 to 1.18 times the plain loop's, at 100 and at 5 pings
     a second.
 
     Without all of it (--plain), in the A/B run (see the chapter's top):
@@ -3692,7 +3704,7 @@ def check_server(host, addresses):
     the tunnel's own routes would send into the tunnel. (A loopback address
     is fine, and so is 0.0.0.0, which Linux connects to as loopback: a
     local relay, such as udp2raw, may carry the datagrams.)"""
-    ip = ipaddress.ip_address(host.split("%")[0])
+    ip = host_ip(host)
     inside = [a.network for a in addresses if ip in a.network]
     if inside:
         raise UserError(f"server {ip} is inside the tunnel's own subnet {inside[0]}: give its public address, "
