@@ -96,6 +96,8 @@ TUN_PATH = "/dev/net/tun"
 
 # <linux/if_tun.h>: #define TUNSETIFF _IOW('T', 202, int)
 #   = direction write (1 << 30) | sizeof(int) (4 << 16) | 'T' (0x54 << 8) | 202
+# (as x86 and ARM encode ioctls, <asm-generic/ioctl.h>; MIPS, PowerPC and
+# SPARC put the direction elsewhere, and udptun does not run there as is)
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001     # <linux/if_tun.h>: layer-3 device, packets start at the IP header
 IFF_NO_PI = 0x1000   # <linux/if_tun.h>: no 4-byte packet-info prefix on read()/write()
@@ -123,7 +125,8 @@ CLIENT_SOCKET_BUFFER = 512 << 10
 # a UDP header (8 bytes, RFC 768): 28 bytes. On a 1500-byte Ethernet path the
 # tunnel could carry 1472-byte packets, but many real paths are smaller
 # (PPPoE takes 8 bytes, DS-Lite 40, another tunnel more). 1400 leaves 72
-# bytes of headroom, like WireGuard's 1420 leaves 80. Paths smaller still
+# bytes to spare over IPv4, 52 over IPv6 (WireGuard's 1420 spares none over
+# IPv6: its 80 bytes are its own headers there). Paths smaller still
 # are handled by letting routers fragment the outer datagram (see
 # open_udp_socket) and by clamping TCP MSS on the server.
 OUTER_OVERHEAD = 28   # over IPv6 it is 48: a 40-byte header (RFC 8200) and UDP's 8
@@ -181,7 +184,6 @@ STATE_ROOT = "/run/udptun"
 # does (see Routing, in chapter 8): its own datagrams carry a firewall mark
 # and skip the tunnel's routing table. The mark and the table share a number,
 # the first one from FIRST_TABLE that no routing rule or table uses yet.
-SO_MARK = 36        # <asm-generic/socket.h>: a socket's firewall mark (needs CAP_NET_ADMIN)
 FIRST_TABLE = 5555
 
 # The metric of the "unreachable" twin of each tunnel route (see
@@ -202,7 +204,8 @@ class UserError(Exception):
 
 
 class Stop(Exception):
-    """Raised by the SIGTERM, SIGINT and SIGHUP handler so that every undo runs."""
+    """Raised by the SIGTERM, SIGINT and SIGHUP handler (on_signal, in
+    chapter 10) so that every undo runs."""
 
 
 def log(message):
@@ -373,7 +376,7 @@ class Changes:
     that something else undoes carry `undo=None`: addresses and routes on
     our TUN device vanish with it (the kernel's work), and nft rules go with
     their table. `leftovers` are undos an earlier run left that could not
-    be done yet (see recover): they wait at the bottom of the stack.
+    be done yet (see recover, in chapter 8): they wait at the bottom of the stack.
     """
 
     def __init__(self, system, journal, leftovers=()):
@@ -720,7 +723,8 @@ class Tun:
 
 
 class FakeTun:
-    """What --dry-run uses instead: no device, no root needed."""
+    """What --dry-run uses instead: no device, no root needed. (`vnet`: as
+    the device the speed layer would open, see VnetTun in chapter 9.)"""
 
     fd = -1
 
@@ -808,7 +812,8 @@ def socket_for(listener, addr):
     whoever reads it checks each sender, as on the listener.) Raises
     OSError.
 
-    Its buffer is CLIENT_SOCKET_BUFFER: a stranger's flood waits there, and
+    Its receive buffer is CLIENT_SOCKET_BUFFER (it sends nothing: replies
+    leave by the listener, see Server.address_for): a stranger's flood waits there, and
     the kernel's memory for all UDP sockets together is limited
     (net.ipv4.udp_mem)."""
     sock = open_udp_socket(listener.family)
@@ -837,7 +842,7 @@ def connect_udp(server, mark=None):
         raise UserError(f"cannot open a UDP socket: {e.strerror}") from None
     try:
         if mark is not None:
-            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
     except OSError as e:
         sock.close()
         raise UserError(f"cannot mark the tunnel's socket (SO_MARK): {e.strerror}: run as root") from None
@@ -953,7 +958,9 @@ class Forwarder:
         self.handlers[fd] = handler
 
     def watch_socket(self, sock, poller=None):
-        """Read `sock` whenever it has a datagram (on `poller`, or run()'s)."""
+        """Read `sock` whenever it has a datagram (on `poller`, or run()'s:
+        the server reads its clients' own sockets on an epoll of their own,
+        see Server.read_clients)."""
         self.watch(sock.fileno(), functools.partial(self.udp_to_tun, sock), poller)
 
     def forget_socket(self, sock, poller=None):
@@ -996,9 +1003,7 @@ class Forwarder:
     def from_tun_ok(self, packet):
         """What the kernel routes into the tunnel is IP; anything else (a
         packet too short to be one) the other end could not route. (Only
-        a local root process could write one into the device: the speed
-        layer's flow keys, see flow_of, count on each packet having its
-        version's header.)"""
+        a local root process could write one into the device.)"""
         version = packet[VERSION] >> 4 if len(packet) >= IPV4_HEADER else 0
         if version == 4 or version == 6 and len(packet) >= IPV6_HEADER:
             return True
@@ -1025,8 +1030,9 @@ class Forwarder:
         """A connected UDP socket reports an ICMP error about an earlier
         datagram on its next call, as an errno: port unreachable is
         ECONNREFUSED, "administratively prohibited" EHOSTUNREACH, a
-        parameter problem EPROTO, and so on (icmp_err_convert in
-        net/ipv4/icmp.c). The kernel forgets it once reported. It says the
+        parameter problem EPROTO, and so on (__udp4_lib_err in
+        net/ipv4/udp.c, with the icmp_err_convert table of net/ipv4/icmp.c;
+        over IPv6, icmpv6_err_convert in net/ipv6/icmp.c). The kernel forgets it once reported. It says the
         peer cannot be reached now, never that we should stop."""
         self.drop("icmp-error", error.strerror)
         self.unreachable(error)
@@ -1658,7 +1664,7 @@ def source_for(server, mark):
     no route. A UDP connect() sends nothing: it only looks up the route."""
     try:
         with socket.socket(family_of(server), socket.SOCK_DGRAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
             probe.connect(server)
             return probe.getsockname()[0]
     except OSError:
@@ -2899,7 +2905,8 @@ def flow_of(packet):
     options, IPv6 without extension headers). Other protocols get one flow
     per address pair: a ping's ICMP checksum changes with every packet and
     must not make each one a new flow. The keys of IPv4 (8 or 12 bytes) and
-    IPv6 (32 or 36) can never be equal."""
+    IPv6 (32 or 36) can never be equal. (Each packet has its version's
+    header: from_tun_ok and admit() let no shorter one in.)"""
     if packet[VERSION] == IPV4_NO_OPTIONS:
         return packet[IPV4_FLOW] if packet[IPV4_PROTOCOL] in (TCP, UDP) else packet[IPV4_ADDRESSES]
     if packet[VERSION] >> 4 == 4:
