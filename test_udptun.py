@@ -864,9 +864,9 @@ V6 = dict(t="ip6tables", net="fd75:6470:746e::/64", mss=1340, mask=128, me="fd75
 SERVER_SETUP = (TUN_SETUP.format(v4="10.0.0.2/24", v6="fd75:6470:746e::2/64")
                 + "sysctl -w net.ipv4.ip_forward=1\nsysctl -w net.ipv6.conf.all.forwarding=1\n"
                 + FIREWALL.format(**V4) + FIREWALL.format(**V6)).splitlines()
-# Forwarding goes off again unless other rules forward by then (Docker's, say).
-UNFORWARD = ("sysctl -w net.ipv6.conf.all.forwarding=0 (unless rules other than udptun:tun0's forward)\n"
-             "sysctl -w net.ipv4.ip_forward=0 (unless rules other than udptun:tun0's forward)\n")
+# Forwarding goes off again unless rules that forward came since (Docker's, say).
+UNFORWARD = ("sysctl -w net.ipv6.conf.all.forwarding=0 (unless new rules other than udptun:tun0's forward)\n"
+             "sysctl -w net.ipv4.ip_forward=0 (unless new rules other than udptun:tun0's forward)\n")
 SERVER_TEARDOWN = (FIREWALL_UNDO.format(**V6) + FIREWALL_UNDO.format(**V4) + UNFORWARD).splitlines()
 
 CLIENT_SETUP = TUN_SETUP.format(v4="10.0.0.1/24", v6="fd75:6470:746e::1/64").splitlines()
@@ -916,6 +916,10 @@ QUERIES = {
                                       "2: eth9    inet 198.51.100.10/24 brd 198.51.100.255 scope global eth9\n",
     ("ip", "-6", "rule", "show"): "0:\tfrom all lookup local\n32766:\tfrom all lookup main\n",
     ("ip", "-6", "route", "show", "table", "all"): "default via fe80::1 dev eth9 proto ra metric 1024\n",
+    # (no rule forwards yet: see forwarding_for_others)
+    **{(tool, "-w", "-t", table, "-S", chain): f"-P {chain} ACCEPT\n" for tool in ("iptables", "ip6tables")
+       for table, chain in (("filter", "FORWARD"), ("nat", "PREROUTING"), ("nat", "POSTROUTING"))},
+    ("nft", "list", "ruleset"): "",
 }
 ORIGINAL_RESOLV_CONF = b"# the home router's\nnameserver 192.168.1.1\nsearch lan\n\xff no newline at the end"
 
@@ -966,7 +970,7 @@ def test_server_keeps_router_advertisements_coming_where_it_forwards(canned, cap
                           "sysctl -w net.ipv6.conf.all.forwarding=1"]
     assert teardown == (FIREWALL_UNDO.format(**V6) + FIREWALL_UNDO.format(**V4)).splitlines() + [
         UNFORWARD.splitlines()[0],
-        "sysctl -w net.ipv6.conf.eth9.accept_ra=1 (unless rules other than udptun:tun0's forward)",
+        "sysctl -w net.ipv6.conf.eth9.accept_ra=1 (unless new rules other than udptun:tun0's forward)",
         UNFORWARD.splitlines()[1]]
 
 
@@ -1393,6 +1397,35 @@ def test_only_rules_of_another_run_keep_forwarding_on(monkeypatch):
     rules["FORWARD"] += '-A FORWARD -m comment --comment "udptun:tun10" -j udptun-fwd-tun10\n'
     assert udptun.forwarding_for_others(system, 4, "udptun:tun1") == [
         '-A FORWARD -m comment --comment "udptun:tun10" -j udptun-fwd-tun10']
+
+
+def test_forwarding_goes_off_again_past_a_firewall_that_was_there_before(monkeypatch, tmp_path):
+    """The undo of turning forwarding on leaves it on only for rules that
+    came since (Docker's): a host firewall's, there before (ufw's jump in
+    FORWARD), never needed it. An nft rule whose counter moved (iptables-nft
+    gives every rule one) is still the same rule."""
+    ufw = "-A FORWARD -j ufw-before-forward"
+    rules = {"FORWARD": f"-P FORWARD DROP\n{ufw}\n", "PREROUTING": "", "POSTROUTING": ""}
+    ruleset = ["table ip filter {", "chain FORWARD {", "type filter hook forward priority filter; policy drop;",
+               "counter packets 0 bytes 0 jump ufw-before-forward", "}", "}"]
+    monkeypatch.setattr(udptun.shutil, "which", lambda tool: tool in ("iptables", "nft"))
+    system = udptun.System()
+    monkeypatch.setattr(system, "query", lambda *argv, check=True: "\n".join(ruleset) if argv[0] == "nft"
+                        else rules[argv[-1]])
+    before = udptun.forwarding_for_others(system, 4, "udptun:tun0")
+    assert before == [ufw, "counter jump ufw-before-forward"]
+    undo = ["sysctl", "-w", "net.ipv4.ip_forward=0", "udptun:tun0", *before]
+    assert udptun.replayable(undo)   # (as the journal keeps it, for `down`)
+    forwarding = tmp_path / "ip_forward"
+    monkeypatch.setattr(udptun, "sysctl_path", lambda key: str(forwarding))
+    forwarding.write_text("1\n")
+    ruleset[3] = "counter packets 12 bytes 3456 jump ufw-before-forward"   # packets went through it since
+    system.change(*undo)
+    assert forwarding.read_text() == "0\n"
+    forwarding.write_text("1\n")
+    rules["FORWARD"] += "-A FORWARD -j DOCKER-USER\n"   # Docker started since
+    system.change(*undo)
+    assert forwarding.read_text() == "1\n"
 
 
 def test_the_state_folder_is_the_namespaces_own_while_another_namespace_goes(monkeypatch):
@@ -3127,6 +3160,43 @@ def test_stopping_leaves_forwarding_on_for_what_started_since(firewall, clean):
         assert rules_of_ours(lab) == 0
     finally:
         docker(lab, DOCKER_UNDO, check=False)
+        lab.sh("srv", "sysctl", "-qw", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0",
+               "net.ipv6.conf.eth0.accept_ra=1")
+
+
+# A host firewall that was there first: ufw's jump in FORWARD (iptables, or
+# iptables-nft, which nft lists too), and an nft table of its own whose
+# forward chain counts what it sees.
+UFW = [["-N", "ufw-before-forward"], ["-A", "FORWARD", "-j", "ufw-before-forward"]]
+UFW_UNDO = [["-D", "FORWARD", "-j", "ufw-before-forward"], ["-X", "ufw-before-forward"]]
+HOST_FIREWALL_NFT = "table inet hostfw { chain seen { type filter hook forward priority 10; counter; }; }"
+
+
+def test_stopping_turns_forwarding_off_past_a_firewall_that_was_there_before(firewall, clean):
+    """A host firewall was there before udptun turned forwarding on, so it
+    never needed forwarding. udptun stops, cleanly or by `down` after
+    kill -9, and forwarding goes off again, however many packets the
+    firewall's rules counted meanwhile."""
+    lab = clean
+    forwarding = lambda: lab.sh("srv", "sysctl", "-n", "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding").split()
+    assert forwarding() == ["0", "0"]
+    try:
+        docker(lab, UFW)
+        lab.sh("srv", "nft", HOST_FIREWALL_NFT)
+        for how in (signal.SIGTERM, signal.SIGKILL):
+            server, client = start_pair(lab)
+            assert forwarding() == ["1", "1"] and lab.ping("cli1", "203.0.113.80", count=3)
+            stop(client)
+            rc, log = stop(server, how)
+            if how == signal.SIGKILL:
+                down = subprocess.run(["ip", "netns", "exec", lab.ns("srv"), sys.executable, UDPTUN, "down"],
+                                      capture_output=True, text=True, env=lab.server_env)
+                rc, log = down.returncode, down.stderr
+            assert rc == 0 and forwarding() == ["0", "0"], log
+            assert "left as it is" not in log, log
+    finally:
+        lab.sh("srv", "nft", "delete", "table", "inet", "hostfw", check=False)
+        docker(lab, UFW_UNDO, check=False)
         lab.sh("srv", "sysctl", "-qw", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0",
                "net.ipv6.conf.eth0.accept_ra=1")
 

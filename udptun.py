@@ -89,7 +89,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from itertools import accumulate, chain, groupby
 
 TUN_PATH = "/dev/net/tun"
@@ -249,12 +249,14 @@ class System:
     still run, so the plan is the one a real run would follow.
 
     Two commands are done here, not run:
-    - `sysctl -w KEY=VALUE [TAG]` writes VALUE to /proc/sys/KEY, as sysctl(8)
-      would, so a minimal image needs no procps. With TAG (udptun:DEV), the
-      undo of turning forwarding on (or of the accept_ra that goes with
-      it), it does so only if no rule but TAG's forwards or NATs (see
-      forwarding_for_others): Docker, or another VPN started since, may
-      rely on forwarding now.
+    - `sysctl -w KEY=VALUE [TAG [RULE...]]` writes VALUE to /proc/sys/KEY,
+      as sysctl(8) would, so a minimal image needs no procps. With TAG
+      (udptun:DEV), the undo of turning forwarding on (or of the accept_ra
+      that goes with it), it does so only if no rule but TAG's and the
+      RULEs forwards or NATs (see forwarding_for_others, in chapter 8). The
+      RULEs were there when forwarding went on, so they never needed it (a
+      host firewall, ufw's or firewalld's); Docker, or another VPN, started
+      since may rely on it now.
     - `write PATH TEXT [ONLY_IF]` puts TEXT in a file in place (a
       bind-mounted /etc/resolv.conf cannot be replaced by rename); with
       ONLY_IF, only if the file still holds ONLY_IF, so an undo never
@@ -292,7 +294,7 @@ class System:
             log(f"[#] write {argv[1]}: " + "; ".join(lines)
                 + (" (if it still holds what we wrote)" if len(argv) > 3 else ""))
         elif argv[0] == "sysctl" and len(argv) > 3:
-            log("[#] " + shlex.join(argv[:3]) + f" (unless rules other than {argv[3]}'s forward)")
+            log("[#] " + shlex.join(argv[:3]) + f" (unless new rules other than {argv[3]}'s forward)")
         else:
             log("[#] " + shlex.join(argv) + (f" <<< {shlex.quote(input.strip())}" if input else ""))
         self.plan.append(list(argv))
@@ -328,15 +330,16 @@ class System:
         self.plan.append(list(argv))
         return True
 
-    def _sysctl(self, setting, unless=None, check=True):
+    def _sysctl(self, setting, unless=None, *before, check=True):
         key, value = setting.split("=", 1)
         if unless:
-            others = forwarding_for_others(self, 6 if key.startswith(("net.ipv6", "net/ipv6")) else 4, unless)
+            others = Counter(forwarding_for_others(self, sysctl_version(key), unless))
+            others -= Counter(before)   # (a rule there twice, and once before, is a new one)
             if others:
-                log(f"    (left as it is: other rules forward, such as `{others[0]}`)")
+                log(f"    (left as it is: other rules forward, such as `{next(iter(others))}`)")
                 return None
         try:
-            with open(sysctl_path(key), "w") as f:
+            with open(sysctl_path(key), "w") as f:   # (the file of `key`, see chapter 8)
                 f.write(value + "\n")
         except OSError as e:
             return self._failed(e, f"cannot set {key}", check)
@@ -1782,6 +1785,11 @@ def sysctl_path(key):
     return "/proc/sys/" + (key if "/" in key else key.replace(".", "/"))
 
 
+def sysctl_version(key):
+    """The IP version a sysctl is about: 6 for net.ipv6's, else 4."""
+    return 6 if key.startswith(("net.ipv6", "net/ipv6")) else 4
+
+
 def sysctl_value(key):
     """A sysctl's value now."""
     with open(sysctl_path(key)) as f:
@@ -1791,20 +1799,25 @@ def sysctl_value(key):
 def set_sysctl(changes, key, value, unless=()):
     """Set a sysctl, only if it differs (as wg-quick does), and restore the
     value found, not a default; `unless` (a tag) makes the undo leave it
-    if other rules forward (see System)."""
+    if rules that forward came since (see System): the undo carries those
+    there now."""
     found = sysctl_value(key)
     if found != value:
-        changes.make(["sysctl", "-w", f"{key}={value}"], undo=["sysctl", "-w", f"{key}={found}", *unless])
+        before = forwarding_for_others(changes.system, sysctl_version(key), unless[0]) if unless else []
+        changes.make(["sysctl", "-w", f"{key}={value}"], undo=["sysctl", "-w", f"{key}={found}", *unless, *before])
 
 
 def forwarding_for_others(system, version, ours):
     """The firewall rules of IP `version` that forward or NAT for some other
     program than the run tagged `ours`: Docker's, libvirt's, another VPN's
-    (another udptun's too). While there are any, the forwarding udptun
-    turned on stays on when it stops: they came since, and may rely on it.
+    (another udptun's too), and a host firewall's (ufw, firewalld). Those
+    found when forwarding goes on are compared with those found when it
+    would go off again (see System): any new one keeps it on.
     In iptables: any rule in FORWARD or in nat's PREROUTING and POSTROUTING.
     In nft: any rule in a chain on the forward hook or of type nat, in a
-    table of ours' family or inet that is not ours."""
+    table of ours' family or inet that is not ours, its counter's figures
+    left out (they change with each packet, and iptables-nft counts every
+    rule)."""
     found = []
     if shutil.which(IPTABLES[version]):
         for table, chain in (("filter", "FORWARD"), ("nat", "PREROUTING"), ("nat", "POSTROUTING")):
@@ -1824,7 +1837,7 @@ def forwarding_for_others(system, version, ours):
                 hooked = "forward" in words or "nat" in words
             elif hooked and words and words != ["}"] and table[0] in (NFT_FAMILY[version], "inet") \
                     and table[1] != mine:
-                found.append(line.strip())
+                found.append(re.sub(r"counter packets \d+ bytes \d+", "counter", line.strip()))
     return found
 
 
@@ -2572,7 +2585,7 @@ def replayable(argv):
         return (len(argv) == 5 and argv[1:3] == ["delete", "table"] and argv[3] in ("ip", "ip6")
                 and argv[4].startswith("udptun_"))
     if tool == "sysctl":
-        return (len(argv) in (3, 4) and argv[1] == "-w" and argv[2].startswith(("net.", "net/")) and "=" in argv[2]
+        return (len(argv) >= 3 and argv[1] == "-w" and argv[2].startswith(("net.", "net/")) and "=" in argv[2]
                 and ".." not in argv[2] and "\0" not in argv[2] and (len(argv) == 3 or argv[3].startswith(tag(""))))
     if tool in ("resolvectl", "resolvconf"):
         return argv[1:2] in (["revert"], ["-d"])
