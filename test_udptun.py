@@ -15,7 +15,8 @@ Three kinds, cheapest first:
                                                                     |
       web 203.0.113.80 (web server: /ip says who asked, /blob) -----+
       iso (no links at all: for error messages)
-      prv 172.16.9.2 (a private network behind the VPS's eth1, 172.16.9.1)
+      prv 172.16.9.2 (a private network behind the VPS's eth1, 172.16.9.1:
+          a VPC, whose hosts route their own subnet only)
 
 The core also answers as what a cloud VPS reaches through its gateway
 besides the internet: the clouds' metadata services (169.254.169.254,
@@ -1056,6 +1057,28 @@ def test_client_to_client_and_reach_open_forward_too(canned, capsys):
     assert f"ip6tables -w -t filter -A udptun-in-tun0 -i tun0 -p udp --dport 53 {c} -j ACCEPT" in setup
 
 
+def test_a_reached_network_sees_the_vps_whatever_its_interface(canned, capsys):
+    """A --reach network may be behind another interface than the way out
+    (a VPC on eth1), whose hosts know no route back to the tunnel's subnet:
+    clients' packets to it leave with the VPS's address there too (NAT),
+    unless --no-nat. With nft, a postrouting chain holds it even where
+    IPv6 has no way out."""
+    reach = ["--dry-run", "--reach", "172.16.9.0/24", "--reach", "fd00:ec2::254/128"]
+    c = "-m comment --comment udptun:tun0"
+    setup, teardown = plan(capsys, ["server", "--firewall", "iptables", *reach])
+    nat = [line for line in setup if " -t nat " in line]
+    assert nat == [f"iptables -w -t nat -A POSTROUTING -s 10.0.0.0/24 -o eth9 {c} -j MASQUERADE",
+                   f"iptables -w -t nat -A POSTROUTING -s 10.0.0.0/24 -d 172.16.9.0/24 {c} -j MASQUERADE",
+                   f"ip6tables -w -t nat -A POSTROUTING -s fd75:6470:746e::/64 -o eth9 {c} -j MASQUERADE",
+                   f"ip6tables -w -t nat -A POSTROUTING -s fd75:6470:746e::/64 -d fd00:ec2::254/128 {c} -j MASQUERADE"]
+    assert sorted(line.replace(" -D ", " -A ") for line in teardown if " -t nat " in line) == sorted(nat)
+    setup, _ = plan(capsys, ["server", "--firewall", "nft", *reach])
+    assert [line for line in setup if "postrouting" in line][-1] == (
+        "nft add rule ip6 udptun_tun0 postrouting ip6 saddr fd75:6470:746e::/64 ip6 daddr fd00:ec2::254/128 masquerade")
+    setup, _ = plan(capsys, ["server", "--firewall", "iptables", "--no-nat", *reach])
+    assert not [line for line in setup if " -t nat " in line]
+
+
 def test_firewall_rules_take_effect_with_one_insert_each(canned, capsys):
     """Each built-in chain gets one rule of ours, inserted last, once the
     chain it jumps to is whole: another tool inserting at the same moment
@@ -1659,7 +1682,7 @@ http.server.ThreadingHTTPServer(("203.0.113.80", 80), H).serve_forever()
         # merge_segments) would be sent as it is, and the web host would drop it.
         self.sh("srv", "ethtool", "-K", "eth0", "tx", "off")
         for name, commands in {
-            "prv": ["ip addr add 172.16.9.2/24 dev eth0", "ip route add default via 172.16.9.1"],
+            "prv": ["ip addr add 172.16.9.2/24 dev eth0"],   # (no route beyond its own subnet)
             # What a cloud VPS reaches through its gateway besides the
             # internet: the metadata services of AWS, GCP and Azure
             # (169.254.169.254), of Alibaba Cloud (100.100.100.200, in

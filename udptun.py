@@ -1945,7 +1945,9 @@ def iptables_rules(o):
       else, whatever the VPS listens on. A provider's security group guards
       what comes from the internet; what comes out of the tunnel never
       crosses it.
-    - MASQUERADE (nat): packets from clients leave with the server's address.
+    - MASQUERADE (nat): packets from clients leave with the server's
+      address, out of the internet interface and to each --reach network
+      (a VPC behind eth1 has no route back to the tunnel's subnet).
     - TCPMSS (mangle): a SYN crossing the tunnel gets an MSS that fits its
       MTU, so TCP never sends segments the tunnel would have to fragment.
     The last two are one rule per need, appended: their place in the
@@ -1957,6 +1959,9 @@ def iptables_rules(o):
     rules = []
     if o.nat and o.out_if:
         rules.append(("nat", "POSTROUTING", ["-s", str(o.network), "-o", o.out_if, *c, "-j", "MASQUERADE"]))
+    if o.nat:
+        rules += [("nat", "POSTROUTING", ["-s", str(o.network), "-d", str(net), *c, "-j", "MASQUERADE"])
+                  for net in o.reach]
     # A connection's first packet: the kernel confirms a connection once
     # its first packet is through, and calls it NEW until a reply comes,
     # so a one-way UDP stream's every packet would count as a new connection.
@@ -2043,9 +2048,13 @@ def nft_commands(o):
     # stops at the first verdict. So it has its own chain, earlier (-150, mangle).
     commands += [chain("clamp", "forward", -150),
                  rule("clamp", "oifname", dev, *syn), rule("clamp", "iifname", dev, *syn)]
+    if o.nat and (o.out_if or o.reach):
+        commands.append(chain("postrouting", "postrouting", 100, "nat"))
     if o.nat and o.out_if:
-        commands += [chain("postrouting", "postrouting", 100, "nat"),
-                     rule("postrouting", family, "saddr", str(o.network), "oifname", o.out_if, "masquerade")]
+        commands.append(rule("postrouting", family, "saddr", str(o.network), "oifname", o.out_if, "masquerade"))
+    if o.nat:
+        commands += [rule("postrouting", family, "saddr", str(o.network), family, "daddr", str(net), "masquerade")
+                     for net in o.reach]
     return [["nft", *c] for c in commands]
 
 
@@ -3843,8 +3852,8 @@ def parse_args(argv):
                    help="outer addresses that may use the server (repeatable; default: any)")
     s.add_argument("--reach", action="append", default=[], metavar="CIDR|PORT/PROTO",
                    help="let clients reach this network too, though it is private, a cloud's metadata "
-                        "service, or behind another interface than --out-interface; or PORT/tcp, PORT/udp: "
-                        "this port of the VPS itself (repeatable)")
+                        "service, or behind another interface than --out-interface (with NAT there too); "
+                        "or PORT/tcp, PORT/udp: this port of the VPS itself (repeatable)")
     s.set_defaults(func=run_server)
 
     c = sub.add_parser("client", help="run a client (on the laptop)")
