@@ -3823,7 +3823,7 @@ def parse_args(argv):
         q.add_argument("--txqueuelen", type=int, default=1000,
                        help="TUN device's ring in packets (1000)")
         q.add_argument("--dry-run", action="store_true", help="print every command, change nothing")
-        q.add_argument("-v", "--verbose", action="store_true", help="log dropped packets (each kind at most 10 lines per 10 s)")
+        q.add_argument("-v", "--verbose", action="store_true", help="log dropped packets (at most 10 lines per 10 s in all)")
         # The plain loop alone, without the speed layer (see Batching): for
         # reading, for testing, and to tell a bug in one from the other.
         q.add_argument("--plain", action="store_true",
