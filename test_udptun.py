@@ -1061,20 +1061,23 @@ def test_a_reached_network_sees_the_vps_whatever_its_interface(canned, capsys):
     """A --reach network may be behind another interface than the way out
     (a VPC on eth1), whose hosts know no route back to the tunnel's subnet:
     clients' packets to it leave with the VPS's address there too (NAT),
-    unless --no-nat. With nft, a postrouting chain holds it even where
-    IPv6 has no way out."""
+    unless --no-nat, and never those back into the tunnel (with
+    --client-to-client, a --reach 10.0.0.0/8 holds the clients too). With
+    nft, a postrouting chain holds it even where IPv6 has no way out."""
     reach = ["--dry-run", "--reach", "172.16.9.0/24", "--reach", "fd00:ec2::254/128"]
     c = "-m comment --comment udptun:tun0"
     setup, teardown = plan(capsys, ["server", "--firewall", "iptables", *reach])
     nat = [line for line in setup if " -t nat " in line]
     assert nat == [f"iptables -w -t nat -A POSTROUTING -s 10.0.0.0/24 -o eth9 {c} -j MASQUERADE",
-                   f"iptables -w -t nat -A POSTROUTING -s 10.0.0.0/24 -d 172.16.9.0/24 {c} -j MASQUERADE",
+                   f"iptables -w -t nat -A POSTROUTING -s 10.0.0.0/24 -d 172.16.9.0/24 '!' -o tun0 {c} -j MASQUERADE",
                    f"ip6tables -w -t nat -A POSTROUTING -s fd75:6470:746e::/64 -o eth9 {c} -j MASQUERADE",
-                   f"ip6tables -w -t nat -A POSTROUTING -s fd75:6470:746e::/64 -d fd00:ec2::254/128 {c} -j MASQUERADE"]
+                   f"ip6tables -w -t nat -A POSTROUTING -s fd75:6470:746e::/64 -d fd00:ec2::254/128 '!' -o tun0 {c} "
+                   "-j MASQUERADE"]
     assert sorted(line.replace(" -D ", " -A ") for line in teardown if " -t nat " in line) == sorted(nat)
     setup, _ = plan(capsys, ["server", "--firewall", "nft", *reach])
     assert [line for line in setup if "postrouting" in line][-1] == (
-        "nft add rule ip6 udptun_tun0 postrouting ip6 saddr fd75:6470:746e::/64 ip6 daddr fd00:ec2::254/128 masquerade")
+        "nft add rule ip6 udptun_tun0 postrouting ip6 saddr fd75:6470:746e::/64 ip6 daddr fd00:ec2::254/128 "
+        "oifname '!=' tun0 masquerade")
     setup, _ = plan(capsys, ["server", "--firewall", "iptables", "--no-nat", *reach])
     assert not [line for line in setup if " -t nat " in line]
 
@@ -3092,6 +3095,21 @@ def test_a_stranger_in_the_tunnel_reaches_the_internet_and_nothing_else(firewall
                 lab.sh("srv", tool, "-P", "INPUT", "DROP")
                 if not firewall:
                     lab.sh("srv", tool, "-P", "FORWARD", "DROP")
+
+
+def test_clients_see_each_other_as_themselves_through_a_reached_network(firewall, clean):
+    """With --client-to-client, a client's connection to another reaches it
+    from the client's own address, even when a --reach network holds the
+    tunnel's subnet (10.0.0.0/8, for a VPC): what goes back into the tunnel
+    is never NATed."""
+    lab = clean
+    server, _ = start_pair(lab, server_args=["--client-to-client", "--reach", "10.0.0.0/8"])
+    lab.udptun("cli2", "client", "198.51.100.10", "--address", "10.0.0.3/24")
+    wait_for(lambda: lab.ping("cli2", "10.0.0.2"), "second client")
+    with running(["ip", "netns", "exec", lab.ns("cli2"), sys.executable, "-c", WHO_ASKS]):
+        wait_for(lambda: "0.0.0.0:8080" in lab.sh("cli2", "ss", "-ltn"), "a service on the second client")
+        asker = lab.sh("cli1", "curl", "-sS", "--max-time", "10", "http://10.0.0.3:8080/")
+    assert asker == "10.0.0.1", log_of(server)
 
 
 # An iptables that lets another tool (Docker at boot, say) insert a rule

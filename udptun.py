@@ -1959,8 +1959,8 @@ def iptables_rules(o):
     rules = []
     if o.nat and o.out_if:
         rules.append(("nat", "POSTROUTING", ["-s", str(o.network), "-o", o.out_if, *c, "-j", "MASQUERADE"]))
-    if o.nat:
-        rules += [("nat", "POSTROUTING", ["-s", str(o.network), "-d", str(net), *c, "-j", "MASQUERADE"])
+    if o.nat:   # (but not back into the tunnel: a --reach 10.0.0.0/8 holds the clients too)
+        rules += [("nat", "POSTROUTING", ["-s", str(o.network), "-d", str(net), "!", "-o", dev, *c, "-j", "MASQUERADE"])
                   for net in o.reach]
     # A connection's first packet: the kernel confirms a connection once
     # its first packet is through, and calls it NEW until a reply comes,
@@ -2053,8 +2053,8 @@ def nft_commands(o):
     if o.nat and o.out_if:
         commands.append(rule("postrouting", family, "saddr", str(o.network), "oifname", o.out_if, "masquerade"))
     if o.nat:
-        commands += [rule("postrouting", family, "saddr", str(o.network), family, "daddr", str(net), "masquerade")
-                     for net in o.reach]
+        commands += [rule("postrouting", family, "saddr", str(o.network), family, "daddr", str(net), "oifname", "!=",
+                          dev, "masquerade") for net in o.reach]
     return [["nft", *c] for c in commands]
 
 
