@@ -865,9 +865,9 @@ V6 = dict(t="ip6tables", net="fd75:6470:746e::/64", mss=1340, mask=128, me="fd75
 SERVER_SETUP = (TUN_SETUP.format(v4="10.0.0.2/24", v6="fd75:6470:746e::2/64")
                 + "sysctl -w net.ipv4.ip_forward=1\nsysctl -w net.ipv6.conf.all.forwarding=1\n"
                 + FIREWALL.format(**V4) + FIREWALL.format(**V6)).splitlines()
-# Forwarding goes off again unless rules that forward came since (Docker's, say).
-UNFORWARD = ("sysctl -w net.ipv6.conf.all.forwarding=0 (unless new rules other than udptun:tun0's forward)\n"
-             "sysctl -w net.ipv4.ip_forward=0 (unless new rules other than udptun:tun0's forward)\n")
+# Forwarding goes off again unless firewall rules came since (Docker's, say).
+UNFORWARD = ("sysctl -w net.ipv6.conf.all.forwarding=0 (unless firewall rules other than udptun:tun0's came since)\n"
+             "sysctl -w net.ipv4.ip_forward=0 (unless firewall rules other than udptun:tun0's came since)\n")
 SERVER_TEARDOWN = (FIREWALL_UNDO.format(**V6) + FIREWALL_UNDO.format(**V4) + UNFORWARD).splitlines()
 
 CLIENT_SETUP = TUN_SETUP.format(v4="10.0.0.1/24", v6="fd75:6470:746e::1/64").splitlines()
@@ -917,10 +917,6 @@ QUERIES = {
                                       "2: eth9    inet 198.51.100.10/24 brd 198.51.100.255 scope global eth9\n",
     ("ip", "-6", "rule", "show"): "0:\tfrom all lookup local\n32766:\tfrom all lookup main\n",
     ("ip", "-6", "route", "show", "table", "all"): "default via fe80::1 dev eth9 proto ra metric 1024\n",
-    # (no rule forwards yet: see forwarding_for_others)
-    **{(tool, "-w", "-t", table, "-S", chain): f"-P {chain} ACCEPT\n" for tool in ("iptables", "ip6tables")
-       for table, chain in (("filter", "FORWARD"), ("nat", "PREROUTING"), ("nat", "POSTROUTING"))},
-    ("nft", "list", "ruleset"): "",
 }
 ORIGINAL_RESOLV_CONF = b"# the home router's\nnameserver 192.168.1.1\nsearch lan\n\xff no newline at the end"
 
@@ -971,7 +967,7 @@ def test_server_keeps_router_advertisements_coming_where_it_forwards(canned, cap
                           "sysctl -w net.ipv6.conf.all.forwarding=1"]
     assert teardown == (FIREWALL_UNDO.format(**V6) + FIREWALL_UNDO.format(**V4)).splitlines() + [
         UNFORWARD.splitlines()[0],
-        "sysctl -w net.ipv6.conf.eth9.accept_ra=1 (unless new rules other than udptun:tun0's forward)",
+        "sysctl -w net.ipv6.conf.eth9.accept_ra=1 (unless firewall rules other than udptun:tun0's came since)",
         UNFORWARD.splitlines()[1]]
 
 
@@ -1416,44 +1412,54 @@ def test_a_signal_during_a_command_keeps_its_undo(canned, capsys, monkeypatch):
 def test_only_rules_of_another_run_keep_forwarding_on(monkeypatch):
     """The rules of udptun on tun10 are another run's for udptun on tun1:
     its tag is not ours, though ours is a part of it."""
-    rules = {"FORWARD": '-P FORWARD DROP\n-A FORWARD -m comment --comment "udptun:tun1" -j udptun-fwd-tun1\n',
-             "PREROUTING": "", "POSTROUTING": ""}
+    rules = {"filter": '-P FORWARD DROP\n-A FORWARD -m comment --comment "udptun:tun1" -j udptun-fwd-tun1\n',
+             "nat": ""}
     monkeypatch.setattr(udptun.shutil, "which", lambda tool: tool == "iptables")
     system = udptun.System()
-    monkeypatch.setattr(system, "query", lambda *argv, check=True: rules[argv[-1]])
+    monkeypatch.setattr(system, "query", lambda *argv, check=True: rules[argv[3]])   # (iptables -w -t TABLE -S)
     assert udptun.forwarding_for_others(system, 4, "udptun:tun1") == []
-    rules["FORWARD"] += '-A FORWARD -m comment --comment "udptun:tun10" -j udptun-fwd-tun10\n'
+    rules["filter"] += '-A FORWARD -m comment --comment "udptun:tun10" -j udptun-fwd-tun10\n'
     assert udptun.forwarding_for_others(system, 4, "udptun:tun1") == [
         '-A FORWARD -m comment --comment "udptun:tun10" -j udptun-fwd-tun10']
 
 
 def test_forwarding_goes_off_again_past_a_firewall_that_was_there_before(monkeypatch, tmp_path):
     """The undo of turning forwarding on leaves it on only for rules that
-    came since (Docker's): a host firewall's, there before (ufw's jump in
-    FORWARD), never needed it. An nft rule whose counter moved (iptables-nft
-    gives every rule one) is still the same rule."""
+    came since (Docker's, or a host firewall's new `route allow`): a host
+    firewall's, there before (ufw's jump in FORWARD), never needed it. An
+    nft rule whose figures moved (iptables-nft gives every rule a counter)
+    is still the same rule; the elements of a set are no rule."""
     ufw = "-A FORWARD -j ufw-before-forward"
-    rules = {"FORWARD": f"-P FORWARD DROP\n{ufw}\n", "PREROUTING": "", "POSTROUTING": ""}
+    rules = {"filter": f"-P FORWARD DROP\n-N ufw-before-forward\n{ufw}\n", "nat": ""}
     ruleset = ["table ip filter {", "chain FORWARD {", "type filter hook forward priority filter; policy drop;",
-               "counter packets 0 bytes 0 jump ufw-before-forward", "}", "}"]
+               "counter packets 0 bytes 0 jump ufw-before-forward", "}", "}",
+               "table inet f2b-table {", "set addr-set-sshd {", "type ipv4_addr", "elements = { 192.0.2.9 }", "}",
+               "chain f2b-chain {", "tcp dport 22 ip saddr @addr-set-sshd quota over 10 mbytes used 0 bytes drop",
+               "}", "}"]
     monkeypatch.setattr(udptun.shutil, "which", lambda tool: tool in ("iptables", "nft"))
     system = udptun.System()
     monkeypatch.setattr(system, "query", lambda *argv, check=True: "\n".join(ruleset) if argv[0] == "nft"
-                        else rules[argv[-1]])
+                        else rules[argv[3]])
     before = udptun.forwarding_for_others(system, 4, "udptun:tun0")
-    assert before == [ufw, "counter jump ufw-before-forward"]
+    assert before == [ufw, "counter jump ufw-before-forward",
+                      "tcp dport 22 ip saddr @addr-set-sshd quota over 10 mbytes drop"]
     undo = ["sysctl", "-w", "net.ipv4.ip_forward=0", "udptun:tun0", *before]
     assert udptun.replayable(undo)   # (as the journal keeps it, for `down`)
     forwarding = tmp_path / "ip_forward"
     monkeypatch.setattr(udptun, "sysctl_path", lambda key: str(forwarding))
     forwarding.write_text("1\n")
-    ruleset[3] = "counter packets 12 bytes 3456 jump ufw-before-forward"   # packets went through it since
+    # Packets went through, a stranger was banned: the same rules
+    ruleset[3] = "counter packets 12 bytes 3456 jump ufw-before-forward"
+    ruleset[12] = ruleset[12].replace("used 0 bytes", "used 2 kbytes")
+    ruleset[9] = "elements = { 192.0.2.9, 198.51.100.7 }"
     system.change(*undo)
     assert forwarding.read_text() == "0\n"
-    forwarding.write_text("1\n")
-    rules["FORWARD"] += "-A FORWARD -j DOCKER-USER\n"   # Docker started since
-    system.change(*undo)
-    assert forwarding.read_text() == "1\n"
+    for new in ("-A FORWARD -j DOCKER-USER", "-A ufw-user-forward -i wg0 -o eth0 -j ACCEPT"):
+        forwarding.write_text("1\n")
+        rules["filter"] += new + "\n"   # Docker started since, or `ufw route allow`
+        system.change(*undo)
+        assert forwarding.read_text() == "1\n", new
+        rules["filter"] = rules["filter"].replace(new + "\n", "")
 
 
 def test_the_state_folder_is_the_namespaces_own_while_another_namespace_goes(monkeypatch):
@@ -3192,7 +3198,7 @@ def test_stopping_leaves_forwarding_on_for_what_started_since(firewall, clean):
         docker(lab, DOCKER)   # Docker starts
         rc, log = stop(server)
         assert rc == 0 and forwarding() == ["1", "1"], log
-        assert "(left as it is: other rules forward, such as `" in log, log
+        assert "(left as it is: firewall rules came since, such as `" in log, log
         # (and router advertisements stay accepted while forwarding is on)
         assert sysctl_in(lab, "srv", "net.ipv6.conf.eth0.accept_ra") == "2"
         docker(lab, DOCKER_UNDO)   # Docker stops; we start again, and die

@@ -252,11 +252,11 @@ class System:
     - `sysctl -w KEY=VALUE [TAG [RULE...]]` writes VALUE to /proc/sys/KEY,
       as sysctl(8) would, so a minimal image needs no procps. With TAG
       (udptun:DEV), the undo of turning forwarding on (or of the accept_ra
-      that goes with it), it does so only if no rule but TAG's and the
-      RULEs forwards or NATs (see forwarding_for_others, in chapter 8). The
-      RULEs were there when forwarding went on, so they never needed it (a
-      host firewall, ufw's or firewalld's); Docker, or another VPN, started
-      since may rely on it now.
+      that goes with it), it does so only if the firewall holds no rule
+      but TAG's and the RULEs (see forwarding_for_others, in chapter 8).
+      The RULEs were there when forwarding went on, so they never needed
+      it (a host firewall, ufw's or firewalld's); Docker, or another VPN,
+      started since may rely on it now.
     - `write PATH TEXT [ONLY_IF]` puts TEXT in a file in place (a
       bind-mounted /etc/resolv.conf cannot be replaced by rename); with
       ONLY_IF, only if the file still holds ONLY_IF, so an undo never
@@ -294,7 +294,7 @@ class System:
             log(f"[#] write {argv[1]}: " + "; ".join(lines)
                 + (" (if it still holds what we wrote)" if len(argv) > 3 else ""))
         elif argv[0] == "sysctl" and len(argv) > 3:
-            log("[#] " + shlex.join(argv[:3]) + f" (unless new rules other than {argv[3]}'s forward)")
+            log("[#] " + shlex.join(argv[:3]) + f" (unless firewall rules other than {argv[3]}'s came since)")
         else:
             log("[#] " + shlex.join(argv) + (f" <<< {shlex.quote(input.strip())}" if input else ""))
         self.plan.append(list(argv))
@@ -336,7 +336,7 @@ class System:
             others = Counter(forwarding_for_others(self, sysctl_version(key), unless))
             others -= Counter(before)   # (a rule there twice, and once before, is a new one)
             if others:
-                log(f"    (left as it is: other rules forward, such as `{next(iter(others))}`)")
+                log(f"    (left as it is: firewall rules came since, such as `{next(iter(others))}`)")
                 return None
         try:
             with open(sysctl_path(key), "w") as f:   # (the file of `key`, see chapter 8)
@@ -1799,45 +1799,49 @@ def sysctl_value(key):
 def set_sysctl(changes, key, value, unless=()):
     """Set a sysctl, only if it differs (as wg-quick does), and restore the
     value found, not a default; `unless` (a tag) makes the undo leave it
-    if rules that forward came since (see System): the undo carries those
+    if firewall rules came since (see System): the undo carries those
     there now."""
     found = sysctl_value(key)
     if found != value:
-        before = forwarding_for_others(changes.system, sysctl_version(key), unless[0]) if unless else []
+        before = (forwarding_for_others(changes.system, sysctl_version(key), unless[0])
+                  if unless and not changes.system.dry_run else [])   # (a dry run looks at no firewall)
         changes.make(["sysctl", "-w", f"{key}={value}"], undo=["sysctl", "-w", f"{key}={found}", *unless, *before])
 
 
+# What nft shows of a rule that changes as packets pass: a counter's
+# figures, a quota's use, when it last matched (nft(8): STATEFUL OBJECTS).
+NFT_FIGURES = re.compile(r" (?:packets \d+ bytes \d+|used \d+ \w+|last used \S+)")
+
+
 def forwarding_for_others(system, version, ours):
-    """The firewall rules of IP `version` that forward or NAT for some other
-    program than the run tagged `ours`: Docker's, libvirt's, another VPN's
-    (another udptun's too), and a host firewall's (ufw, firewalld). Those
+    """The firewall rules of IP `version` that may forward or NAT for some
+    other program than the run tagged `ours`: Docker's, libvirt's, another
+    VPN's (another udptun's too), a host firewall's (ufw, firewalld). Those
     found when forwarding goes on are compared with those found when it
-    would go off again (see System): any new one keeps it on.
-    In iptables: any rule in FORWARD or in nat's PREROUTING and POSTROUTING.
-    In nft: any rule in a chain on the forward hook or of type nat, in a
-    table of ours' family or inet that is not ours, its counter's figures
-    left out (they change with each packet, and iptables-nft counts every
-    rule)."""
+    would go off again (see System): any new one keeps it on. Which of them
+    need forwarding nobody can tell (a host firewall's `route allow` lands
+    in a chain of its own, far from FORWARD), so all count: every rule of
+    the filter and nat tables (iptables), or of every table of ours' family
+    or inet but ours (nft), its changing figures (NFT_FIGURES) left out."""
     found = []
     if shutil.which(IPTABLES[version]):
-        for table, chain in (("filter", "FORWARD"), ("nat", "PREROUTING"), ("nat", "POSTROUTING")):
-            found += [line for line in system.query(IPTABLES[version], "-w", "-t", table, "-S", chain,
+        for table in ("filter", "nat"):
+            found += [line for line in system.query(IPTABLES[version], "-w", "-t", table, "-S",
                                                     check=False).splitlines()
                       if line.startswith("-A ") and ours not in shlex.split(line)]
     if shutil.which("nft"):
         mine = nft_table(ours.split(":", 1)[1])
-        table = hooked = None
+        table, rules = None, False   # the table we are in; whether in a chain's rules
         for line in system.query("nft", "list", "ruleset", check=False).splitlines():
             words = line.split()
-            if words[:1] == ["table"] and len(words) > 2:
-                table, hooked = words[1:3], False
-            elif words[:1] == ["chain"]:
-                hooked = False
-            elif words[:1] == ["type"]:
-                hooked = "forward" in words or "nat" in words
-            elif hooked and words and words != ["}"] and table[0] in (NFT_FAMILY[version], "inet") \
-                    and table[1] != mine:
-                found.append(re.sub(r"counter packets \d+ bytes \d+", "counter", line.strip()))
+            if line.rstrip().endswith("{"):   # a table, a chain, or an object (a set, a map...)
+                if words[:1] == ["table"]:
+                    table = words[1:3]
+                rules = words[:1] == ["chain"] and table[0] in (NFT_FAMILY[version], "inet") and table[1] != mine
+            elif words == ["}"]:
+                rules = False
+            elif rules and words[:1] not in (["type"], ["policy"], ["comment"], ["devices"]):
+                found.append(NFT_FIGURES.sub("", line.strip()))
     return found
 
 
@@ -3519,8 +3523,8 @@ def run_server(args):
         local = local_addresses(system)
         with listen(args.port) as sock:   # before any change: a busy port fails cleanly
             tun = setup_tun(changes, system, args, addresses)
-            # Forwarding is turned off again when we stop, unless other rules
-            # forward by then (Docker's, say): see forwarding_for_others.
+            # Forwarding is turned off again when we stop, unless firewall
+            # rules came since (Docker's, say): see forwarding_for_others.
             set_sysctl(changes, "net.ipv4.ip_forward", "1", unless=[tag(tun.name)])
             if out.get(6):
                 # Forwarding makes the kernel ignore router advertisements where
