@@ -1425,33 +1425,52 @@ def test_only_rules_of_another_run_keep_forwarding_on(monkeypatch):
 
 def test_forwarding_goes_off_again_past_a_firewall_that_was_there_before(monkeypatch, tmp_path):
     """The undo of turning forwarding on leaves it on only for rules that
-    came since (Docker's, or a host firewall's new `route allow`): a host
-    firewall's, there before (ufw's jump in FORWARD), never needed it. An
-    nft rule whose figures moved (iptables-nft gives every rule a counter)
-    is still the same rule; the elements of a set are no rule."""
-    ufw = "-A FORWARD -j ufw-before-forward"
-    rules = {"filter": f"-P FORWARD DROP\n-N ufw-before-forward\n{ufw}\n", "nat": ""}
-    ruleset = ["table ip filter {", "chain FORWARD {", "type filter hook forward priority filter; policy drop;",
-               "counter packets 0 bytes 0 jump ufw-before-forward", "}", "}",
+    came since where forwarded or NATed packets pass (Docker's, a host
+    firewall's new `route allow`, however deep its chains): a host
+    firewall's rules there before never needed it, nor does a ban tool's
+    new rule that only INPUT sees. An nft rule whose figures moved
+    (iptables-nft gives every rule a counter) is still the same rule; the
+    elements of a set, and udptun's own rules, are no other program's."""
+    rules = {"filter": """-P FORWARD DROP
+-N ufw-before-forward
+-N ufw-user-forward
+-N f2b-sshd
+-A INPUT -p tcp -m multiport --dports 22 -j f2b-sshd
+-A FORWARD -j ufw-before-forward
+-A ufw-before-forward -j ufw-user-forward
+-A f2b-sshd -s 192.0.2.9/32 -j REJECT
+""", "nat": ""}
+    ruleset = ["table inet firewalld { # progname firewalld",   # (an owner's table, firewalld 2's)
+               "chain filter_FORWARD {", "type filter hook forward priority filter + 10; policy accept;",
+               "ip saddr 10.0.0.0/8 jump {", "counter packets 0 bytes 0 accept", "}",
+               'iifname "wg0" oifname "eth0" accept', "ip daddr vmap { 192.0.2.1 : jump fw_x, 192.0.2.2 : accept }",
+               "}", "chain fw_x {", 'iifname "wg1" accept', "}", "}",
                "table inet f2b-table {", "set addr-set-sshd {", "type ipv4_addr", "elements = { 192.0.2.9 }", "}",
-               "chain f2b-chain {", "tcp dport 22 ip saddr @addr-set-sshd quota over 10 mbytes used 0 bytes drop",
-               "}", "}"]
+               "chain f2b-chain {", "type filter hook input priority filter - 1; policy accept;",
+               "tcp dport 22 ip saddr @addr-set-sshd drop", "}", "}",
+               "table ip filter {", "chain FORWARD {", "type filter hook forward priority filter; policy drop;",
+               'counter packets 0 bytes 0 meta l4proto tcp quota over 10 mbytes used 3 kbytes jump ufw-user-forward',
+               'iifname "tun0" counter packets 0 bytes 0 jump udptun-fwd-tun0 comment "udptun:tun0"', "}",
+               "chain ufw-user-forward {", "}", "}"]
     monkeypatch.setattr(udptun.shutil, "which", lambda tool: tool in ("iptables", "nft"))
     system = udptun.System()
     monkeypatch.setattr(system, "query", lambda *argv, check=True: "\n".join(ruleset) if argv[0] == "nft"
                         else rules[argv[3]])
     before = udptun.forwarding_for_others(system, 4, "udptun:tun0")
-    assert before == [ufw, "counter jump ufw-before-forward",
-                      "tcp dport 22 ip saddr @addr-set-sshd quota over 10 mbytes drop"]
+    assert sorted(before) == sorted([
+        "-A FORWARD -j ufw-before-forward", "-A ufw-before-forward -j ufw-user-forward",
+        "ip saddr 10.0.0.0/8 jump {", "counter accept", 'iifname "wg0" oifname "eth0" accept',
+        "ip daddr vmap { 192.0.2.1 : jump fw_x, 192.0.2.2 : accept }", 'iifname "wg1" accept',
+        "counter meta l4proto tcp quota over 10 mbytes jump ufw-user-forward"])
     undo = ["sysctl", "-w", "net.ipv4.ip_forward=0", "udptun:tun0", *before]
     assert udptun.replayable(undo)   # (as the journal keeps it, for `down`)
     forwarding = tmp_path / "ip_forward"
     monkeypatch.setattr(udptun, "sysctl_path", lambda key: str(forwarding))
     forwarding.write_text("1\n")
-    # Packets went through, a stranger was banned: the same rules
-    ruleset[3] = "counter packets 12 bytes 3456 jump ufw-before-forward"
-    ruleset[12] = ruleset[12].replace("used 0 bytes", "used 2 kbytes")
-    ruleset[9] = "elements = { 192.0.2.9, 198.51.100.7 }"
+    # Packets went through, a stranger was banned twice: the same rules, where forwarding is concerned
+    ruleset[4] = "counter packets 12 bytes 3456 accept"
+    ruleset[16] = "elements = { 192.0.2.9, 198.51.100.7 }"
+    rules["filter"] += "-A f2b-sshd -s 198.51.100.7/32 -j REJECT\n"
     system.change(*undo)
     assert forwarding.read_text() == "0\n"
     for new in ("-A FORWARD -j DOCKER-USER", "-A ufw-user-forward -i wg0 -o eth0 -j ACCEPT"):

@@ -1811,6 +1811,8 @@ def set_sysctl(changes, key, value, unless=()):
 # What nft shows of a rule that changes as packets pass: a counter's
 # figures, a quota's use, when it last matched (nft(8): STATEFUL OBJECTS).
 NFT_FIGURES = re.compile(r" (?:packets \d+ bytes \d+|used \d+ \w+|last used \S+)")
+# Where a rule jumps: iptables' -j or -g CHAIN, nft's jump or goto CHAIN (in a verdict map too).
+JUMP = re.compile(r"(?:^|\s)(?:-[jg]|jump|goto) ([^\s,}]+)")
 
 
 def forwarding_for_others(system, version, ours):
@@ -1818,30 +1820,70 @@ def forwarding_for_others(system, version, ours):
     other program than the run tagged `ours`: Docker's, libvirt's, another
     VPN's (another udptun's too), a host firewall's (ufw, firewalld). Those
     found when forwarding goes on are compared with those found when it
-    would go off again (see System): any new one keeps it on. Which of them
-    need forwarding nobody can tell (a host firewall's `route allow` lands
-    in a chain of its own, far from FORWARD), so all count: every rule of
-    the filter and nat tables (iptables), or of every table of ours' family
-    or inet but ours (nft), its changing figures (NFT_FIGURES) left out."""
+    would go off again (see System): any new one keeps it on.
+
+    Which of them need forwarding nobody can tell, so every rule that sees
+    forwarded or NATed packets counts: in iptables, the rules of filter's
+    FORWARD and nat's PREROUTING and POSTROUTING, and of every chain they
+    jump to, however deep (a host firewall's `route allow` lands in a chain
+    of its own); in nft, the same from every chain on the forward hook or
+    of type nat, in the tables of ours' family or inet but ours, without
+    their changing figures (NFT_FIGURES). Not the chains that only INPUT
+    reaches: a ban tool (fail2ban, sshguard) adds a rule there per ban."""
     found = []
+    tagged = lambda line: re.search(rf'"?{re.escape(ours)}"?(\s|$)', line)   # (iptables-nft shows ours in nft too)
     if shutil.which(IPTABLES[version]):
-        for table in ("filter", "nat"):
-            found += [line for line in system.query(IPTABLES[version], "-w", "-t", table, "-S",
-                                                    check=False).splitlines()
-                      if line.startswith("-A ") and ours not in shlex.split(line)]
+        for table, roots in (("filter", ["FORWARD"]), ("nat", ["PREROUTING", "POSTROUTING"])):
+            chains = {}   # chain -> its rules
+            for line in system.query(IPTABLES[version], "-w", "-t", table, "-S", check=False).splitlines():
+                if line.startswith("-A ") and not tagged(line):
+                    chains.setdefault(line.split()[1], []).append(line)
+            found += reached(chains, roots)
     if shutil.which("nft"):
-        mine = nft_table(ours.split(":", 1)[1])
-        table, rules = None, False   # the table we are in; whether in a chain's rules
+        chains, roots = {}, []   # (table, chain) -> its rules; those on the forward hook or of type nat
+        mine, table, chain = nft_table(ours.split(":", 1)[1]), None, None
+        blocks = []   # what each open brace opened: table, chain, an object (a set...) or a rule's anonymous chain
         for line in system.query("nft", "list", "ruleset", check=False).splitlines():
-            words = line.split()
-            if line.rstrip().endswith("{"):   # a table, a chain, or an object (a set, a map...)
-                if words[:1] == ["table"]:
-                    table = words[1:3]
-                rules = words[:1] == ["chain"] and table[0] in (NFT_FAMILY[version], "inet") and table[1] != mine
-            elif words == ["}"]:
-                rules = False
-            elif rules and words[:1] not in (["type"], ["policy"], ["comment"], ["devices"]):
-                found.append(NFT_FIGURES.sub("", line.strip()))
+            code = re.sub(r"\s#\s.*$", "", line).strip()   # (a table's "# progname firewalld")
+            if code.endswith("{"):
+                words = code.split()
+                if not blocks and words[0] == "table":
+                    kind, table = "table", tuple(words[1:3])
+                elif blocks == ["table"] and words[0] == "chain":
+                    kind, chain = "chain", (table, words[1])
+                    if table[0] in (NFT_FAMILY[version], "inet") and table[1] != mine:
+                        chains[chain] = []
+                else:
+                    kind = "rule" if blocks[-1:] in (["chain"], ["rule"]) else "object"
+                blocks.append(kind)
+                if kind != "rule":
+                    continue
+            elif code == "}":
+                blocks = blocks[:-1]
+                continue
+            if blocks[-1:] not in (["chain"], ["rule"]) or chain not in chains:
+                continue
+            if code.startswith("type "):
+                if " hook forward" in code or code.startswith("type nat"):
+                    roots.append(chain)
+            elif code and not code.startswith(("policy ", "comment ", "devices ")) and not tagged(code):
+                chains[chain].append(NFT_FIGURES.sub("", code))
+        found += reached(chains, roots, lambda chain, name: (chain[0], name))   # (a jump stays in its table)
+    return found
+
+
+def reached(chains, roots, name_of=lambda chain, name: name):
+    """The rules of `chains` ({chain: its rules}) in the `roots` and in
+    every chain that a rule of one reached jumps to (JUMP)."""
+    found, seen, todo = [], set(), list(roots)
+    while todo:
+        chain = todo.pop()
+        if chain in seen or chain not in chains:
+            continue
+        seen.add(chain)
+        for rule in chains[chain]:
+            found.append(rule)
+            todo += [name_of(chain, target) for target in JUMP.findall(rule)]
     return found
 
 
