@@ -1428,9 +1428,12 @@ def test_forwarding_goes_off_again_past_a_firewall_that_was_there_before(monkeyp
     came since where forwarded or NATed packets pass (Docker's, a host
     firewall's new `route allow`, however deep its chains): a host
     firewall's rules there before never needed it, nor does a ban tool's
-    new rule that only INPUT sees. An nft rule whose figures moved
-    (iptables-nft gives every rule a counter) is still the same rule; the
-    elements of a set, and udptun's own rules, are no other program's."""
+    new rule that only INPUT sees, nor a local proxy's REDIRECT. An nft
+    rule whose figures moved (iptables-nft gives every rule a counter) is
+    still the same rule; the elements of a set, and udptun's own rules,
+    are no other program's (but one whose comment merely starts like
+    udptun's tag is). A new Docker network (nftables back end) adds only
+    an element to a named verdict map, and a chain."""
     rules = {"filter": """-P FORWARD DROP
 -N ufw-before-forward
 -N ufw-user-forward
@@ -1442,7 +1445,7 @@ def test_forwarding_goes_off_again_past_a_firewall_that_was_there_before(monkeyp
 """, "nat": ""}
     ruleset = ["table inet firewalld { # progname firewalld",   # (an owner's table, firewalld 2's)
                "chain filter_FORWARD {", "type filter hook forward priority filter + 10; policy accept;",
-               "ip saddr 10.0.0.0/8 jump {", "counter packets 0 bytes 0 accept", "}",
+               "ip saddr 10.0.0.0/8 jump {", "counter packets 0 bytes 0 accept", '} comment "lan"',
                'iifname "wg0" oifname "eth0" accept', "ip daddr vmap { 192.0.2.1 : jump fw_x, 192.0.2.2 : accept }",
                "}", "chain fw_x {", 'iifname "wg1" accept', "}", "}",
                "table inet f2b-table {", "set addr-set-sshd {", "type ipv4_addr", "elements = { 192.0.2.9 }", "}",
@@ -1450,8 +1453,17 @@ def test_forwarding_goes_off_again_past_a_firewall_that_was_there_before(monkeyp
                "tcp dport 22 ip saddr @addr-set-sshd drop", "}", "}",
                "table ip filter {", "chain FORWARD {", "type filter hook forward priority filter; policy drop;",
                'counter packets 0 bytes 0 meta l4proto tcp quota over 10 mbytes used 3 kbytes jump ufw-user-forward',
-               'iifname "tun0" counter packets 0 bytes 0 jump udptun-fwd-tun0 comment "udptun:tun0"', "}",
-               "chain ufw-user-forward {", "}", "}"]
+               'iifname "tun0" counter packets 0 bytes 0 jump udptun-fwd-tun0 comment "udptun:tun0"',
+               'iifname "wg0" accept comment "udptun:tun0 clients"', "}",
+               "chain ufw-user-forward {", "}", "}",
+               "table ip nat {", "chain OUTPUT {", "type nat hook output priority -100; policy accept;",
+               "tcp dport 80 redirect to :3128", "}", "}",
+               "table ip docker-bridges {", "map filter-forward-in-jumps {", "type ifname : verdict",
+               'elements = { "docker0" : jump filter-forward-in__docker0 }', "}",
+               "chain filter-FORWARD {", "type filter hook forward priority filter; policy accept;",
+               "oifname vmap @filter-forward-in-jumps", "}",
+               "chain filter-forward-in__docker0 {", 'oifname "docker0" ct state established,related accept', "}",
+               "chain filter-forward-in__br1 {", 'oifname "br-1" accept', "}", "}"]
     monkeypatch.setattr(udptun.shutil, "which", lambda tool: tool in ("iptables", "nft"))
     system = udptun.System()
     monkeypatch.setattr(system, "query", lambda *argv, check=True: "\n".join(ruleset) if argv[0] == "nft"
@@ -1461,6 +1473,9 @@ def test_forwarding_goes_off_again_past_a_firewall_that_was_there_before(monkeyp
         "-A FORWARD -j ufw-before-forward", "-A ufw-before-forward -j ufw-user-forward",
         "ip saddr 10.0.0.0/8 jump {", "counter accept", 'iifname "wg0" oifname "eth0" accept',
         "ip daddr vmap { 192.0.2.1 : jump fw_x, 192.0.2.2 : accept }", 'iifname "wg1" accept',
+        '} comment "lan"', 'iifname "wg0" accept comment "udptun:tun0 clients"',
+        "oifname vmap @filter-forward-in-jumps", 'elements = { "docker0" : jump filter-forward-in__docker0 }',
+        'oifname "docker0" ct state established,related accept',
         "counter meta l4proto tcp quota over 10 mbytes jump ufw-user-forward"])
     undo = ["sysctl", "-w", "net.ipv4.ip_forward=0", "udptun:tun0", *before]
     assert udptun.replayable(undo)   # (as the journal keeps it, for `down`)
@@ -1473,12 +1488,21 @@ def test_forwarding_goes_off_again_past_a_firewall_that_was_there_before(monkeyp
     rules["filter"] += "-A f2b-sshd -s 198.51.100.7/32 -j REJECT\n"
     system.change(*undo)
     assert forwarding.read_text() == "0\n"
+    ruleset[ruleset.index("tcp dport 80 redirect to :3128")] = "tcp dport 443 redirect to :3129"   # (a proxy's)
+    system.change(*undo)
+    assert forwarding.read_text() == "0\n"
     for new in ("-A FORWARD -j DOCKER-USER", "-A ufw-user-forward -i wg0 -o eth0 -j ACCEPT"):
         forwarding.write_text("1\n")
         rules["filter"] += new + "\n"   # Docker started since, or `ufw route allow`
         system.change(*undo)
         assert forwarding.read_text() == "1\n", new
         rules["filter"] = rules["filter"].replace(new + "\n", "")
+    forwarding.write_text("1\n")   # a Docker network created since: a map's element, and its chain
+    docker0 = ruleset.index('elements = { "docker0" : jump filter-forward-in__docker0 }')
+    ruleset[docker0:docker0 + 1] = ['elements = { "docker0" : jump filter-forward-in__docker0,',
+                                    '"br-1" : jump filter-forward-in__br1 }']   # (nft wraps long ones)
+    system.change(*undo)
+    assert forwarding.read_text() == "1\n"
 
 
 def test_the_state_folder_is_the_namespaces_own_while_another_namespace_goes(monkeypatch):

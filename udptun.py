@@ -1811,8 +1811,9 @@ def set_sysctl(changes, key, value, unless=()):
 # What nft shows of a rule that changes as packets pass: a counter's
 # figures, a quota's use, when it last matched (nft(8): STATEFUL OBJECTS).
 NFT_FIGURES = re.compile(r" (?:packets \d+ bytes \d+|used \d+ \w+|last used \S+)")
-# Where a rule jumps: iptables' -j or -g CHAIN, nft's jump or goto CHAIN (in a verdict map too).
-JUMP = re.compile(r"(?:^|\s)(?:-[jg]|jump|goto) ([^\s,}]+)")
+# Where a rule jumps: iptables' -j or -g CHAIN, nft's jump or goto CHAIN
+# (in a verdict map too), and nft's named maps (@MAP), whose elements can jump.
+JUMP = re.compile(r"(?:^|\s)(?:-[jg]|jump|goto) ([^\s,}]+)|@([\w.-]+)")
 
 
 def forwarding_for_others(system, version, ours):
@@ -1827,11 +1828,14 @@ def forwarding_for_others(system, version, ours):
     FORWARD and nat's PREROUTING and POSTROUTING, and of every chain they
     jump to, however deep (a host firewall's `route allow` lands in a chain
     of its own); in nft, the same from every chain on the forward hook or
-    of type nat, in the tables of ours' family or inet but ours, without
-    their changing figures (NFT_FIGURES). Not the chains that only INPUT
-    reaches: a ban tool (fail2ban, sshguard) adds a rule there per ban."""
+    the nat hooks of routing, in the tables of ours' family or inet but
+    ours, through named maps (a Docker network adds an element to one),
+    without their changing figures (NFT_FIGURES). Not the chains that only
+    INPUT reaches: a ban tool (fail2ban, sshguard) adds a rule there per
+    ban."""
     found = []
-    tagged = lambda line: re.search(rf'"?{re.escape(ours)}"?(\s|$)', line)   # (iptables-nft shows ours in nft too)
+    o = re.escape(ours)   # (ours as its comment, in iptables -S or nft: iptables-nft shows ours in nft too)
+    tagged = re.compile(rf'(?:--comment (?:"{o}"|{o})|(?:^|\s)comment "{o}")(?:\s|$)').search
     if shutil.which(IPTABLES[version]):
         for table, roots in (("filter", ["FORWARD"]), ("nat", ["PREROUTING", "POSTROUTING"])):
             chains = {}   # chain -> its rules
@@ -1840,17 +1844,24 @@ def forwarding_for_others(system, version, ours):
                     chains.setdefault(line.split()[1], []).append(line)
             found += reached(chains, roots)
     if shutil.which("nft"):
-        chains, roots = {}, []   # (table, chain) -> its rules; those on the forward hook or of type nat
+        # (table, chain or @map) -> its rules or elements; the chains on the forward or a routing nat hook
+        chains, roots = {}, []
         mine, table, chain = nft_table(ours.split(":", 1)[1]), None, None
-        blocks = []   # what each open brace opened: table, chain, an object (a set...) or a rule's anonymous chain
+        blocks = []   # what each open brace opened: table, chain, map, object (a set...), a rule's anonymous chain
         for line in system.query("nft", "list", "ruleset", check=False).splitlines():
             code = re.sub(r"\s#\s.*$", "", line).strip()   # (a table's "# progname firewalld")
+            if blocks[-1:] in (["map"], ["object"]):   # (elements may span lines: only a lone } ends them)
+                if code == "}":
+                    blocks.pop()
+                elif blocks[-1] == "map" and chain in chains and not code.startswith(("type ", "flags ")):
+                    chains[chain].append(NFT_FIGURES.sub("", code))
+                continue
             if code.endswith("{"):
                 words = code.split()
                 if not blocks and words[0] == "table":
                     kind, table = "table", tuple(words[1:3])
-                elif blocks == ["table"] and words[0] == "chain":
-                    kind, chain = "chain", (table, words[1])
+                elif blocks == ["table"] and words[0] in ("chain", "map"):
+                    kind, chain = words[0], (table, words[1] if words[0] == "chain" else "@" + words[1])
                     if table[0] in (NFT_FAMILY[version], "inet") and table[1] != mine:
                         chains[chain] = []
                 else:
@@ -1858,13 +1869,14 @@ def forwarding_for_others(system, version, ours):
                 blocks.append(kind)
                 if kind != "rule":
                     continue
-            elif code == "}":
-                blocks = blocks[:-1]
-                continue
+            elif code.startswith("}"):   # (a rule's anonymous chain may end with the rest of the rule)
+                if (blocks.pop() if blocks else None) != "rule" or code == "}":
+                    continue
             if blocks[-1:] not in (["chain"], ["rule"]) or chain not in chains:
                 continue
             if code.startswith("type "):
-                if " hook forward" in code or code.startswith("type nat"):
+                routed_nat = code.startswith("type nat") and re.search(r" hook (pre|post)routing", code)
+                if " hook forward" in code or routed_nat:
                     roots.append(chain)
             elif code and not code.startswith(("policy ", "comment ", "devices ")) and not tagged(code):
                 chains[chain].append(NFT_FIGURES.sub("", code))
@@ -1883,7 +1895,7 @@ def reached(chains, roots, name_of=lambda chain, name: name):
         seen.add(chain)
         for rule in chains[chain]:
             found.append(rule)
-            todo += [name_of(chain, target) for target in JUMP.findall(rule)]
+            todo += [name_of(chain, target or "@" + map) for target, map in JUMP.findall(rule)]
     return found
 
 
