@@ -339,7 +339,7 @@ class System:
                 log(f"    (left as it is: firewall rules came since, such as `{next(iter(others))}`)")
                 return None
         try:
-            with open(sysctl_path(key), "w") as f:   # (the file of `key`, see chapter 8)
+            with open(sysctl_path(key), "w") as f:   # (sysctl_path: in chapter 8)
                 f.write(value + "\n")
         except OSError as e:
             return self._failed(e, f"cannot set {key}", check)
@@ -379,7 +379,8 @@ class Changes:
     that something else undoes carry `undo=None`: addresses and routes on
     our TUN device vanish with it (the kernel's work), and nft rules go with
     their table. `leftovers` are undos an earlier run left that could not
-    be done yet (see recover, in chapter 8): they wait at the bottom of the stack.
+    be done yet (see recover, in chapter 8): they wait at the bottom of
+    the stack.
     """
 
     def __init__(self, system, journal, leftovers=()):
@@ -816,9 +817,9 @@ def socket_for(listener, addr):
     OSError.
 
     Its receive buffer is CLIENT_SOCKET_BUFFER (it sends nothing: replies
-    leave by the listener, see Server.address_for): a stranger's flood waits there, and
-    the kernel's memory for all UDP sockets together is limited
-    (net.ipv4.udp_mem)."""
+    leave by the listener, see Server.address_for): a stranger's flood
+    waits there, and the kernel's memory for all UDP sockets together is
+    limited (net.ipv4.udp_mem)."""
     sock = open_udp_socket(listener.family)
     try:
         try:
@@ -1035,8 +1036,9 @@ class Forwarder:
         ECONNREFUSED, "administratively prohibited" EHOSTUNREACH, a
         parameter problem EPROTO, and so on (__udp4_lib_err in
         net/ipv4/udp.c, with the icmp_err_convert table of net/ipv4/icmp.c;
-        over IPv6, icmpv6_err_convert in net/ipv6/icmp.c). The kernel forgets it once reported. It says the
-        peer cannot be reached now, never that we should stop."""
+        over IPv6, icmpv6_err_convert in net/ipv6/icmp.c). The kernel
+        forgets it once reported. It says the peer cannot be reached now,
+        never that we should stop."""
         self.drop("icmp-error", error.strerror)
         self.unreachable(error)
 
@@ -1833,55 +1835,72 @@ def forwarding_for_others(system, version, ours):
     without their changing figures (NFT_FIGURES). Not the chains that only
     INPUT reaches: a ban tool (fail2ban, sshguard) adds a rule there per
     ban."""
-    found = []
     o = re.escape(ours)   # (ours as its comment, in iptables -S or nft: iptables-nft shows ours in nft too)
     tagged = re.compile(rf'(?:--comment (?:"{o}"|{o})|(?:^|\s)comment "{o}")(?:\s|$)').search
+    found = []
     if shutil.which(IPTABLES[version]):
-        for table, roots in (("filter", ["FORWARD"]), ("nat", ["PREROUTING", "POSTROUTING"])):
-            chains = {}   # chain -> its rules
-            for line in system.query(IPTABLES[version], "-w", "-t", table, "-S", check=False).splitlines():
-                if line.startswith("-A ") and not tagged(line):
-                    chains.setdefault(line.split()[1], []).append(line)
-            found += reached(chains, roots)
+        found += iptables_forwarding(system, version, tagged)
     if shutil.which("nft"):
-        # (table, chain or @map) -> its rules or elements; the chains on the forward or a routing nat hook
-        chains, roots = {}, []
-        mine, table, chain = nft_table(ours.split(":", 1)[1]), None, None
-        blocks = []   # what each open brace opened: table, chain, map, object (a set...), a rule's anonymous chain
-        for line in system.query("nft", "list", "ruleset", check=False).splitlines():
-            code = re.sub(r"\s#\s.*$", "", line).strip()   # (a table's "# progname firewalld")
-            if blocks[-1:] in (["map"], ["object"]):   # (elements may span lines: only a lone } ends them)
-                if code == "}":
-                    blocks.pop()
-                elif blocks[-1] == "map" and chain in chains and not code.startswith(("type ", "flags ")):
-                    chains[chain].append(NFT_FIGURES.sub("", code))
-                continue
-            if code.endswith("{"):
-                words = code.split()
-                if not blocks and words[0] == "table":
-                    kind, table = "table", tuple(words[1:3])
-                elif blocks == ["table"] and words[0] in ("chain", "map"):
-                    kind, chain = words[0], (table, words[1] if words[0] == "chain" else "@" + words[1])
-                    if table[0] in (NFT_FAMILY[version], "inet") and table[1] != mine:
-                        chains[chain] = []
-                else:
-                    kind = "rule" if blocks[-1:] in (["chain"], ["rule"]) else "object"
-                blocks.append(kind)
-                if kind != "rule":
-                    continue
-            elif code.startswith("}"):   # (a rule's anonymous chain may end with the rest of the rule)
-                if (blocks.pop() if blocks else None) != "rule" or code == "}":
-                    continue
-            if blocks[-1:] not in (["chain"], ["rule"]) or chain not in chains:
-                continue
-            if code.startswith("type "):
-                routed_nat = code.startswith("type nat") and re.search(r" hook (pre|post)routing", code)
-                if " hook forward" in code or routed_nat:
-                    roots.append(chain)
-            elif code and not code.startswith(("policy ", "comment ", "devices ")) and not tagged(code):
-                chains[chain].append(NFT_FIGURES.sub("", code))
-        found += reached(chains, roots, lambda chain, name: (chain[0], name))   # (a jump stays in its table)
+        found += nft_forwarding(system, version, nft_table(ours.split(":", 1)[1]), tagged)
     return found
+
+
+def iptables_forwarding(system, version, tagged):
+    """forwarding_for_others() in iptables: the rules of FORWARD and nat's
+    routing hooks, and of the chains they jump to, but those `tagged`."""
+    found = []
+    for table, roots in (("filter", ["FORWARD"]), ("nat", ["PREROUTING", "POSTROUTING"])):
+        chains = {}   # chain -> its rules
+        for line in system.query(IPTABLES[version], "-w", "-t", table, "-S", check=False).splitlines():
+            if line.startswith("-A ") and not tagged(line):
+                chains.setdefault(line.split()[1], []).append(line)
+        found += reached(chains, roots)
+    return found
+
+
+def nft_forwarding(system, version, mine, tagged):
+    """forwarding_for_others() in nft: the rules reached from the chains on
+    the forward hook or a routing nat hook, in the tables of `version`'s
+    family or inet but `mine`, but those `tagged`. `nft list ruleset` is
+    read by its braces: a table holds chains, maps and other objects (sets,
+    flowtables...); a chain holds rules, and a rule may open an anonymous
+    chain, whose closing brace may carry the rest of the rule."""
+    chains, roots = {}, []   # (table, chain or @map) -> its rules or elements; the chains on those hooks
+    table = chain = None
+    blocks = []   # what each open brace opened: table, chain, map, object, or rule (an anonymous chain)
+    for line in system.query("nft", "list", "ruleset", check=False).splitlines():
+        code = re.sub(r"\s#\s.*$", "", line).strip()   # (a table's "# progname firewalld")
+        if blocks[-1:] in (["map"], ["object"]):   # (elements may span lines: only a lone } ends them)
+            if code == "}":
+                blocks.pop()
+            elif blocks[-1] == "map" and chain in chains and not code.startswith(("type ", "flags ")):
+                chains[chain].append(NFT_FIGURES.sub("", code))
+            continue
+        if code.endswith("{"):
+            words = code.split()
+            if not blocks and words[0] == "table":
+                kind, table = "table", tuple(words[1:3])
+            elif blocks == ["table"] and words[0] in ("chain", "map"):
+                kind, chain = words[0], (table, words[1] if words[0] == "chain" else "@" + words[1])
+                if table[0] in (NFT_FAMILY[version], "inet") and table[1] != mine:
+                    chains[chain] = []
+            else:
+                kind = "rule" if blocks[-1:] in (["chain"], ["rule"]) else "object"
+            blocks.append(kind)
+            if kind != "rule":
+                continue
+        elif code.startswith("}"):
+            if (blocks.pop() if blocks else None) != "rule" or code == "}":
+                continue
+        if blocks[-1:] not in (["chain"], ["rule"]) or chain not in chains:
+            continue
+        if code.startswith("type "):
+            routed_nat = code.startswith("type nat") and re.search(r" hook (pre|post)routing", code)
+            if " hook forward" in code or routed_nat:
+                roots.append(chain)
+        elif code and not code.startswith(("policy ", "comment ", "devices ")) and not tagged(code):
+            chains[chain].append(NFT_FIGURES.sub("", code))
+    return reached(chains, roots, lambda chain, name: (chain[0], name))   # (a jump stays in its table)
 
 
 def reached(chains, roots, name_of=lambda chain, name: name):
@@ -2106,13 +2125,12 @@ def nft_commands(o):
     # stops at the first verdict. So it has its own chain, earlier (-150, mangle).
     commands += [chain("clamp", "forward", -150),
                  rule("clamp", "oifname", dev, *syn), rule("clamp", "iifname", dev, *syn)]
-    if o.nat and (o.out_if or o.reach):
-        commands.append(chain("postrouting", "postrouting", 100, "nat"))
-    if o.nat and o.out_if:
-        commands.append(rule("postrouting", family, "saddr", str(o.network), "oifname", o.out_if, "masquerade"))
-    if o.nat:
-        commands += [rule("postrouting", family, "saddr", str(o.network), family, "daddr", str(net), "oifname", "!=",
-                          dev, "masquerade") for net in o.reach]
+    masquerade = ([rule("postrouting", family, "saddr", str(o.network), "oifname", o.out_if, "masquerade")]
+                  if o.out_if else [])
+    masquerade += [rule("postrouting", family, "saddr", str(o.network), family, "daddr", str(net), "oifname", "!=",
+                        dev, "masquerade") for net in o.reach]   # (as in iptables_rules)
+    if o.nat and masquerade:
+        commands += [chain("postrouting", "postrouting", 100, "nat"), *masquerade]
     return [["nft", *c] for c in commands]
 
 
@@ -3881,7 +3899,8 @@ def parse_args(argv):
         q.add_argument("--txqueuelen", type=int, default=1000,
                        help="TUN device's ring in packets (1000)")
         q.add_argument("--dry-run", action="store_true", help="print every command, change nothing")
-        q.add_argument("-v", "--verbose", action="store_true", help="log dropped packets (at most 10 lines per 10 s in all)")
+        q.add_argument("-v", "--verbose", action="store_true",
+                       help="log dropped packets (at most 10 lines per 10 s in all)")
         # The plain loop alone, without the speed layer (see Batching): for
         # reading, for testing, and to tell a bug in one from the other.
         q.add_argument("--plain", action="store_true",
